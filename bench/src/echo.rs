@@ -1,0 +1,437 @@
+//! `holdfast-bench echo`: relays small DATA frames through a gateway and an echo worker at
+//! a fixed open-loop rate and reports throughput and latency percentiles.
+//!
+//! Sends follow a timetable fixed before the run starts: frame `i` of connection `c` is
+//! due at `(i * conns + c) / rate` seconds, whatever happened to earlier frames. Latency
+//! is measured from that due time, not from when the write happened, so a stall shows up
+//! in the percentiles of every frame it delayed instead of being hidden by a client that
+//! politely waited (coordinated omission). The service time from the actual write is
+//! reported beside it; the gap between the two is the client falling behind.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use clap::Args;
+use hdrhistogram::Histogram;
+use holdfast_wire::frame::{self, FrameType, OwnedFrame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, timeout_at, Instant};
+
+use crate::client::{self, Client, Conn};
+use crate::plan;
+use crate::procfs;
+use crate::report::{self, EchoParameters, EchoReport, EchoResults};
+
+/// Handshakes in flight at most while connecting.
+const CONNECT_CONCURRENCY: usize = 256;
+/// Time between the last handshake and the first scheduled send.
+const LEAD_IN: Duration = Duration::from_millis(100);
+
+/// Arguments of `holdfast-bench echo`.
+#[derive(Debug, Args)]
+pub struct EchoArgs {
+    /// Gateway address to connect to.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub target: String,
+    /// CA certificate (PEM) that signed the gateway's certificate.
+    #[arg(long, value_name = "PEM")]
+    pub ca: PathBuf,
+    /// Connections the frames are spread over.
+    #[arg(long, value_name = "C")]
+    pub conns: u64,
+    /// Payload bytes per DATA frame.
+    #[arg(long, value_name = "S")]
+    pub size: usize,
+    /// Frames per second, all connections together, on a fixed timetable.
+    #[arg(long, value_name = "R")]
+    pub rate: f64,
+    /// Seconds of scheduled sending.
+    #[arg(long, value_name = "SECS")]
+    pub duration: f64,
+    /// Where to write the JSON report.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// TLS server name to send and verify.
+    #[arg(long, value_name = "NAME", default_value = "localhost")]
+    pub server_name: String,
+    /// Seconds each connection may take to connect and handshake; also how long echoes
+    /// may still arrive after the last scheduled send.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub timeout: f64,
+}
+
+/// Both latency histograms of a run, shared by the connections' readers.
+struct Histograms {
+    scheduled: Histogram<u64>,
+    service: Histogram<u64>,
+}
+
+impl Histograms {
+    fn record(&mut self, due: Instant, sent: Instant, now: Instant) {
+        // Saturating: a sample beyond the histogram's hour is still a sample, at its top.
+        let us = |d: Duration| (d.as_micros() as u64).max(1);
+        self.scheduled.saturating_record(us(now - due));
+        self.service.saturating_record(us(now - sent));
+    }
+}
+
+/// What one connection did during the run.
+#[derive(Default)]
+struct ConnOutcome {
+    scheduled: u64,
+    sent: u64,
+    received: u64,
+    corrupt: u64,
+    error: Option<String>,
+}
+
+/// Runs an echo benchmark; the exit code is non-zero when a connection failed or a frame
+/// did not come back intact.
+pub fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
+    ensure!(args.conns >= 1, "--conns must be at least 1");
+    ensure!(
+        args.rate > 0.0 && args.rate.is_finite(),
+        "--rate must be positive"
+    );
+    ensure!(
+        args.duration > 0.0 && args.duration.is_finite(),
+        "--duration must be positive"
+    );
+    ensure!(
+        args.timeout > 0.0 && args.timeout.is_finite(),
+        "--timeout must be positive"
+    );
+    ensure!(
+        args.size <= frame::MAX_LEN_FIELD,
+        "--size is over the protocol's limit of {} bytes",
+        frame::MAX_LEN_FIELD
+    );
+    crate::sys::raise_nofile_limit().context("raising the open-file limit")?;
+    let config = client::client_config(&args.ca)?;
+    let client = Client::new(config, client::resolve(&args.target)?, &args.server_name)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let started = std::time::Instant::now();
+    let mut results = rt.block_on(bench(&args, client));
+    results.elapsed_secs = started.elapsed().as_secs_f64();
+
+    let report = EchoReport {
+        scenario: "echo",
+        parameters: EchoParameters {
+            target: args.target.clone(),
+            server_name: args.server_name.clone(),
+            conns: args.conns,
+            size: args.size,
+            rate: args.rate,
+            duration_secs: args.duration,
+            timeout_secs: args.timeout,
+        },
+        machine: procfs::machine(),
+        versions: report::Versions::current(),
+        results,
+    };
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)? + "\n";
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    summarize(&report);
+    Ok(if report.results.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn bench(args: &EchoArgs, client: Client) -> EchoResults {
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let conns = connect_all(&client, args.conns, timeout).await;
+    let mut results = EchoResults {
+        conns_ok: conns.iter().filter(|c| c.is_ok()).count() as u64,
+        ..EchoResults::default()
+    };
+    results.conns_failed = args.conns - results.conns_ok;
+    for e in conns.iter().filter_map(|c| c.as_ref().err()).take(5) {
+        eprintln!("holdfast-bench: {e}");
+    }
+
+    let hist = Arc::new(Mutex::new(Histograms {
+        scheduled: report::latency_histogram(),
+        service: report::latency_histogram(),
+    }));
+    let start = Instant::now() + LEAD_IN;
+    let end = start + Duration::from_secs_f64(args.duration);
+    let drain = end + timeout;
+    // Every connection keeps the slot it was given, failed ones included, so the
+    // timetable is the same whether or not all connected: frames of a missing connection
+    // are simply never scheduled.
+    let mut tasks = JoinSet::new();
+    for (c, conn) in conns.into_iter().enumerate() {
+        let Ok(conn) = conn else { continue };
+        let slot = Slot {
+            index: c as u64,
+            conns: args.conns,
+            rate: args.rate,
+            size: args.size,
+            start,
+            end,
+            drain,
+        };
+        tasks.spawn(relay(conn, slot, hist.clone()));
+    }
+    let mut errors = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let o = joined.unwrap_or_else(|e| ConnOutcome {
+            error: Some(format!("connection task failed: {e}")),
+            ..ConnOutcome::default()
+        });
+        results.frames_scheduled += o.scheduled;
+        results.frames_sent += o.sent;
+        results.frames_received += o.received;
+        results.frames_corrupt += o.corrupt;
+        if let Some(e) = o.error {
+            results.conn_errors += 1;
+            errors += 1;
+            if errors <= 5 {
+                eprintln!("holdfast-bench: {e}");
+            }
+        }
+    }
+    results.frames_lost = results.frames_sent - results.frames_received.min(results.frames_sent);
+    results.frames_per_sec = results.frames_received as f64 / args.duration;
+    let h = hist.lock().expect("a recorder panicked");
+    results.latency = report::latency(&h.scheduled);
+    results.service_latency = report::latency(&h.service);
+    results.ok = results.conns_failed == 0
+        && results.conn_errors == 0
+        && results.frames_lost == 0
+        && results.frames_corrupt == 0
+        && results.frames_sent == results.frames_scheduled;
+    results
+}
+
+/// Connects `n` connections, a bounded number at a time; each gets `timeout`.
+async fn connect_all(client: &Client, n: u64, timeout: Duration) -> Vec<Result<Conn, String>> {
+    let slots = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
+    let mut tasks = JoinSet::new();
+    for i in 0..n {
+        let client = client.clone();
+        let slots = slots.clone();
+        tasks.spawn(async move {
+            let _permit = slots.acquire_owned().await;
+            let conn = client.connect(None, Instant::now() + timeout).await;
+            (i, conn.map_err(|f| format!("connection {i}: {f}")))
+        });
+    }
+    let mut out: Vec<Result<Conn, String>> = (0..n).map(|_| Err(String::new())).collect();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((i, conn)) => out[i as usize] = conn,
+            Err(e) => eprintln!("holdfast-bench: connect task failed: {e}"),
+        }
+    }
+    for (i, c) in out.iter_mut().enumerate() {
+        if matches!(c, Err(e) if e.is_empty()) {
+            *c = Err(format!("connection {i}: connect task failed"));
+        }
+    }
+    out
+}
+
+/// One connection's place in the timetable.
+#[derive(Clone, Copy)]
+struct Slot {
+    index: u64,
+    conns: u64,
+    rate: f64,
+    size: usize,
+    start: Instant,
+    end: Instant,
+    drain: Instant,
+}
+
+/// Sends on the timetable and reads echoes concurrently on one connection. The writer
+/// tells the reader each frame's due and write times in order; echoes come back in order
+/// on a connection, so the reader pairs them first in, first out.
+async fn relay(conn: Conn, slot: Slot, hist: Arc<Mutex<Histograms>>) -> ConnOutcome {
+    let body = client::payload(slot.size, slot.index, 0);
+    let (stream, inbox) = conn.into_parts();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (times_tx, mut times_rx) = mpsc::unbounded_channel::<(Instant, Instant)>();
+    let (pong_tx, mut pong_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (total_tx, mut total_rx) = oneshot::channel::<u64>();
+
+    let writer = async {
+        let mut out = Vec::new();
+        let (mut scheduled, mut sent) = (0u64, 0u64);
+        let mut pongs_open = true;
+        let result: std::io::Result<()> = async {
+            for i in 0.. {
+                let due =
+                    slot.start + plan::due(plan::echo_slot(i, slot.index, slot.conns), slot.rate);
+                if due >= slot.end {
+                    break;
+                }
+                scheduled += 1;
+                loop {
+                    tokio::select! {
+                        biased;
+                        pong = pong_rx.recv(), if pongs_open => match pong {
+                            Some(p) => {
+                                out.clear();
+                                frame::encode(FrameType::Pong, &p, &mut out);
+                                wr.write_all(&out).await?;
+                                wr.flush().await?;
+                            }
+                            None => pongs_open = false,
+                        },
+                        _ = sleep_until(due) => break,
+                    }
+                }
+                out.clear();
+                frame::encode(FrameType::Data, &body, &mut out);
+                if times_tx.send((due, Instant::now())).is_err() {
+                    break;
+                }
+                wr.write_all(&out).await?;
+                wr.flush().await?;
+                sent += 1;
+            }
+            Ok(())
+        }
+        .await;
+        let _ = total_tx.send(sent);
+        (scheduled, sent, result)
+    };
+
+    let reader = async {
+        let mut fb = inbox;
+        let mut buf = vec![0u8; 16 * 1024];
+        let (mut received, mut corrupt) = (0u64, 0u64);
+        let mut total: Option<u64> = None;
+        let work = async {
+            loop {
+                while let Some(f) = fb
+                    .next(frame::MAX_LEN_FIELD)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
+                {
+                    match f {
+                        OwnedFrame::Data(p) => {
+                            let now = Instant::now();
+                            let Ok((due, sent)) = times_rx.try_recv() else {
+                                return Err(std::io::Error::new(
+                                    std::io::ErrorKind::InvalidData,
+                                    "a DATA frame arrived that was never sent",
+                                ));
+                            };
+                            if p == body {
+                                received += 1;
+                                hist.lock()
+                                    .expect("a recorder panicked")
+                                    .record(due, sent, now);
+                            } else {
+                                corrupt += 1;
+                            }
+                        }
+                        OwnedFrame::Ping(p) => {
+                            let _ = pong_tx.send(p);
+                        }
+                        OwnedFrame::Pong(_) => {}
+                        OwnedFrame::GoAway(_) => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::ConnectionAborted,
+                                "the gateway sent GOAWAY",
+                            ))
+                        }
+                        OwnedFrame::Close { code, reason } => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::ConnectionAborted,
+                                format!("the gateway sent CLOSE {code} {reason:?}"),
+                            ))
+                        }
+                    }
+                }
+                if total.is_some_and(|t| received + corrupt >= t) {
+                    return Ok(());
+                }
+                tokio::select! {
+                    n = rd.read(&mut buf) => match n? {
+                        0 => return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the gateway closed the connection",
+                        )),
+                        n => fb.push(&buf[..n]),
+                    },
+                    t = &mut total_rx, if total.is_none() => total = Some(t.unwrap_or(0)),
+                }
+            }
+        };
+        let result = match timeout_at(slot.drain, work).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "echoes still missing at the drain deadline",
+            )),
+        };
+        (received, corrupt, result)
+    };
+
+    let ((scheduled, sent, wres), (received, corrupt, rres)) = tokio::join!(writer, reader);
+    let error = match (wres, rres) {
+        (Err(e), _) => Some(format!("connection {}: write: {e}", slot.index)),
+        (_, Err(e)) => Some(format!("connection {}: read: {e}", slot.index)),
+        _ => None,
+    };
+    if error.is_none() {
+        let mut stream = rd.unsplit(wr);
+        let _ = timeout_at(Instant::now() + Duration::from_secs(2), stream.shutdown()).await;
+    }
+    ConnOutcome {
+        scheduled,
+        sent,
+        received,
+        corrupt,
+        error,
+    }
+}
+
+fn summarize(report: &EchoReport) {
+    let r = &report.results;
+    let p = &report.parameters;
+    println!(
+        "echo: {} connections ({} failed), {} B frames at {:.0}/s scheduled for {:.1} s",
+        r.conns_ok, r.conns_failed, p.size, p.rate, p.duration_secs
+    );
+    println!(
+        "  frames: {} scheduled, {} sent, {} echoed ({:.0}/s), {} lost, {} corrupt; {} connection \
+         errors",
+        r.frames_scheduled,
+        r.frames_sent,
+        r.frames_received,
+        r.frames_per_sec,
+        r.frames_lost,
+        r.frames_corrupt,
+        r.conn_errors
+    );
+    let l = &r.latency;
+    println!(
+        "  latency from schedule (us): p50 {} p99 {} p999 {} max {}",
+        l.p50_us, l.p99_us, l.p999_us, l.max_us
+    );
+    let s = &r.service_latency;
+    println!(
+        "  latency from write (us):    p50 {} p99 {} p999 {} max {}",
+        s.p50_us, s.p99_us, s.p999_us, s.max_us
+    );
+    println!(
+        "  {} in {:.1} s",
+        if r.ok { "OK" } else { "FAILED" },
+        r.elapsed_secs
+    );
+}

@@ -1,0 +1,40 @@
+//! The two libc calls the load generator needs and the only `unsafe` in this crate:
+//! raising the open-file limit and asking the page size.
+//!
+//! Each call passes plain integers or a pointer to a local it owns for the call's
+//! duration; nothing here keeps a pointer or touches memory the kernel writes later.
+#![allow(unsafe_code)]
+
+use std::io;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit, so one process can hold as many
+/// sockets as the machine allows it. Returns the new (soft, hard) pair.
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a live, properly aligned rlimit that getrlimit only writes into.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a live rlimit that setrlimit only reads.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// The size of a memory page in bytes.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf takes an integer name and touches no memory of ours.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if size > 0 {
+        size as u64
+    } else {
+        4096
+    }
+}

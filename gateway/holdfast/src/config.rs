@@ -1,0 +1,328 @@
+//! The gateway's configuration: one struct, deserialised from TOML, overridden by CLI flags,
+//! validated once at start. Errors name the key or file at fault so the operator knows
+//! what to fix. This module reads files but opens no sockets.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything `holdfast run` needs. Defaults are the values a production box wants.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Client-facing TLS listener; every core binds it with SO_REUSEPORT.
+    pub listen: SocketAddr,
+    /// Admin HTTP address for /metrics and /healthz. Loopback by default: it is not
+    /// meant to face the internet.
+    pub admin: SocketAddr,
+    /// Number of core threads (each with its own ring and listener). 0 = every online CPU.
+    pub cores: usize,
+    /// Unix socket paths of the routing workers. Every core dials every worker.
+    pub workers: Vec<PathBuf>,
+    /// A name for this gateway, sent to workers in HELLO.
+    pub name: String,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub runtime: Runtime,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Allowed protocol versions: "1.3" (default) and optionally "1.2".
+    pub versions: Vec<String>,
+    /// Certificates; the first is served when SNI names none of them (or is absent).
+    pub certs: Vec<CertConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// SNI names this certificate answers for (exact, case-insensitive).
+    #[serde(default)]
+    pub server_names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest payload of one native frame, in bytes (at most 16 MiB - 1 by the format).
+    pub max_frame: usize,
+    /// Seconds a client has to finish the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Seconds without any client traffic before the gateway closes a connection
+    /// (0 = never). Clients keep alive with PING.
+    pub idle_timeout_secs: u64,
+    /// Seconds SIGTERM waits for clients to be told GOAWAY and closed before exiting.
+    pub drain_grace_secs: u64,
+    /// Connections per core: the size of each core's fixed-file table and connection
+    /// table. Capped at start by the soft RLIMIT_NOFILE, which bounds each table.
+    pub max_conns_per_core: u32,
+    /// Bytes queued towards one client before it counts as a slow consumer and is closed.
+    pub max_outbound_per_conn: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    /// Submission queue entries per ring.
+    pub ring_entries: u32,
+    /// Provided receive buffers per core (a power of two, at most 32768).
+    pub recv_buffers: u32,
+    /// Size of each provided receive buffer.
+    pub recv_buffer_size: u32,
+    /// Listen backlog per core.
+    pub backlog: u32,
+    /// Pin each core thread to a CPU.
+    pub pin: bool,
+    /// Use io_uring direct descriptors for client sockets (falls back to regular fds
+    /// if the kernel refuses).
+    pub direct_descriptors: bool,
+    /// Seconds between reconnect attempts to a worker that is down.
+    pub worker_retry_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:7443".parse().expect("literal address"),
+            admin: "127.0.0.1:9090".parse().expect("literal address"),
+            cores: 0,
+            workers: Vec::new(),
+            name: "holdfast".to_string(),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            runtime: Runtime::default(),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            versions: vec!["1.3".to_string()],
+            certs: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame: 64 * 1024,
+            handshake_timeout_secs: 10,
+            idle_timeout_secs: 600,
+            drain_grace_secs: 10,
+            max_conns_per_core: 1 << 20,
+            max_outbound_per_conn: 1 << 20,
+        }
+    }
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Runtime {
+            ring_entries: 4096,
+            recv_buffers: 4096,
+            recv_buffer_size: 4096,
+            backlog: 4096,
+            pin: true,
+            direct_descriptors: true,
+            worker_retry_ms: 500,
+        }
+    }
+}
+
+/// A configuration problem, named so the operator can fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Reads a TOML file. Relative certificate paths are taken relative to the file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        if let Some(dir) = path.parent() {
+            for c in &mut config.tls.certs {
+                c.cert = dir.join(&c.cert);
+                c.key = dir.join(&c.key);
+            }
+            config.workers = config.workers.iter().map(|w| dir.join(w)).collect();
+        }
+        Ok(config)
+    }
+
+    /// Checks every value once, before anything starts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if self.tls.certs.is_empty() {
+            return invalid(
+                "tls.certs",
+                "no certificate configured (use --cert and --key, or [[tls.certs]])",
+            );
+        }
+        if self.tls.versions.is_empty() {
+            return invalid("tls.versions", "at least one TLS version is needed");
+        }
+        for v in &self.tls.versions {
+            if v != "1.2" && v != "1.3" {
+                return invalid(
+                    "tls.versions",
+                    &format!("unknown TLS version {v:?}; use \"1.2\" or \"1.3\""),
+                );
+            }
+        }
+        if self.cores > 255 {
+            return invalid(
+                "cores",
+                "at most 255 cores (the connection id has 8 core bits)",
+            );
+        }
+        if self.limits.max_frame == 0 || self.limits.max_frame > holdfast_wire::frame::MAX_LEN_FIELD
+        {
+            return invalid("limits.max_frame", "must be between 1 and 16777215");
+        }
+        if self.limits.handshake_timeout_secs == 0 {
+            return invalid("limits.handshake_timeout_secs", "must be at least 1");
+        }
+        if self.limits.max_conns_per_core == 0 {
+            return invalid("limits.max_conns_per_core", "must be at least 1");
+        }
+        if self.limits.max_outbound_per_conn < 64 * 1024 {
+            return invalid("limits.max_outbound_per_conn", "must be at least 65536");
+        }
+        let rb = self.runtime.recv_buffers;
+        if !rb.is_power_of_two() || !(2..=32768).contains(&rb) {
+            return invalid(
+                "runtime.recv_buffers",
+                "must be a power of two between 2 and 32768",
+            );
+        }
+        if !(512..=1 << 20).contains(&self.runtime.recv_buffer_size) {
+            return invalid(
+                "runtime.recv_buffer_size",
+                "must be between 512 and 1048576",
+            );
+        }
+        if !(8..=32768).contains(&self.runtime.ring_entries) {
+            return invalid("runtime.ring_entries", "must be between 8 and 32768");
+        }
+        if self.workers.len() > 64 {
+            return invalid("workers", "at most 64 workers");
+        }
+        if self.name.is_empty() || self.name.len() > 255 {
+            return invalid("name", "must be 1 to 255 bytes");
+        }
+        Ok(())
+    }
+
+    /// The effective number of core threads.
+    pub fn core_count(&self) -> usize {
+        if self.cores == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(255)
+        } else {
+            self.cores
+        }
+    }
+
+    pub fn tls12_enabled(&self) -> bool {
+        self.tls.versions.iter().any(|v| v == "1.2")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_cert() -> Config {
+        let mut c = Config::default();
+        c.tls.certs.push(CertConfig {
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            server_names: vec![],
+        });
+        c
+    }
+
+    #[test]
+    fn defaults_are_valid_once_a_certificate_is_given() {
+        assert!(Config::default().validate().is_err());
+        with_cert().validate().unwrap();
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        type Mutate = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Mutate)> = vec![
+            (
+                "tls.versions",
+                Box::new(|c| c.tls.versions = vec!["1.1".into()]),
+            ),
+            (
+                "limits.max_frame",
+                Box::new(|c| c.limits.max_frame = 1 << 24),
+            ),
+            (
+                "runtime.recv_buffers",
+                Box::new(|c| c.runtime.recv_buffers = 1000),
+            ),
+            ("cores", Box::new(|c| c.cores = 300)),
+            (
+                "limits.handshake_timeout_secs",
+                Box::new(|c| c.limits.handshake_timeout_secs = 0),
+            ),
+        ];
+        for (key, mutate) in cases {
+            let mut c = with_cert();
+            mutate(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn toml_parses_and_unknown_keys_are_refused() {
+        let c: Config = toml::from_str(
+            "listen = \"127.0.0.1:1\"\n[limits]\nmax_frame = 100\n[[tls.certs]]\ncert = \"a\"\nkey = \"b\"\nserver_names = [\"x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_frame, 100);
+        assert_eq!(c.tls.certs[0].server_names, vec!["x".to_string()]);
+        let err = toml::from_str::<Config>("[limits]\nmax_frames = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_frames"), "{err}");
+        let err = toml::from_str::<Config>("cores = \"two\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cores"), "{err}");
+    }
+}

@@ -1,0 +1,1389 @@
+//! The per-core event loop: one thread, one io_uring ring, one SO_REUSEPORT listener, a
+//! slice of the connection table, a timing wheel, a link to every worker, its own counters.
+//! Nothing here is shared with another core.
+//!
+//! Lifetimes of memory named by submissions (the `unsafe` in this module is all about this):
+//! - receive buffers belong to the [`BufRing`] (see `ring.rs`);
+//! - a connection's outbound bytes live in `Conn::out`, which is never touched while
+//!   `send_inflight` is set, and the `Conn` (boxed, so it never moves) is freed only after
+//!   the Close completion, which is submitted only when no receive or send is in flight;
+//! - a link's `rbuf` and `out` are likewise frozen while its receive or send is in flight,
+//!   and the link's socket is closed only when neither is.
+//!
+//! The connection slot is the direct-descriptor slot the kernel picked at accept (or the
+//! fd number in the regular-fd fallback), so a connection needs no separate index.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use holdfast_wire::envelope::{self, Message, Role};
+use holdfast_wire::frame::{self, close_code, Frame, FrameError, FrameType};
+use holdfast_wire::ConnId;
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::link::{Link, LinkState};
+use crate::metrics::{CloseReason, CoreMetrics};
+use crate::ring::{build_ring, peer_of_installed_fd, BufRing, RingFeatures};
+use crate::route;
+use crate::tls::{TlsEnd, TlsSession, TlsSink};
+use crate::wheel::TimerWheel;
+
+/// What a core thread is started with.
+pub struct CoreSpec {
+    pub index: u8,
+    pub cores: u8,
+    pub config: Arc<Config>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub listener: socket2::Socket,
+    pub metrics: Arc<CoreMetrics>,
+    pub shutdown: Arc<AtomicBool>,
+    /// The soft open-file limit, which bounds the fixed-file table.
+    pub nofile: u64,
+}
+
+/// Reported by each core once it accepts.
+pub struct CoreReady {
+    pub features: RingFeatures,
+    pub direct: bool,
+    pub table: u32,
+}
+
+// user_data layout: op (8 bits) | generation or link epoch (24 bits) | slot or link (32 bits)
+const OP_ACCEPT: u64 = 1;
+const OP_RECV: u64 = 2;
+const OP_SEND: u64 = 3;
+const OP_SHUTDOWN: u64 = 4;
+const OP_CLOSE: u64 = 5;
+const OP_PEER: u64 = 6;
+const OP_LINK_RECV: u64 = 7;
+const OP_LINK_SEND: u64 = 8;
+const OP_CANCEL: u64 = 9;
+
+fn ud(op: u64, gen: u32, slot: u32) -> u64 {
+    (op << 56) | ((gen as u64 & 0xff_ffff) << 32) | slot as u64
+}
+
+fn ud_parts(ud: u64) -> (u64, u32, u32) {
+    (ud >> 56, ((ud >> 32) & 0xff_ffff) as u32, ud as u32)
+}
+
+/// Build an entry on a client socket, as a direct descriptor or a regular fd.
+macro_rules! on_socket {
+    ($direct:expr, $slot:expr, |$fd:ident| $build:expr) => {
+        if $direct {
+            let $fd = types::Fixed($slot);
+            $build
+        } else {
+            let $fd = types::Fd($slot as i32);
+            $build
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Handshake,
+    Open,
+    Closing,
+}
+
+/// One client connection. Boxed in the table so its buffers never move while the kernel
+/// reads them. An idle established connection holds the rustls session and empty Vecs.
+struct Conn {
+    gen: u32,
+    phase: Phase,
+    recv_armed: bool,
+    send_inflight: bool,
+    shutdown_submitted: bool,
+    close_submitted: bool,
+    dirty: bool,
+    /// The worker that was sent OPEN for this connection, if any.
+    worker: Option<u8>,
+    /// Per-connection sequence of frames sent to the worker (OPEN is 0).
+    seq: u64,
+    last_active: u64,
+    peer: Option<SocketAddr>,
+    tls: TlsSession,
+    /// TLS input rustls has not consumed yet (a record split across receives).
+    staging: Vec<u8>,
+    /// Plaintext of a frame not yet complete.
+    partial: Vec<u8>,
+    /// Bytes being sent; frozen while `send_inflight`.
+    out: Vec<u8>,
+    out_off: usize,
+    /// Bytes produced while a send was in flight.
+    queued: Vec<u8>,
+}
+
+impl Conn {
+    fn backlog(&self) -> usize {
+        self.out.len() - self.out_off + self.queued.len()
+    }
+}
+
+/// Collects rustls output into a connection's queue and plaintext into a scratch buffer.
+struct Sink<'a> {
+    out: &'a mut Vec<u8>,
+    base: usize,
+    plain: &'a mut Vec<u8>,
+}
+
+impl<'a> Sink<'a> {
+    fn new(out: &'a mut Vec<u8>, plain: &'a mut Vec<u8>) -> Sink<'a> {
+        Sink {
+            base: out.len(),
+            out,
+            plain,
+        }
+    }
+}
+
+impl TlsSink for Sink<'_> {
+    fn plaintext(&mut self, data: &[u8]) {
+        self.plain.extend_from_slice(data);
+    }
+    fn out_spare(&mut self, min: usize) -> &mut [u8] {
+        self.base = self.out.len();
+        self.out.resize(self.base + min, 0);
+        &mut self.out[self.base..]
+    }
+    fn commit(&mut self, n: usize) {
+        self.out.truncate(self.base + n);
+    }
+}
+
+// Records and handshake messages from a client are far below this; more is an attack.
+const MAX_STAGING: usize = 128 * 1024;
+// Seconds a closing connection may take to flush its last bytes before it is cut.
+const CLOSE_FLUSH_SECS: u64 = 5;
+const UNKNOWN_PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+
+pub struct Core {
+    // Field order matters: the ring is dropped before the buffer ring it reads from.
+    ring: IoUring,
+    bufs: BufRing,
+    idx: u8,
+    cores: u8,
+    cfg: Arc<Config>,
+    tls: Arc<rustls::ServerConfig>,
+    metrics: Arc<CoreMetrics>,
+    shutdown: Arc<AtomicBool>,
+    listener: Option<socket2::Socket>,
+    direct: bool,
+    accept_armed: bool,
+    table_full: bool,
+    conns: Vec<Option<Box<Conn>>>,
+    gens: Vec<u32>,
+    open: u64,
+    wheel: TimerWheel,
+    start: Instant,
+    links: Vec<Link>,
+    live_mask: u64,
+    rearm: Vec<u32>,
+    dirty: Vec<u32>,
+    expired: Vec<u32>,
+    cqes: Vec<(u64, i32, u32)>,
+    plain: Vec<u8>,
+    reply: Vec<u8>,
+    scratch: Vec<u8>,
+    drain_deadline: Option<Instant>,
+}
+
+impl Core {
+    /// Sets up the ring (on the calling thread), the tables and the buffer ring.
+    pub fn new(spec: CoreSpec) -> anyhow::Result<(Core, CoreReady)> {
+        let cfg = spec.config.clone();
+        let (ring, features) = build_ring(cfg.runtime.ring_entries)?;
+        // The fixed-file table of a ring is bounded by the soft RLIMIT_NOFILE; keep a
+        // little headroom in the regular table for listeners, links and the admin port.
+        let limit = spec.nofile.saturating_sub(64).clamp(16, u32::MAX as u64) as u32;
+        let mut table = cfg.limits.max_conns_per_core.min(limit);
+        let mut direct = false;
+        if cfg.runtime.direct_descriptors {
+            match ring.submitter().register_files_sparse(table) {
+                Ok(()) => direct = true,
+                Err(e) => warn!(
+                    core = spec.index,
+                    "direct descriptors unavailable ({e}); using regular fds"
+                ),
+            }
+        }
+        if !direct {
+            // Regular fds are indexed by number, which can reach the limit itself.
+            table = spec.nofile.min(u32::MAX as u64) as u32;
+        }
+        let bufs = BufRing::new(
+            &ring.submitter(),
+            0,
+            cfg.runtime.recv_buffers as u16,
+            cfg.runtime.recv_buffer_size,
+        )?;
+        let links = cfg.workers.iter().map(|p| Link::new(p.clone())).collect();
+        let mut conns = Vec::new();
+        conns.resize_with(table as usize, || None);
+        let core = Core {
+            ring,
+            bufs,
+            idx: spec.index,
+            cores: spec.cores,
+            tls: spec.tls,
+            metrics: spec.metrics,
+            shutdown: spec.shutdown,
+            listener: Some(spec.listener),
+            direct,
+            accept_armed: false,
+            table_full: false,
+            conns,
+            gens: vec![0; table as usize],
+            open: 0,
+            wheel: TimerWheel::new(table, 1024),
+            start: Instant::now(),
+            links,
+            live_mask: 0,
+            rearm: Vec::new(),
+            dirty: Vec::new(),
+            expired: Vec::new(),
+            cqes: Vec::with_capacity(1024),
+            plain: Vec::new(),
+            reply: Vec::new(),
+            scratch: Vec::new(),
+            drain_deadline: None,
+            cfg,
+        };
+        Ok((
+            core,
+            CoreReady {
+                features,
+                direct,
+                table,
+            },
+        ))
+    }
+
+    fn tick(&self) -> u64 {
+        self.start.elapsed().as_secs()
+    }
+
+    /// Queues a submission, submitting first if the queue is full.
+    ///
+    /// # Safety
+    /// Every buffer, iovec or fd the entry names must stay valid until its completion
+    /// (see the module docs for how each caller guarantees it).
+    unsafe fn push(&mut self, e: squeue::Entry) {
+        loop {
+            // SAFETY: forwarded from the caller.
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return;
+            }
+            if let Err(err) = self.ring.submit() {
+                if err.raw_os_error() != Some(libc::EBUSY) {
+                    warn!(core = self.idx, "io_uring submit failed: {err}");
+                }
+                self.reap();
+            }
+        }
+    }
+
+    /// Runs until drained. Returns when SIGTERM's grace period ends or every client is gone.
+    pub fn run(mut self) -> anyhow::Result<()> {
+        self.arm_accept();
+        for w in 0..self.links.len() {
+            self.try_connect(w);
+        }
+        let mut ts = types::Timespec::new();
+        loop {
+            self.flush();
+            let wait_ms = if self.drain_deadline.is_some() {
+                20
+            } else {
+                100
+            };
+            ts = ts.sec(0).nsec(wait_ms * 1_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.reap();
+            let cqes = std::mem::take(&mut self.cqes);
+            CoreMetrics::add(&self.metrics.completions, cqes.len() as u64);
+            for &(user_data, res, flags) in &cqes {
+                self.complete(user_data, res, flags);
+            }
+            self.cqes = cqes;
+            self.cqes.clear();
+            self.timers();
+            self.maintain_links();
+            CoreMetrics::inc(&self.metrics.loop_iterations);
+            if self.shutdown.load(Ordering::Relaxed) && self.drain_deadline.is_none() {
+                self.begin_drain();
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.open == 0 || Instant::now() >= deadline {
+                    if self.open > 0 {
+                        warn!(
+                            core = self.idx,
+                            open = self.open,
+                            "drain grace period over; exiting with connections open"
+                        );
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        for cqe in self.ring.completion() {
+            self.cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
+        }
+    }
+
+    fn complete(&mut self, user_data: u64, res: i32, flags: u32) {
+        let (op, gen, slot) = ud_parts(user_data);
+        match op {
+            OP_ACCEPT => self.on_accept(res, flags),
+            OP_RECV => self.on_recv(slot, gen, res, flags),
+            OP_SEND => self.on_send(slot, gen, res),
+            OP_SHUTDOWN => self.on_shutdown(slot, gen),
+            OP_CLOSE => self.on_close(slot, gen),
+            OP_PEER => self.on_peer(slot, gen, res),
+            OP_LINK_RECV => self.on_link_recv(slot as usize, gen, res),
+            OP_LINK_SEND => self.on_link_send(slot as usize, gen, res),
+            OP_CANCEL => {}
+            _ => debug_assert!(false, "unknown completion {user_data:#x}"),
+        }
+    }
+
+    // ---- accept ------------------------------------------------------------------------
+
+    fn arm_accept(&mut self) {
+        if self.accept_armed || self.table_full || self.drain_deadline.is_some() {
+            return;
+        }
+        let Some(l) = &self.listener else { return };
+        let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
+            .allocate_file_index(self.direct)
+            .build()
+            .user_data(ud(OP_ACCEPT, 0, 0));
+        // SAFETY: multishot accept names only the listener fd, which lives in `self.listener`
+        // until the core exits (drain shuts it down but keeps it open).
+        unsafe { self.push(e) };
+        self.accept_armed = true;
+    }
+
+    fn on_accept(&mut self, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if res < 0 {
+            let errno = -res;
+            if errno == libc::ECANCELED || errno == libc::EINVAL && self.drain_deadline.is_some() {
+                return;
+            }
+            CoreMetrics::inc(&self.metrics.accept_errors);
+            if errno == libc::ENFILE || errno == libc::EMFILE {
+                if !self.table_full {
+                    warn!(
+                        core = self.idx,
+                        open = self.open,
+                        "connection table full; accepting paused until a slot frees"
+                    );
+                }
+                self.table_full = true;
+                self.metrics.close(CloseReason::TableFull);
+            } else {
+                warn!(
+                    core = self.idx,
+                    "accept failed: {}",
+                    std::io::Error::from_raw_os_error(errno)
+                );
+            }
+            return;
+        }
+        let slot = res as u32;
+        if slot as usize >= self.conns.len() || self.conns[slot as usize].is_some() {
+            // Only possible in the regular-fd fallback with an fd above the table.
+            warn!(
+                core = self.idx,
+                slot, "accepted socket outside the connection table; closing it"
+            );
+            self.metrics.close(CloseReason::TableFull);
+            let e = on_socket!(self.direct, slot, |fd| opcode::Close::new(fd).build())
+                .user_data(ud(OP_CANCEL, 0, 0));
+            // SAFETY: Close names only the descriptor.
+            unsafe { self.push(e) };
+            return;
+        }
+        let tls = match TlsSession::new(self.tls.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(core = self.idx, "cannot create TLS session: {e}");
+                return;
+            }
+        };
+        CoreMetrics::inc(&self.metrics.accepts);
+        self.open += 1;
+        self.metrics
+            .connections_open
+            .store(self.open, Ordering::Relaxed);
+        let gen = self.gens[slot as usize];
+        let now = self.tick();
+        self.conns[slot as usize] = Some(Box::new(Conn {
+            gen,
+            phase: Phase::Handshake,
+            recv_armed: false,
+            send_inflight: false,
+            shutdown_submitted: false,
+            close_submitted: false,
+            dirty: false,
+            worker: None,
+            seq: 0,
+            last_active: now,
+            peer: None,
+            tls,
+            staging: Vec::new(),
+            partial: Vec::new(),
+            out: Vec::new(),
+            out_off: 0,
+            queued: Vec::new(),
+        }));
+        self.wheel
+            .schedule(slot, now + self.cfg.limits.handshake_timeout_secs + 1);
+        self.arm_recv(slot, gen);
+        if self.direct {
+            let e = opcode::FixedFdInstall::new(types::Fixed(slot), 0)
+                .build()
+                .user_data(ud(OP_PEER, gen, slot));
+            // SAFETY: names only the fixed slot.
+            unsafe { self.push(e) };
+        } else {
+            let raw = BorrowedRaw(slot as i32);
+            let peer = socket2::SockRef::from(&raw)
+                .peer_addr()
+                .ok()
+                .and_then(|a| a.as_socket());
+            if let Some(c) = self.conns[slot as usize].as_mut() {
+                c.peer = peer;
+            }
+        }
+    }
+
+    fn on_peer(&mut self, slot: u32, gen: u32, res: i32) {
+        if res < 0 {
+            return;
+        }
+        let peer = peer_of_installed_fd(res);
+        if let Some(c) = self.conn_mut(slot, gen) {
+            c.peer = peer;
+        }
+    }
+
+    fn arm_recv(&mut self, slot: u32, gen: u32) {
+        let bgid = self.bufs.group();
+        let e = on_socket!(self.direct, slot, |fd| opcode::RecvMulti::new(fd, bgid)
+            .build())
+        .user_data(ud(OP_RECV, gen, slot));
+        // SAFETY: buffers come from the buffer ring, which outlives the ring (module docs).
+        unsafe { self.push(e) };
+        if let Some(c) = self.conn_mut(slot, gen) {
+            c.recv_armed = true;
+        }
+    }
+
+    fn conn_mut(&mut self, slot: u32, gen: u32) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(slot as usize)?
+            .as_deref_mut()
+            .filter(|c| c.gen == gen)
+    }
+
+    fn take(&mut self, slot: u32, gen: u32) -> Option<Box<Conn>> {
+        let entry = self.conns.get_mut(slot as usize)?;
+        if entry.as_ref().is_some_and(|c| c.gen == gen) {
+            entry.take()
+        } else {
+            None
+        }
+    }
+
+    fn put(&mut self, slot: u32, conn: Box<Conn>) {
+        debug_assert!(self.conns[slot as usize].is_none());
+        self.conns[slot as usize] = Some(conn);
+    }
+
+    // ---- receive -----------------------------------------------------------------------
+
+    fn on_recv(&mut self, slot: u32, gen: u32, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        if let Some(b) = bid {
+            self.bufs.taken(b);
+        }
+        let Some(mut conn) = self.take(slot, gen) else {
+            if let Some(b) = bid {
+                self.bufs.recycle(b);
+            }
+            return;
+        };
+        if !more {
+            conn.recv_armed = false;
+        }
+        if res > 0 {
+            let b = bid.expect("a receive with data names its buffer");
+            if conn.phase != Phase::Closing {
+                self.ingest(&mut conn, slot, b, res as usize);
+            }
+            self.bufs.recycle(b);
+            if !more && conn.phase != Phase::Closing {
+                self.rearm.push(slot);
+            }
+        } else if res == 0 {
+            let reason = if conn.partial.is_empty() && conn.staging.is_empty() {
+                CloseReason::PeerClosed
+            } else {
+                CloseReason::EofMidFrame
+            };
+            self.begin_close(&mut conn, slot, reason, None);
+        } else {
+            match -res {
+                libc::ENOBUFS => {
+                    CoreMetrics::inc(&self.metrics.recv_buffers_exhausted);
+                    if conn.phase != Phase::Closing {
+                        self.rearm.push(slot);
+                    }
+                }
+                libc::ECANCELED => {}
+                libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::EHOSTUNREACH => {
+                    self.begin_close(&mut conn, slot, CloseReason::PeerReset, None)
+                }
+                e => {
+                    debug!(
+                        core = self.idx,
+                        slot,
+                        "receive failed: {}",
+                        std::io::Error::from_raw_os_error(e)
+                    );
+                    self.begin_close(&mut conn, slot, CloseReason::Internal, None)
+                }
+            }
+        }
+        self.progress_close(&mut conn, slot, false);
+        self.put(slot, conn);
+    }
+
+    /// Feeds received TLS bytes to the session, then the plaintext to the frame decoder.
+    fn ingest(&mut self, conn: &mut Conn, slot: u32, bid: u16, n: usize) {
+        self.plain.clear();
+        let fed = if conn.staging.is_empty() {
+            let buf = self.bufs.buffer_mut(bid, n);
+            let fed = conn
+                .tls
+                .feed(buf, &mut Sink::new(&mut conn.queued, &mut self.plain));
+            if fed.consumed < n && fed.end.is_none() {
+                conn.staging.extend_from_slice(&buf[fed.consumed..]);
+            }
+            fed
+        } else {
+            conn.staging.extend_from_slice(self.bufs.buffer_mut(bid, n));
+            let fed = conn.tls.feed(
+                &mut conn.staging,
+                &mut Sink::new(&mut conn.queued, &mut self.plain),
+            );
+            conn.staging.drain(..fed.consumed);
+            if conn.staging.is_empty() {
+                conn.staging = Vec::new();
+            }
+            fed
+        };
+        if !conn.queued.is_empty() {
+            self.mark_dirty(conn, slot);
+        }
+        if fed.handshake_done {
+            conn.phase = Phase::Open;
+            CoreMetrics::inc(&self.metrics.handshakes_ok);
+            self.schedule_idle(slot);
+        }
+        conn.last_active = self.tick();
+        if !self.plain.is_empty() && conn.phase == Phase::Open {
+            self.on_plaintext(conn, slot);
+        }
+        match fed.end {
+            Some(TlsEnd::PeerClosed) => {
+                let reason = if conn.partial.is_empty() {
+                    CloseReason::PeerClosed
+                } else {
+                    CloseReason::EofMidFrame
+                };
+                self.begin_close(conn, slot, reason, None);
+            }
+            Some(TlsEnd::Error) => {
+                if conn.phase == Phase::Handshake {
+                    CoreMetrics::inc(&self.metrics.handshakes_failed);
+                }
+                self.begin_close(conn, slot, CloseReason::TlsError, None);
+            }
+            None if conn.staging.len() > MAX_STAGING => {
+                self.begin_close(conn, slot, CloseReason::TlsError, None)
+            }
+            None => {}
+        }
+    }
+
+    fn schedule_idle(&mut self, slot: u32) {
+        let idle = self.cfg.limits.idle_timeout_secs;
+        if idle == 0 {
+            self.wheel.cancel(slot);
+        } else {
+            self.wheel.schedule(slot, self.tick() + idle + 1);
+        }
+    }
+
+    /// Decodes frames from the plaintext just received (after any partial frame).
+    fn on_plaintext(&mut self, conn: &mut Conn, slot: u32) {
+        let plain = std::mem::take(&mut self.plain);
+        let mut data = std::mem::take(&mut conn.partial);
+        let input: &[u8] = if data.is_empty() {
+            &plain
+        } else {
+            data.extend_from_slice(&plain);
+            &data
+        };
+        let max = self.cfg.limits.max_frame;
+        let mut off = 0;
+        let mut stop = false;
+        while !stop {
+            match frame::decode(&input[off..], max) {
+                Ok(Some((f, used))) => {
+                    off += used;
+                    match f {
+                        Frame::Data(p) => stop = !self.forward(conn, slot, p),
+                        Frame::Ping(p) => {
+                            CoreMetrics::inc(&self.metrics.pings);
+                            frame::encode(FrameType::Pong, p, &mut self.reply);
+                        }
+                        Frame::Pong(_) => {}
+                        Frame::Close { .. } => {
+                            self.reply_frame(conn, slot);
+                            self.begin_close(
+                                conn,
+                                slot,
+                                CloseReason::PeerClosed,
+                                Some((close_code::NORMAL, "")),
+                            );
+                            stop = true;
+                        }
+                        Frame::GoAway(_) => {
+                            self.reply_frame(conn, slot);
+                            let why = "GOAWAY is sent by the gateway only";
+                            self.begin_close(
+                                conn,
+                                slot,
+                                CloseReason::ProtocolError,
+                                Some((close_code::PROTOCOL_ERROR, why)),
+                            );
+                            stop = true;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.reply_frame(conn, slot);
+                    let (reason, why) = match e {
+                        FrameError::TooLarge { .. } => {
+                            (CloseReason::FrameTooLarge, "frame too large")
+                        }
+                        FrameError::UnknownType(_) => {
+                            (CloseReason::UnknownFrameType, "unknown frame type")
+                        }
+                        FrameError::BadClose => (CloseReason::ProtocolError, "malformed CLOSE"),
+                    };
+                    self.begin_close(conn, slot, reason, Some((e.close_code(), why)));
+                    stop = true;
+                }
+            }
+        }
+        if !stop && off < input.len() {
+            let rest = input[off..].to_vec();
+            conn.partial = rest;
+        }
+        self.reply_frame(conn, slot);
+        self.plain = plain;
+    }
+
+    /// Encrypts the frames gathered in `self.reply` (PONGs) towards the client.
+    fn reply_frame(&mut self, conn: &mut Conn, slot: u32) {
+        if self.reply.is_empty() {
+            return;
+        }
+        let reply = std::mem::take(&mut self.reply);
+        self.send_plain(conn, slot, &reply);
+        self.reply = reply;
+        self.reply.clear();
+    }
+
+    /// Queues plaintext towards the client, encrypted; closes a slow consumer.
+    fn send_plain(&mut self, conn: &mut Conn, slot: u32, data: &[u8]) {
+        if conn.phase == Phase::Closing && conn.shutdown_submitted {
+            return;
+        }
+        let r = conn.tls.encrypt(
+            &mut conn.staging,
+            data,
+            &mut Sink::new(&mut conn.queued, &mut self.plain),
+        );
+        if r.is_err() {
+            self.begin_close(conn, slot, CloseReason::Internal, None);
+            return;
+        }
+        self.mark_dirty(conn, slot);
+        if conn.backlog() > self.cfg.limits.max_outbound_per_conn && conn.phase != Phase::Closing {
+            self.begin_close(conn, slot, CloseReason::SlowConsumer, None);
+        }
+    }
+
+    /// Relays one DATA payload to the connection's worker. False if the connection closed.
+    fn forward(&mut self, conn: &mut Conn, slot: u32, payload: &[u8]) -> bool {
+        let id = ConnId::new(self.idx, conn.gen, slot);
+        let Some(w) = route::pick_mask(id.raw(), self.live_mask) else {
+            self.reply_frame(conn, slot);
+            self.begin_close(
+                conn,
+                slot,
+                CloseReason::NoWorker,
+                Some((close_code::TRY_AGAIN_LATER, "no worker available")),
+            );
+            return false;
+        };
+        let w = w as u8;
+        if conn.worker != Some(w) {
+            let (sni, alpn) = (conn.tls.server_name(), conn.tls.alpn());
+            self.links[w as usize].queue_open(id, conn.peer.unwrap_or(UNKNOWN_PEER), sni, alpn);
+            conn.worker = Some(w);
+        }
+        conn.seq += 1;
+        self.links[w as usize].queue_frame(id, conn.seq, 0, payload);
+        CoreMetrics::inc(&self.metrics.frames_from_client);
+        CoreMetrics::add(&self.metrics.bytes_from_client, payload.len() as u64);
+        true
+    }
+
+    fn mark_dirty(&mut self, conn: &mut Conn, slot: u32) {
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    // ---- send --------------------------------------------------------------------------
+
+    /// Starts a send of the connection's queued bytes if none is in flight.
+    fn start_send(&mut self, conn: &mut Conn, slot: u32) {
+        if conn.send_inflight || conn.shutdown_submitted {
+            return;
+        }
+        if conn.out_off >= conn.out.len() {
+            if conn.queued.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut conn.out, &mut conn.queued);
+            conn.queued.clear();
+            conn.out_off = 0;
+        }
+        let rest = &conn.out[conn.out_off..];
+        let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
+        let e = on_socket!(self.direct, slot, |fd| opcode::Send::new(fd, ptr, len)
+            .build())
+        .user_data(ud(OP_SEND, conn.gen, slot));
+        conn.send_inflight = true;
+        // SAFETY: `conn.out` is frozen while send_inflight is set and the boxed Conn lives
+        // until the Close completion, which waits for this send's completion.
+        unsafe { self.push(e) };
+    }
+
+    fn on_send(&mut self, slot: u32, gen: u32, res: i32) {
+        let Some(mut conn) = self.take(slot, gen) else {
+            debug_assert!(false, "send completion for a freed connection");
+            return;
+        };
+        conn.send_inflight = false;
+        if res < 0 {
+            conn.out = Vec::new();
+            conn.out_off = 0;
+            conn.queued = Vec::new();
+            let reason = match -res {
+                libc::EPIPE | libc::ECONNRESET | libc::ETIMEDOUT => CloseReason::PeerReset,
+                _ => CloseReason::Internal,
+            };
+            self.begin_close(&mut conn, slot, reason, None);
+        } else {
+            conn.out_off += res as usize;
+            if conn.out_off >= conn.out.len() && conn.queued.is_empty() {
+                // Nothing in flight: an idle connection owns no send buffer.
+                conn.out = Vec::new();
+                conn.queued = Vec::new();
+                conn.out_off = 0;
+            } else {
+                self.start_send(&mut conn, slot);
+            }
+        }
+        self.progress_close(&mut conn, slot, false);
+        self.put(slot, conn);
+    }
+
+    fn flush(&mut self) {
+        while let Some(slot) = self.dirty.pop() {
+            let Some(mut conn) = self.conns[slot as usize].take() else {
+                continue;
+            };
+            conn.dirty = false;
+            self.start_send(&mut conn, slot);
+            self.progress_close(&mut conn, slot, false);
+            self.put(slot, conn);
+        }
+        while let Some(slot) = self.rearm.pop() {
+            if let Some(c) = self.conns[slot as usize].as_ref() {
+                if !c.recv_armed && c.phase != Phase::Closing {
+                    let gen = c.gen;
+                    self.arm_recv(slot, gen);
+                }
+            }
+        }
+        for w in 0..self.links.len() {
+            self.start_link_send(w);
+            self.metrics.worker_link_queued_bytes[w]
+                .store(self.links[w].backlog() as u64, Ordering::Relaxed);
+        }
+        self.bufs.publish();
+        if self.table_full && (self.open as usize) < self.conns.len() {
+            self.table_full = false;
+        }
+        self.arm_accept();
+        self.metrics
+            .timers_armed
+            .store(self.wheel.len() as u64, Ordering::Relaxed);
+    }
+
+    // ---- close -------------------------------------------------------------------------
+
+    /// Starts closing: counts the reason, tells the client (CLOSE frame, close_notify) and
+    /// the worker, then lets `progress_close` shut the socket once the bytes are out.
+    fn begin_close(
+        &mut self,
+        conn: &mut Conn,
+        slot: u32,
+        reason: CloseReason,
+        frame_out: Option<(u16, &str)>,
+    ) {
+        if conn.phase == Phase::Closing {
+            return;
+        }
+        let established = conn.phase == Phase::Open;
+        conn.phase = Phase::Closing;
+        self.metrics.close(reason);
+        debug!(
+            core = self.idx,
+            slot,
+            reason = reason.label(),
+            "closing connection"
+        );
+        if established {
+            if let Some((code, why)) = frame_out {
+                let mut f = std::mem::take(&mut self.scratch);
+                f.clear();
+                frame::encode_close(code, why, &mut f);
+                if conn
+                    .tls
+                    .encrypt(
+                        &mut conn.staging,
+                        &f,
+                        &mut Sink::new(&mut conn.queued, &mut self.plain),
+                    )
+                    .is_err()
+                {
+                    debug!(core = self.idx, slot, "could not encrypt CLOSE");
+                }
+                self.scratch = f;
+            }
+            conn.tls.close_notify(
+                &mut conn.staging,
+                &mut Sink::new(&mut conn.queued, &mut self.plain),
+            );
+        }
+        if !conn.queued.is_empty() {
+            self.mark_dirty(conn, slot);
+        }
+        conn.staging = Vec::new();
+        conn.partial = Vec::new();
+        if let Some(w) = conn.worker {
+            let link = &mut self.links[w as usize];
+            if link.state == LinkState::Up {
+                let code = frame_out.map(|f| f.0).unwrap_or(close_code::NORMAL);
+                link.queue_close(
+                    ConnId::new(self.idx, conn.gen, slot),
+                    conn.seq + 1,
+                    code,
+                    reason.label(),
+                );
+            }
+        }
+        self.wheel.schedule(slot, self.tick() + CLOSE_FLUSH_SECS);
+    }
+
+    /// Moves a closing connection on: shutdown once its bytes are out (or `force`), then
+    /// Close once nothing is in flight.
+    fn progress_close(&mut self, conn: &mut Conn, slot: u32, force: bool) {
+        if conn.phase != Phase::Closing {
+            return;
+        }
+        if !conn.shutdown_submitted && (force || (!conn.send_inflight && conn.backlog() == 0)) {
+            conn.shutdown_submitted = true;
+            let e = on_socket!(self.direct, slot, |fd| opcode::Shutdown::new(
+                fd,
+                libc::SHUT_RDWR
+            )
+            .build())
+            .user_data(ud(OP_SHUTDOWN, conn.gen, slot));
+            // SAFETY: names only the descriptor.
+            unsafe { self.push(e) };
+            return;
+        }
+        if conn.shutdown_submitted
+            && !conn.close_submitted
+            && !conn.recv_armed
+            && !conn.send_inflight
+        {
+            conn.close_submitted = true;
+            let e = on_socket!(self.direct, slot, |fd| opcode::Close::new(fd).build())
+                .user_data(ud(OP_CLOSE, conn.gen, slot));
+            // SAFETY: names only the descriptor; nothing else is in flight on it.
+            unsafe { self.push(e) };
+        }
+    }
+
+    fn on_shutdown(&mut self, slot: u32, gen: u32) {
+        let Some(mut conn) = self.take(slot, gen) else {
+            return;
+        };
+        if conn.recv_armed {
+            // Shutdown normally ends the multishot receive; cancel it in case it did not.
+            let e = opcode::AsyncCancel::new(ud(OP_RECV, gen, slot))
+                .build()
+                .user_data(ud(OP_CANCEL, 0, 0));
+            // SAFETY: a cancel names only a user_data value.
+            unsafe { self.push(e) };
+        }
+        self.progress_close(&mut conn, slot, false);
+        self.put(slot, conn);
+    }
+
+    fn on_close(&mut self, slot: u32, gen: u32) {
+        let Some(conn) = self.take(slot, gen) else {
+            return;
+        };
+        debug_assert!(!conn.send_inflight && !conn.recv_armed);
+        drop(conn);
+        self.gens[slot as usize] = (gen + 1) & ConnId::MAX_GENERATION;
+        self.wheel.cancel(slot);
+        self.open -= 1;
+        self.metrics
+            .connections_open
+            .store(self.open, Ordering::Relaxed);
+    }
+
+    // ---- timers ------------------------------------------------------------------------
+
+    fn timers(&mut self) {
+        let now = self.tick();
+        if now <= self.wheel.now() && self.wheel.is_empty() {
+            return;
+        }
+        let mut expired = std::mem::take(&mut self.expired);
+        self.wheel.advance(now, &mut expired);
+        for &slot in &expired {
+            let Some(mut conn) = self.conns[slot as usize].take() else {
+                continue;
+            };
+            match conn.phase {
+                Phase::Handshake => {
+                    CoreMetrics::inc(&self.metrics.handshakes_failed);
+                    self.begin_close(&mut conn, slot, CloseReason::HandshakeTimeout, None);
+                }
+                Phase::Open => {
+                    let idle = self.cfg.limits.idle_timeout_secs;
+                    if idle > 0 && conn.last_active + idle > now {
+                        self.wheel.schedule(slot, conn.last_active + idle + 1);
+                    } else if idle > 0 {
+                        self.begin_close(
+                            &mut conn,
+                            slot,
+                            CloseReason::IdleTimeout,
+                            Some((close_code::IDLE_TIMEOUT, "idle timeout")),
+                        );
+                    }
+                }
+                Phase::Closing => self.progress_close(&mut conn, slot, true),
+            }
+            self.progress_close(&mut conn, slot, false);
+            self.put(slot, conn);
+        }
+        expired.clear();
+        self.expired = expired;
+    }
+
+    // ---- drain -------------------------------------------------------------------------
+
+    fn begin_drain(&mut self) {
+        let grace = Duration::from_secs(self.cfg.limits.drain_grace_secs);
+        self.drain_deadline = Some(Instant::now() + grace);
+        info!(
+            core = self.idx,
+            open = self.open,
+            "draining: no new connections, GOAWAY to every client"
+        );
+        if let Some(l) = &self.listener {
+            // Shutting a listening socket down stops it listening (new clients are hashed to
+            // the remaining listeners or refused) and ends the multishot accept.
+            let _ = l.shutdown(std::net::Shutdown::Read);
+        }
+        let e = opcode::AsyncCancel::new(ud(OP_ACCEPT, 0, 0))
+            .build()
+            .user_data(ud(OP_CANCEL, 0, 0));
+        // SAFETY: a cancel names only a user_data value.
+        unsafe { self.push(e) };
+        let mut goaway = Vec::new();
+        frame::encode(FrameType::GoAway, b"draining", &mut goaway);
+        for slot in 0..self.conns.len() as u32 {
+            let Some(mut conn) = self.conns[slot as usize].take() else {
+                continue;
+            };
+            if conn.phase == Phase::Open {
+                self.send_plain(&mut conn, slot, &goaway);
+            }
+            self.begin_close(&mut conn, slot, CloseReason::Drain, None);
+            self.progress_close(&mut conn, slot, false);
+            self.put(slot, conn);
+        }
+    }
+
+    // ---- worker links ------------------------------------------------------------------
+
+    fn maintain_links(&mut self) {
+        let now = Instant::now();
+        for w in 0..self.links.len() {
+            if self.links[w].state == LinkState::Down && now >= self.links[w].retry_at {
+                self.try_connect(w);
+            }
+        }
+    }
+
+    fn try_connect(&mut self, w: usize) {
+        let path = self.links[w].path.clone();
+        let attempt = (|| -> std::io::Result<OwnedFd> {
+            let sock =
+                socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM.cloexec(), None)?;
+            sock.connect(&socket2::SockAddr::unix(&path)?)?;
+            Ok(sock.into())
+        })();
+        match attempt {
+            Ok(fd) => {
+                let (idx, cores, name) = (self.idx, self.cores, self.cfg.name.clone());
+                self.links[w].connected(fd, idx, cores, &name);
+                self.live_mask |= 1 << w;
+                self.metrics.worker_link_up[w].store(1, Ordering::Relaxed);
+                info!(core = self.idx, worker = %path.display(), "worker link up");
+                self.arm_link_recv(w);
+            }
+            Err(e) => {
+                let link = &mut self.links[w];
+                link.retry_at =
+                    Instant::now() + Duration::from_millis(self.cfg.runtime.worker_retry_ms);
+                if !link.down_logged {
+                    link.down_logged = true;
+                    warn!(core = self.idx, worker = %path.display(), "worker down ({e}); retrying every {} ms", self.cfg.runtime.worker_retry_ms);
+                }
+            }
+        }
+    }
+
+    fn arm_link_recv(&mut self, w: usize) {
+        let link = &mut self.links[w];
+        let Some(fd) = link.raw_fd() else { return };
+        if link.recv_inflight || link.state != LinkState::Up {
+            return;
+        }
+        if link.rlen == link.rbuf.len() {
+            let grow = link.rbuf.len() * 2;
+            link.rbuf.resize(grow, 0);
+        }
+        let spare = &mut link.rbuf[link.rlen..];
+        let (ptr, len) = (spare.as_mut_ptr(), spare.len() as u32);
+        link.recv_inflight = true;
+        let e = opcode::Recv::new(types::Fd(fd), ptr, len)
+            .build()
+            .user_data(ud(OP_LINK_RECV, link.epoch, w as u32));
+        // SAFETY: `rbuf` is neither resized nor read while recv_inflight is set, and the
+        // socket stays open until no operation on it is in flight (close_link).
+        unsafe { self.push(e) };
+    }
+
+    fn start_link_send(&mut self, w: usize) {
+        let link = &mut self.links[w];
+        let Some(fd) = link.raw_fd() else { return };
+        if link.send_inflight || link.state != LinkState::Up {
+            return;
+        }
+        if link.out_off >= link.out.len() {
+            if link.queued.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut link.out, &mut link.queued);
+            link.queued.clear();
+            link.out_off = 0;
+        }
+        let rest = &link.out[link.out_off..];
+        let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
+        link.send_inflight = true;
+        let e = opcode::Send::new(types::Fd(fd), ptr, len)
+            .build()
+            .user_data(ud(OP_LINK_SEND, link.epoch, w as u32));
+        // SAFETY: `out` is frozen while send_inflight is set; the socket outlives the send.
+        unsafe { self.push(e) };
+    }
+
+    fn on_link_send(&mut self, w: usize, epoch: u32, res: i32) {
+        let link = &mut self.links[w];
+        debug_assert_eq!(link.epoch, epoch);
+        link.send_inflight = false;
+        if link.state != LinkState::Up {
+            self.finish_link_close(w);
+            return;
+        }
+        if res < 0 {
+            let e = std::io::Error::from_raw_os_error(-res);
+            self.link_down(w, &format!("send failed: {e}"));
+            return;
+        }
+        link.out_off += res as usize;
+        if link.out_off >= link.out.len() {
+            link.out.clear();
+            link.out_off = 0;
+        }
+        self.start_link_send(w);
+    }
+
+    fn on_link_recv(&mut self, w: usize, epoch: u32, res: i32) {
+        let link = &mut self.links[w];
+        debug_assert_eq!(link.epoch, epoch);
+        link.recv_inflight = false;
+        if link.state != LinkState::Up {
+            self.finish_link_close(w);
+            return;
+        }
+        if res <= 0 {
+            let why = if res == 0 {
+                "worker closed the link".to_string()
+            } else {
+                format!(
+                    "receive failed: {}",
+                    std::io::Error::from_raw_os_error(-res)
+                )
+            };
+            self.link_down(w, &why);
+            return;
+        }
+        link.rlen += res as usize;
+        let mut rbuf = std::mem::take(&mut self.links[w].rbuf);
+        let rlen = self.links[w].rlen;
+        let mut off = 0;
+        let mut failure = None;
+        while off < rlen {
+            match envelope::decode(&rbuf[off..rlen], envelope::DEFAULT_MAX_PAYLOAD) {
+                Ok(Some((msg, used))) => {
+                    off += used;
+                    if let Err(why) = self.on_envelope(w, msg) {
+                        failure = Some(why);
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(format!("malformed envelope: {e}"));
+                    break;
+                }
+            }
+        }
+        let need = envelope::peek_len(&rbuf[off..rlen]).unwrap_or(0);
+        let link = &mut self.links[w];
+        link.rbuf = std::mem::take(&mut rbuf);
+        if let Some(why) = failure {
+            CoreMetrics::inc(&self.metrics.worker_protocol_errors);
+            self.link_down(w, &why);
+            return;
+        }
+        link.reserve_rbuf(off, need);
+        self.arm_link_recv(w);
+    }
+
+    fn on_envelope(&mut self, w: usize, msg: Message<'_>) -> Result<(), String> {
+        match msg {
+            Message::Hello(h) => {
+                if h.version != envelope::VERSION || h.role != Role::Worker {
+                    return Err(format!("worker HELLO with version {} role {:?}; this gateway speaks version {} and expects a worker", h.version, h.role, envelope::VERSION));
+                }
+                self.links[w].hello_seen = true;
+                debug!(core = self.idx, worker = h.name, "worker HELLO");
+            }
+            Message::Ack { link_seq } => {
+                let link = &mut self.links[w];
+                if link_seq > link.link_seq {
+                    return Err(format!(
+                        "ACK of link sequence {link_seq} beyond the last sent ({})",
+                        link.link_seq
+                    ));
+                }
+                link.acked = link.acked.max(link_seq);
+            }
+            Message::Heartbeat { nonce, reply } => {
+                if !reply {
+                    self.links[w].queue_heartbeat_reply(nonce);
+                }
+            }
+            Message::Send {
+                conn,
+                flags: _,
+                payload,
+            } => self.deliver(w, conn, payload),
+            Message::Close {
+                conn, code, reason, ..
+            } => {
+                let Some(mut c) = self.owned_conn(w, conn) else {
+                    return Ok(());
+                };
+                let slot = conn.slot();
+                self.begin_close(&mut c, slot, CloseReason::WorkerClose, Some((code, reason)));
+                self.progress_close(&mut c, slot, false);
+                self.put(slot, c);
+            }
+            Message::Subscribe { .. } | Message::Unsubscribe { .. } | Message::Publish { .. } => {
+                debug!(
+                    core = self.idx,
+                    "topic messages are not served by this gateway version; ignored"
+                );
+            }
+            Message::Open(_) | Message::Frame { .. } => {
+                return Err(format!("{:?} is a gateway-to-worker kind", msg.kind()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the connection a worker named, if it is this core's, alive and established;
+    /// otherwise counts it and tells the worker the connection is gone.
+    fn owned_conn(&mut self, w: usize, id: ConnId) -> Option<Box<Conn>> {
+        let found = if id.core() == self.idx {
+            self.take(id.slot(), id.generation())
+        } else {
+            None
+        };
+        match found {
+            Some(c) if c.phase == Phase::Open => Some(c),
+            other => {
+                if let Some(c) = other {
+                    self.put(id.slot(), c);
+                }
+                CoreMetrics::inc(&self.metrics.worker_unknown_conn);
+                self.links[w].queue_gone(id);
+                None
+            }
+        }
+    }
+
+    fn deliver(&mut self, w: usize, id: ConnId, payload: &[u8]) {
+        let Some(mut conn) = self.owned_conn(w, id) else {
+            return;
+        };
+        let slot = id.slot();
+        if payload.len() > frame::MAX_LEN_FIELD {
+            self.links[w].queue_gone(id);
+        } else {
+            let mut f = std::mem::take(&mut self.scratch);
+            f.clear();
+            frame::encode(FrameType::Data, payload, &mut f);
+            self.send_plain(&mut conn, slot, &f);
+            self.scratch = f;
+            CoreMetrics::inc(&self.metrics.frames_to_client);
+            CoreMetrics::add(&self.metrics.bytes_to_client, payload.len() as u64);
+        }
+        self.put(slot, conn);
+    }
+
+    /// Takes a link down: stop routing to it, shut the socket so in-flight operations end,
+    /// and close it once they have.
+    fn link_down(&mut self, w: usize, why: &str) {
+        let link = &mut self.links[w];
+        warn!(core = self.idx, worker = %link.path.display(), "worker link down: {why}");
+        link.state = LinkState::Closing;
+        self.live_mask &= !(1 << w);
+        self.metrics.worker_link_up[w].store(0, Ordering::Relaxed);
+        if let Some(fd) = &link.fd {
+            let _ = socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Both);
+        }
+        self.finish_link_close(w);
+    }
+
+    fn finish_link_close(&mut self, w: usize) {
+        let link = &mut self.links[w];
+        if link.state == LinkState::Closing && !link.recv_inflight && !link.send_inflight {
+            link.fd = None;
+            link.reset_buffers();
+            link.state = LinkState::Down;
+            link.down_logged = false;
+            link.retry_at =
+                Instant::now() + Duration::from_millis(self.cfg.runtime.worker_retry_ms);
+        }
+    }
+}
+
+/// A raw fd borrowed for one socket call (the regular-fd fallback's client sockets).
+struct BorrowedRaw(i32);
+
+impl AsRawFd for BorrowedRaw {
+    fn as_raw_fd(&self) -> i32 {
+        self.0
+    }
+}
+
+impl std::os::fd::AsFd for BorrowedRaw {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the fd is a client socket owned by this core's table for the duration of
+        // the borrow (it is closed only through the ring after its Close submission).
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0) }
+    }
+}
+
+/// Runs one core to completion on the current thread.
+pub fn run_core(spec: CoreSpec, ready: mpsc::Sender<Result<CoreReady, String>>) {
+    let idx = spec.index;
+    match Core::new(spec) {
+        Ok((core, info)) => {
+            let _ = ready.send(Ok(info));
+            if let Err(e) = core.run() {
+                tracing::error!(core = idx, "core stopped: {e:#}");
+            }
+        }
+        Err(e) => {
+            let _ = ready.send(Err(format!("core {idx}: {e:#}")));
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The holdfast gateway: a thread-per-core io_uring TLS terminator that relays native
+//! frames to routing workers over Unix sockets. See ARCHITECTURE.md for the map.
+//!
+//! `unsafe` is denied in the crate and allowed only in the two modules that talk to the
+//! ring: `ring` (ring setup, the provided-buffer ring) and `core` (submissions naming
+//! memory the kernel reads or writes). Every block there carries a `// SAFETY:` reason.
+#![deny(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+#[allow(unsafe_code)]
+pub mod core;
+pub mod link;
+pub mod metrics;
+#[allow(unsafe_code)]
+pub mod ring;
+pub mod route;
+pub mod tls;
+pub mod wheel;

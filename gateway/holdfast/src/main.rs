@@ -1,0 +1,266 @@
+//! `holdfast`, the gateway binary: parses the CLI and config, loads certificates, binds a
+//! SO_REUSEPORT listener per core, starts one pinned thread (and ring) per core and the
+//! admin thread, prints one ready line, and on SIGTERM waits for the cores to drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{mpsc, Arc};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use holdfast::config::{CertConfig, Config};
+use holdfast::core::{run_core, CoreSpec};
+use holdfast::metrics::CoreMetrics;
+use holdfast::{admin, ring, tls};
+
+#[derive(Parser)]
+#[command(name = "holdfast", version, about = "io_uring TLS connection gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run(RunArgs),
+}
+
+/// Flags override the config file; with --cert and --key no file is needed.
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Client-facing TLS address (port 0 picks one; the ready line names it).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Certificate chain (PEM). Replaces the config's certificates.
+    #[arg(long, value_name = "PEM", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, value_name = "PEM", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Unix socket of a routing worker (repeatable). Replaces the config's workers.
+    #[arg(long = "worker", value_name = "SOCKET_PATH")]
+    workers: Vec<PathBuf>,
+    /// Core threads (0 = every CPU).
+    #[arg(long)]
+    cores: Option<usize>,
+    /// Admin address for /metrics and /healthz.
+    #[arg(long, value_name = "ADDR:PORT")]
+    admin: Option<SocketAddr>,
+    /// Seconds to finish the TLS handshake.
+    #[arg(long, value_name = "SECS")]
+    handshake_timeout: Option<u64>,
+    /// Seconds of silence before a client is closed (0 = never).
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
+    /// Largest frame payload in bytes.
+    #[arg(long, value_name = "BYTES")]
+    max_frame: Option<usize>,
+    /// Seconds SIGTERM waits for clients to be closed.
+    #[arg(long, value_name = "SECS")]
+    drain_grace: Option<u64>,
+    /// Connections per core (fixed-file table size).
+    #[arg(long, value_name = "N")]
+    max_conns_per_core: Option<u32>,
+    /// Also accept TLS 1.2.
+    #[arg(long)]
+    tls12: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        cfg.tls.certs = vec![CertConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            server_names: Vec::new(),
+        }];
+    }
+    if !args.workers.is_empty() {
+        cfg.workers = args.workers.clone();
+    }
+    if let Some(v) = args.cores {
+        cfg.cores = v;
+    }
+    if let Some(v) = args.admin {
+        cfg.admin = v;
+    }
+    if let Some(v) = args.handshake_timeout {
+        cfg.limits.handshake_timeout_secs = v;
+    }
+    if let Some(v) = args.idle_timeout {
+        cfg.limits.idle_timeout_secs = v;
+    }
+    if let Some(v) = args.max_frame {
+        cfg.limits.max_frame = v;
+    }
+    if let Some(v) = args.drain_grace {
+        cfg.limits.drain_grace_secs = v;
+    }
+    if let Some(v) = args.max_conns_per_core {
+        cfg.limits.max_conns_per_core = v;
+    }
+    if args.tls12 && !cfg.tls12_enabled() {
+        cfg.tls.versions.push("1.2".to_string());
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Binds one listener per core on the same address with SO_REUSEPORT; a port of 0 is
+/// resolved by the first bind and reused by the others.
+fn bind_listeners(
+    addr: SocketAddr,
+    n: usize,
+    backlog: u32,
+) -> anyhow::Result<Vec<socket2::Socket>> {
+    let mut addr = addr;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM.cloexec(),
+            None,
+        )?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        // Accepted sockets inherit TCP_NODELAY: small frames must not wait for Nagle.
+        s.set_nodelay(true)?;
+        s.bind(&addr.into())
+            .with_context(|| format!("cannot bind {addr}"))?;
+        s.listen(backlog.min(i32::MAX as u32) as i32)?;
+        addr = s
+            .local_addr()?
+            .as_socket()
+            .context("listener has no IP address")?;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = Arc::new(load_config(&args)?);
+    let server_tls = tls::server_config(&cfg)?;
+    let nofile = ring::raise_nofile_limit();
+    let cores = cfg.core_count();
+    let listeners = bind_listeners(cfg.listen, cores, cfg.runtime.backlog)?;
+    let listen_addr = listeners[0]
+        .local_addr()?
+        .as_socket()
+        .context("listener address")?;
+    let admin_listener = std::net::TcpListener::bind(cfg.admin)
+        .with_context(|| format!("cannot bind admin address {}", cfg.admin))?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, shutdown.clone())
+            .context("cannot install signal handler")?;
+    }
+    let cpu_ids = if cfg.runtime.pin {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let metrics: Vec<Arc<CoreMetrics>> = (0..cores)
+        .map(|_| Arc::new(CoreMetrics::default()))
+        .collect();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let mut threads = Vec::with_capacity(cores);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let spec = CoreSpec {
+            index: i as u8,
+            cores: cores as u8,
+            config: cfg.clone(),
+            tls: server_tls.clone(),
+            listener,
+            metrics: metrics[i].clone(),
+            shutdown: shutdown.clone(),
+            nofile,
+        };
+        let cpu = (!cpu_ids.is_empty()).then(|| cpu_ids[i % cpu_ids.len()]);
+        let tx = ready_tx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("holdfast-core-{i}"))
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        core_affinity::set_for_current(cpu);
+                    }
+                    run_core(spec, tx);
+                })
+                .context("cannot start a core thread")?,
+        );
+    }
+    drop(ready_tx);
+    for _ in 0..cores {
+        match ready_rx.recv() {
+            Ok(Ok(info)) if info.table > 0 => {
+                tracing::debug!(features = %info.features, direct = info.direct, table = info.table, "core ready");
+                static LOGGED: std::sync::Once = std::sync::Once::new();
+                LOGGED.call_once(|| {
+                    tracing::info!(
+                        "io_uring: {}; client sockets as {}; {} connections per core",
+                        info.features,
+                        if info.direct {
+                            "direct descriptors"
+                        } else {
+                            "regular fds (fallback)"
+                        },
+                        info.table
+                    )
+                });
+            }
+            Ok(Ok(_)) => bail!("a core started with an empty connection table"),
+            Ok(Err(e)) => bail!("{e}"),
+            Err(_) => bail!("a core thread exited during start"),
+        }
+    }
+    let admin = admin::Admin {
+        cores: metrics.clone(),
+        workers: cfg
+            .workers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        draining: shutdown.clone(),
+    };
+    std::thread::Builder::new()
+        .name("holdfast-admin".into())
+        .spawn(move || admin.serve(admin_listener))?;
+    println!("holdfast ready listen={listen_addr} admin={admin_addr} cores={cores}");
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    for t in threads {
+        let _ = t.join();
+    }
+    tracing::info!("drained; exiting");
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! io_uring primitives for one core: building the ring with the best features the kernel
+//! has (and falling back cleanly), and the provided-buffer ring that multishot receives
+//! draw from.
+//!
+//! Memory the kernel may write (the buffer-ring entries and the receive buffers) is
+//! mmap-ed here, page-aligned, and owned by [`BufRing`]. It is unmapped only in `Drop`,
+//! and the owning core declares its `IoUring` before its `BufRing`, so the ring (and with
+//! it the kernel's registration) is gone before the memory is. No other module writes to
+//! this memory; a buffer handed to the kernel is read by the core only between the
+//! completion that names it and its [`BufRing::recycle`].
+
+use std::io;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use io_uring::types::BufRingEntry;
+use io_uring::{IoUring, Submitter};
+
+/// Which ring features this kernel gave us. Logged once at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingFeatures {
+    /// SINGLE_ISSUER | DEFER_TASKRUN: completions run only when the core waits, no IPIs.
+    pub defer_taskrun: bool,
+    /// COOP_TASKRUN, the fallback when DEFER_TASKRUN is missing.
+    pub coop_taskrun: bool,
+}
+
+impl std::fmt::Display for RingFeatures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.defer_taskrun {
+            f.write_str("SINGLE_ISSUER|DEFER_TASKRUN")
+        } else if self.coop_taskrun {
+            f.write_str("COOP_TASKRUN (no DEFER_TASKRUN on this kernel)")
+        } else {
+            f.write_str("plain (no SINGLE_ISSUER/DEFER_TASKRUN/COOP_TASKRUN on this kernel)")
+        }
+    }
+}
+
+/// Builds a ring for the calling thread. Must run on the thread that will submit to it:
+/// a SINGLE_ISSUER ring used from another thread fails with EEXIST.
+pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
+    let cq = entries.saturating_mul(4).max(1024);
+    if let Ok(r) = IoUring::builder()
+        .setup_cqsize(cq)
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(entries)
+    {
+        return Ok((
+            r,
+            RingFeatures {
+                defer_taskrun: true,
+                coop_taskrun: false,
+            },
+        ));
+    }
+    if let Ok(r) = IoUring::builder()
+        .setup_cqsize(cq)
+        .setup_coop_taskrun()
+        .build(entries)
+    {
+        return Ok((
+            r,
+            RingFeatures {
+                defer_taskrun: false,
+                coop_taskrun: true,
+            },
+        ));
+    }
+    let r = IoUring::builder().setup_cqsize(cq).build(entries)?;
+    Ok((
+        r,
+        RingFeatures {
+            defer_taskrun: false,
+            coop_taskrun: false,
+        },
+    ))
+}
+
+/// An anonymous private mapping, page-aligned, unmapped on drop.
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(len: usize) -> io::Result<Mapping> {
+        // SAFETY: an anonymous private mapping with no address hint aliases nothing; the
+        // result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: NonNull::new(p.cast()).expect("mmap never returns null on success"),
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len came from a successful mmap and are unmapped exactly once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A provided-buffer ring: `count` buffers of `size` bytes that the kernel picks from for
+/// multishot receives. An idle connection holds none of them.
+pub struct BufRing {
+    entries: Mapping,
+    buffers: Mapping,
+    count: u16,
+    size: u32,
+    bgid: u16,
+    /// Our copy of the tail; published to the kernel with a release store.
+    tail: u16,
+    /// Buffers currently with the kernel or being read by us (debug accounting).
+    #[cfg(debug_assertions)]
+    out: Vec<bool>,
+}
+
+impl BufRing {
+    /// Maps and registers `count` (a power of two, at most 32768) buffers of `size` bytes
+    /// as group `bgid`, and hands all of them to the kernel.
+    pub fn new(submitter: &Submitter<'_>, bgid: u16, count: u16, size: u32) -> io::Result<BufRing> {
+        assert!(
+            count.is_power_of_two(),
+            "buffer ring size must be a power of two"
+        );
+        let entries = Mapping::new(count as usize * std::mem::size_of::<BufRingEntry>())?;
+        let buffers = Mapping::new(count as usize * size as usize)?;
+        // SAFETY: `entries` is page-aligned, sized for `count` entries, and lives in this
+        // struct, which the core drops after its ring (see the module docs).
+        unsafe {
+            submitter.register_buf_ring_with_flags(entries.ptr.as_ptr() as u64, count, bgid, 0)?
+        };
+        let mut ring = BufRing {
+            entries,
+            buffers,
+            count,
+            size,
+            bgid,
+            tail: 0,
+            #[cfg(debug_assertions)]
+            out: vec![true; count as usize],
+        };
+        for bid in 0..count {
+            ring.push(bid);
+        }
+        ring.publish();
+        Ok(ring)
+    }
+
+    pub fn group(&self) -> u16 {
+        self.bgid
+    }
+
+    pub fn buffer_size(&self) -> u32 {
+        self.size
+    }
+
+    pub fn count(&self) -> u16 {
+        self.count
+    }
+
+    /// The first `len` bytes of buffer `bid`, which a completion just handed to us.
+    pub fn buffer_mut(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        assert!(
+            bid < self.count && len <= self.size as usize,
+            "buffer id {bid} / length {len} out of range"
+        );
+        #[cfg(debug_assertions)]
+        debug_assert!(
+            self.out[bid as usize],
+            "buffer {bid} read while owned by the kernel"
+        );
+        // SAFETY: bid < count, so the range lies inside `buffers`; the kernel wrote it
+        // before posting the completion and will not touch it again until `recycle`
+        // returns it; `&mut self` makes this the only reference.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.buffers
+                    .ptr
+                    .as_ptr()
+                    .add(bid as usize * self.size as usize),
+                len,
+            )
+        }
+    }
+
+    /// Returns buffer `bid` to the kernel (visible after [`BufRing::publish`]).
+    pub fn recycle(&mut self, bid: u16) {
+        self.push(bid);
+    }
+
+    fn push(&mut self, bid: u16) {
+        #[cfg(debug_assertions)]
+        {
+            debug_assert!(self.out[bid as usize], "buffer {bid} returned twice");
+            self.out[bid as usize] = false;
+        }
+        let idx = (self.tail & (self.count - 1)) as usize;
+        // SAFETY: idx < count, so the entry lies inside `entries`. The kernel reads entries
+        // only between its head and the published tail, and this one is past the tail.
+        let entry = unsafe { &mut *self.entries.ptr.as_ptr().cast::<BufRingEntry>().add(idx) };
+        // SAFETY: same range argument as in buffer_mut.
+        let addr = unsafe {
+            self.buffers
+                .ptr
+                .as_ptr()
+                .add(bid as usize * self.size as usize)
+        };
+        entry.set_addr(addr as u64);
+        entry.set_len(self.size);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes every recycled buffer visible to the kernel (one release store).
+    pub fn publish(&mut self) {
+        // SAFETY: the tail field overlays entry 0's `resv`, inside the mapping; the kernel
+        // reads it with acquire semantics, so a release store publishes the entries above.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries.ptr.as_ptr().cast::<BufRingEntry>())
+                as *const AtomicU16;
+            (*tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    /// Marks `bid` as taken by the kernel for a completion we are about to read.
+    #[inline]
+    pub fn taken(&mut self, bid: u16) {
+        #[cfg(debug_assertions)]
+        {
+            debug_assert!(
+                !self.out[bid as usize],
+                "kernel handed out buffer {bid} twice"
+            );
+            self.out[bid as usize] = true;
+        }
+        let _ = bid;
+    }
+}
+
+/// Raises the soft open-file limit to the hard one and returns the new soft limit. The
+/// fixed-file table of each ring is bounded by this value when it is registered.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// The peer address of a socket given as a regular fd (used after installing a direct
+/// descriptor into the fd table for one syscall). Closes the fd.
+pub fn peer_of_installed_fd(fd: i32) -> Option<std::net::SocketAddr> {
+    // SAFETY: the kernel just installed `fd` for us (FixedFdInstall); nobody else owns it,
+    // so wrapping it in an OwnedFd closes it exactly once.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let sock = socket2::SockRef::from(&owned);
+    sock.peer_addr().ok().and_then(|a| a.as_socket())
+}

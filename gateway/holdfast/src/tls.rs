@@ -1,0 +1,387 @@
+//! TLS for the gateway: certificate loading with errors that name the file, the rustls
+//! server configuration (versions, ALPN, SNI across several certificates), and
+//! [`TlsSession`], the small seam between a connection and rustls' unbuffered API.
+//!
+//! The gateway owns every buffer: rustls never holds a receive or send buffer here. The
+//! session is driven with the bytes of one receive and returns plaintext and records to
+//! send through a [`TlsSink`]. Nothing in this module touches a socket.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::ring as provider;
+use rustls::server::{ClientHello, ResolvesServerCert, UnbufferedServerConnection};
+use rustls::sign::CertifiedKey;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{CertConfig, Config};
+
+/// A certificate or key that cannot be used; the message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: String },
+    #[error("{path}: not a PEM certificate chain: {message}")]
+    BadCertificate { path: String, message: String },
+    #[error("{path}: no usable PEM private key found ({message})")]
+    BadKey { path: String, message: String },
+    #[error("{key} does not match the certificate in {cert}")]
+    Mismatch { cert: String, key: String },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsSetupError> {
+    std::fs::read(path).map_err(|source| TlsSetupError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Loads one certificate chain and its key, and checks that they belong together.
+pub fn load_certified_key(c: &CertConfig) -> Result<CertifiedKey, TlsSetupError> {
+    let cert_path = c.cert.display().to_string();
+    let key_path = c.key.display().to_string();
+    let cert_pem = read(&c.cert)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsSetupError::BadCertificate {
+            path: cert_path.clone(),
+            message: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsSetupError::NoCertificate { path: cert_path });
+    }
+    let key_pem = read(&c.key)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsSetupError::BadKey {
+        path: key_path.clone(),
+        message: e.to_string(),
+    })?;
+    let signer = provider::sign::any_supported_type(&key).map_err(|e| TlsSetupError::BadKey {
+        path: key_path.clone(),
+        message: e.to_string(),
+    })?;
+    let ck = CertifiedKey::new(chain, signer);
+    match ck.keys_match() {
+        Ok(()) => Ok(ck),
+        // A certificate whose public key rustls cannot parse is reported as a bad certificate.
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Err(TlsSetupError::BadCertificate {
+                path: cert_path,
+                message: "unparsable public key".into(),
+            })
+        }
+        Err(_) => Err(TlsSetupError::Mismatch {
+            cert: cert_path,
+            key: key_path,
+        }),
+    }
+}
+
+/// Picks a certificate by SNI: exact (case-insensitive) name match, else the default.
+#[derive(Debug)]
+struct SniResolver {
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+thread_local! {
+    // The unbuffered server connection has no SNI accessor, but the resolver runs inside
+    // `process_tls_records` on the calling thread, so it leaves the name here for the
+    // session being driven to pick up.
+    static SEEN_SNI: std::cell::RefCell<Option<Box<str>>> = const { std::cell::RefCell::new(None) };
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        SEEN_SNI.with(|s| *s.borrow_mut() = hello.server_name().map(Box::from));
+        if let Some(name) = hello.server_name() {
+            if let Some(ck) = self.by_name.get(&name.to_ascii_lowercase()) {
+                return Some(ck.clone());
+            }
+        }
+        Some(self.default.clone())
+    }
+}
+
+/// Builds the shared server configuration. Called at start and on reload.
+pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsSetupError> {
+    let mut by_name = HashMap::new();
+    let mut default = None;
+    for c in &config.tls.certs {
+        let ck = Arc::new(load_certified_key(c)?);
+        for name in &c.server_names {
+            by_name
+                .entry(name.to_ascii_lowercase())
+                .or_insert_with(|| ck.clone());
+        }
+        default.get_or_insert(ck);
+    }
+    let default = default.ok_or_else(|| TlsSetupError::NoCertificate {
+        path: "(no [[tls.certs]])".into(),
+    })?;
+    let versions: &[&'static rustls::SupportedProtocolVersion] = if config.tls12_enabled() {
+        &[&rustls::version::TLS13, &rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let mut sc = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
+        .with_protocol_versions(versions)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { by_name, default }));
+    // holdfast/1 first; http/1.1 is offered so a browser that names it still completes the
+    // handshake and can be told plainly that WebSocket is not served on this listener yet.
+    sc.alpn_protocols = vec![holdfast_wire::frame::ALPN.to_vec()];
+    // Session tickets let a reconnect storm resume instead of paying full handshakes.
+    sc.send_tls13_tickets = 2;
+    Ok(Arc::new(sc))
+}
+
+/// What a TLS session hands back while it is driven.
+pub trait TlsSink {
+    /// Decrypted application data, in order.
+    fn plaintext(&mut self, data: &[u8]);
+    /// Space to write outgoing TLS bytes into: the sink grows its buffer to `min` free bytes
+    /// and returns the spare part. What is written is committed with [`TlsSink::commit`].
+    fn out_spare(&mut self, min: usize) -> &mut [u8];
+    fn commit(&mut self, n: usize);
+}
+
+/// Why a session stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsEnd {
+    /// The peer sent close_notify.
+    PeerClosed,
+    /// A protocol error (bad record, bad ClientHello, failed handshake); an alert is queued.
+    Error,
+}
+
+/// Outcome of feeding bytes to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fed {
+    /// Bytes of the input rustls is done with; the rest must be kept and offered again,
+    /// with the next bytes appended (a record or handshake message split across reads).
+    pub consumed: usize,
+    /// The handshake completed during this call.
+    pub handshake_done: bool,
+    pub end: Option<TlsEnd>,
+}
+
+/// One connection's TLS state. A thin wrapper so that the record layer can be replaced
+/// (rustls' successor drops the unbuffered API; hibernation replaces it with our own).
+pub struct TlsSession {
+    conn: UnbufferedServerConnection,
+    established: bool,
+    sni: Option<Box<str>>,
+}
+
+// Upper bound of TLS overhead per record (5 header + 1 content type + 16 tag, and TLS 1.2's
+// explicit nonce), used to size the output before encrypting.
+const RECORD_OVERHEAD: usize = 64;
+const MAX_FRAGMENT: usize = 16 * 1024;
+
+impl TlsSession {
+    pub fn new(config: Arc<ServerConfig>) -> Result<TlsSession, rustls::Error> {
+        Ok(TlsSession {
+            conn: UnbufferedServerConnection::new(config)?,
+            established: false,
+            sni: None,
+        })
+    }
+
+    pub fn is_established(&self) -> bool {
+        self.established
+    }
+
+    /// The SNI the client sent, once the ClientHello was processed.
+    pub fn server_name(&self) -> Option<&str> {
+        self.sni.as_deref()
+    }
+
+    pub fn alpn(&self) -> Option<&[u8]> {
+        self.conn.alpn_protocol()
+    }
+
+    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
+        self.conn.protocol_version()
+    }
+
+    /// Drives the session over `input` (received TLS bytes, decrypted in place).
+    pub fn feed(&mut self, input: &mut [u8], sink: &mut impl TlsSink) -> Fed {
+        let mut fed = Fed {
+            consumed: 0,
+            handshake_done: false,
+            end: None,
+        };
+        if !self.established {
+            SEEN_SNI.with(|s| s.borrow_mut().take());
+        }
+        let fed_result = self.feed_inner(input, sink, &mut fed);
+        if !self.established || fed.handshake_done {
+            if let Some(name) = SEEN_SNI.with(|s| s.borrow_mut().take()) {
+                self.sni = Some(name);
+            }
+        }
+        fed_result
+    }
+
+    fn feed_inner(&mut self, input: &mut [u8], sink: &mut impl TlsSink, fed: &mut Fed) -> Fed {
+        loop {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut input[fed.consumed..]);
+            let step = match state {
+                Err(_) => Step::Fail,
+                Ok(state) => {
+                    handle_state(state, sink, &mut self.established, &mut fed.handshake_done)
+                }
+            };
+            fed.consumed += discard;
+            match step {
+                Step::Continue => {}
+                Step::Blocked => return *fed,
+                Step::PeerClosed => {
+                    fed.end = Some(TlsEnd::PeerClosed);
+                    return *fed;
+                }
+                Step::Fail => {
+                    self.flush_alert(sink);
+                    fed.end = Some(TlsEnd::Error);
+                    return *fed;
+                }
+            }
+        }
+    }
+
+    /// After an error rustls may have queued an alert: encode it so the peer learns why.
+    fn flush_alert(&mut self, sink: &mut impl TlsSink) {
+        for _ in 0..4 {
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            match state {
+                Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, sink),
+                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                _ => return,
+            }
+        }
+    }
+
+    /// Encrypts application data towards the peer. Only valid once established.
+    /// `pending` is the staged partial input (which must be offered unchanged).
+    pub fn encrypt(
+        &mut self,
+        pending: &mut [u8],
+        data: &[u8],
+        sink: &mut impl TlsSink,
+    ) -> Result<(), TlsEnd> {
+        debug_assert!(self.established);
+        let mut data = data;
+        loop {
+            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(pending);
+            debug_assert_eq!(discard, 0, "pending input is never complete");
+            match state {
+                Ok(ConnectionState::WriteTraffic(mut w)) => {
+                    while !data.is_empty() {
+                        let n = data.len().min(MAX_FRAGMENT * 4);
+                        let want = n + (n / MAX_FRAGMENT + 1) * RECORD_OVERHEAD;
+                        let out = sink.out_spare(want);
+                        match w.encrypt(&data[..n], out) {
+                            Ok(written) => sink.commit(written),
+                            Err(EncryptError::InsufficientSize(s)) => {
+                                let out = sink.out_spare(s.required_size);
+                                let written =
+                                    w.encrypt(&data[..n], out).map_err(|_| TlsEnd::Error)?;
+                                sink.commit(written);
+                            }
+                            Err(EncryptError::EncryptExhausted) => return Err(TlsEnd::Error),
+                        }
+                        data = &data[n..];
+                    }
+                    return Ok(());
+                }
+                Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, sink),
+                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
+                _ => return Err(TlsEnd::Error),
+            }
+        }
+    }
+
+    /// Queues close_notify. Best effort: a session that cannot write any more is just closed.
+    pub fn close_notify(&mut self, pending: &mut [u8], sink: &mut impl TlsSink) {
+        if let Ok(ConnectionState::WriteTraffic(mut w)) =
+            self.conn.process_tls_records(pending).state
+        {
+            let out = sink.out_spare(RECORD_OVERHEAD);
+            if let Ok(n) = w.queue_close_notify(out) {
+                sink.commit(n);
+            }
+        }
+    }
+}
+
+enum Step {
+    Continue,
+    Blocked,
+    PeerClosed,
+    Fail,
+}
+
+fn encode<D>(e: &mut rustls::unbuffered::EncodeTlsData<'_, D>, sink: &mut impl TlsSink) {
+    let mut want = 4096;
+    loop {
+        let out = sink.out_spare(want);
+        match e.encode(out) {
+            Ok(n) => return sink.commit(n),
+            Err(EncodeError::InsufficientSize(s)) => want = s.required_size,
+            Err(EncodeError::AlreadyEncoded) => return,
+        }
+    }
+}
+
+fn handle_state<D>(
+    state: ConnectionState<'_, '_, D>,
+    sink: &mut impl TlsSink,
+    established: &mut bool,
+    done: &mut bool,
+) -> Step {
+    match state {
+        ConnectionState::ReadTraffic(mut r) => {
+            while let Some(rec) = r.next_record() {
+                match rec {
+                    Ok(rec) => sink.plaintext(rec.payload),
+                    Err(_) => return Step::Fail,
+                }
+            }
+            Step::Continue
+        }
+        ConnectionState::EncodeTlsData(mut e) => {
+            encode(&mut e, sink);
+            Step::Continue
+        }
+        // The bytes are already in the sink's queue; the caller sends them after feeding.
+        ConnectionState::TransmitTlsData(t) => {
+            t.done();
+            Step::Continue
+        }
+        ConnectionState::WriteTraffic(_) => {
+            if !*established {
+                *established = true;
+                *done = true;
+            }
+            Step::Blocked
+        }
+        ConnectionState::BlockedHandshake => Step::Blocked,
+        ConnectionState::PeerClosed | ConnectionState::Closed => Step::PeerClosed,
+        // Early data is not enabled (max_early_data_size is 0), so rustls never yields it.
+        ConnectionState::ReadEarlyData(_) => Step::Fail,
+        _ => Step::Fail,
+    }
+}

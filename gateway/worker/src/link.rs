@@ -1,0 +1,476 @@
+//! One link to one gateway core: buffered, blocking, and in charge of the HELLO exchange
+//! and heartbeats. It keeps no per-connection state; what a worker does with OPEN, FRAME
+//! and CLOSE is the worker's business.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use holdfast_wire::envelope::{self, EnvelopeError, Hello, Kind, Message, Role};
+use holdfast_wire::ConnId;
+use thiserror::Error;
+
+/// The name a worker sends in its HELLO unless told otherwise.
+pub const DEFAULT_NAME: &str = "holdfast-worker";
+
+/// The smallest free space a read is offered; below it the buffer is compacted or grown.
+const MIN_READ: usize = 64 * 1024;
+/// Queued output over this is written out at once instead of waiting for a flush, so a
+/// worker that sends much between flushes does not grow its buffer without bound.
+const FLUSH_AT: usize = 1 << 20;
+
+/// Why a link ended. Every variant ends the link; the gateway reconnects and re-sends
+/// whatever was not acknowledged.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    /// Reading or writing the socket failed.
+    #[error("link I/O failed: {0}")]
+    Io(#[from] io::Error),
+    /// The gateway sent an envelope the codec refuses.
+    #[error("gateway sent a bad envelope: {0}")]
+    Protocol(#[from] EnvelopeError),
+    /// The gateway speaks another protocol version; upgrade the older side.
+    #[error("gateway speaks worker protocol version {theirs}, this worker speaks {ours}")]
+    Version {
+        /// [`envelope::VERSION`].
+        ours: u16,
+        /// What the gateway's HELLO said.
+        theirs: u16,
+    },
+    /// A well-formed envelope that the gateway must not send at this point (a kind only
+    /// workers send, anything before HELLO, a second HELLO, a HELLO with the worker role).
+    #[error("gateway sent {kind:?} {what}")]
+    Unexpected {
+        /// The envelope's kind.
+        kind: Kind,
+        /// Why it is out of place.
+        what: &'static str,
+    },
+    /// The gateway closed the socket in the middle of an envelope.
+    #[error("gateway closed the link in the middle of an envelope ({buffered} bytes buffered)")]
+    Truncated {
+        /// Bytes of the incomplete envelope.
+        buffered: usize,
+    },
+}
+
+/// The gateway core's HELLO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerHello {
+    /// Protocol version (equal to [`envelope::VERSION`], or the link would have failed).
+    pub version: u16,
+    /// The gateway core at the other end of this link.
+    pub core: u8,
+    /// How many cores (and so links) the gateway runs.
+    pub cores: u8,
+    /// The gateway's name, for logs.
+    pub name: String,
+}
+
+/// What the gateway tells a worker. Each carries the `link_seq` to acknowledge with
+/// [`Link::ack`] once the worker has taken responsibility for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A client connected.
+    Open {
+        /// The connection; stays valid until its CLOSE.
+        conn: ConnId,
+        /// Link sequence of this envelope.
+        link_seq: u64,
+        /// The client's address.
+        peer: SocketAddr,
+        /// TLS server name the client asked for.
+        sni: Option<String>,
+        /// ALPN protocol chosen, if the client offered any.
+        alpn: Option<Vec<u8>>,
+        /// Client certificate identity, if one was presented.
+        client_identity: Option<Vec<u8>>,
+    },
+    /// A client frame. Delivery is at-least-once: after a link failure the same
+    /// `(conn, seq)` may arrive again, on this link or another.
+    Frame {
+        /// The connection.
+        conn: ConnId,
+        /// Per-connection sequence (1, 2, 3, ...), for dropping duplicates.
+        seq: u64,
+        /// Link sequence of this envelope.
+        link_seq: u64,
+        /// A WebSocket text message.
+        text: bool,
+        /// The client's message.
+        payload: Vec<u8>,
+    },
+    /// The connection ended; its id is dead from now on.
+    Close {
+        /// The connection.
+        conn: ConnId,
+        /// One past the last frame's sequence.
+        seq: u64,
+        /// Link sequence of this envelope.
+        link_seq: u64,
+        /// Close code (see `holdfast_wire::frame::close_code`).
+        code: u16,
+        /// Human-readable reason.
+        reason: String,
+    },
+}
+
+impl Event {
+    /// The link sequence number to acknowledge for this event.
+    pub fn link_seq(&self) -> u64 {
+        match self {
+            Event::Open { link_seq, .. }
+            | Event::Frame { link_seq, .. }
+            | Event::Close { link_seq, .. } => *link_seq,
+        }
+    }
+
+    /// The connection this event is about.
+    pub fn conn(&self) -> ConnId {
+        match self {
+            Event::Open { conn, .. } | Event::Frame { conn, .. } | Event::Close { conn, .. } => {
+                *conn
+            }
+        }
+    }
+}
+
+/// A listening worker socket.
+///
+/// ```no_run
+/// use holdfast_worker::WorkerListener;
+///
+/// let listener = WorkerListener::bind("/tmp/worker.sock")?.with_name("billing-bridge");
+/// for _ in 0.. {
+///     let mut link = listener.accept()?;
+///     std::thread::spawn(move || while let Ok(Some(_event)) = link.recv() {});
+/// }
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct WorkerListener {
+    listener: UnixListener,
+    path: PathBuf,
+    name: String,
+}
+
+impl WorkerListener {
+    /// Binds a Unix socket at `path`. A socket file left there by an earlier run is
+    /// removed first; any other kind of file is left alone and binding fails.
+    pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref();
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a socket; not removing it",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(WorkerListener {
+            listener: UnixListener::bind(path)?,
+            path: path.to_owned(),
+            name: DEFAULT_NAME.to_owned(),
+        })
+    }
+
+    /// Sets the name sent in each link's HELLO (default [`DEFAULT_NAME`]).
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.name = name.to_owned();
+        self
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next gateway core to connect and sends it our HELLO.
+    pub fn accept(&self) -> io::Result<Link> {
+        let (stream, _) = self.listener.accept()?;
+        Link::from_stream(stream, &self.name)
+    }
+}
+
+/// One gateway core's link. Reads and writes are buffered; see the crate docs.
+#[derive(Debug)]
+pub struct Link {
+    stream: UnixStream,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    wbuf: Vec<u8>,
+    /// A write error met while queueing, reported by the next `flush` or `recv`.
+    write_error: Option<io::Error>,
+    peer: Option<PeerHello>,
+    max_payload: usize,
+}
+
+impl Link {
+    /// Wraps a connected stream and sends our HELLO (role worker) on it.
+    pub fn from_stream(stream: UnixStream, name: &str) -> io::Result<Link> {
+        let mut link = Link {
+            stream,
+            rbuf: vec![0; MIN_READ],
+            rstart: 0,
+            rend: 0,
+            wbuf: Vec::with_capacity(MIN_READ),
+            write_error: None,
+            peer: None,
+            max_payload: envelope::DEFAULT_MAX_PAYLOAD,
+        };
+        link.queue(&Message::Hello(Hello {
+            version: envelope::VERSION,
+            role: Role::Worker,
+            core: 0,
+            cores: 0,
+            name,
+        }));
+        link.flush()?;
+        Ok(link)
+    }
+
+    /// Sets the largest envelope payload accepted from the gateway (default
+    /// [`envelope::DEFAULT_MAX_PAYLOAD`]); it must be at least the gateway's client
+    /// frame limit.
+    pub fn set_max_payload(&mut self, max: usize) {
+        self.max_payload = max;
+    }
+
+    /// The gateway's HELLO, once it has arrived.
+    pub fn peer(&self) -> Option<&PeerHello> {
+        self.peer.as_ref()
+    }
+
+    /// The underlying stream (for timeouts, shutdown, polling).
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Blocks for the next event. Pending writes are flushed before blocking. `Ok(None)`
+    /// when the gateway closed the link cleanly between envelopes.
+    pub fn recv(&mut self) -> Result<Option<Event>, LinkError> {
+        loop {
+            if let Some(event) = self.try_recv()? {
+                return Ok(Some(event));
+            }
+            self.flush()?;
+            if !self.fill()? {
+                let buffered = self.rend - self.rstart;
+                return if buffered == 0 {
+                    Ok(None)
+                } else {
+                    Err(LinkError::Truncated { buffered })
+                };
+            }
+        }
+    }
+
+    /// The next event already buffered, without blocking; `Ok(None)` when the buffer
+    /// holds no whole event. HELLO and heartbeats met on the way are handled.
+    pub fn try_recv(&mut self) -> Result<Option<Event>, LinkError> {
+        loop {
+            let buf = &self.rbuf[self.rstart..self.rend];
+            let Some((msg, used)) = envelope::decode(buf, self.max_payload)? else {
+                return Ok(None);
+            };
+            let event = match msg {
+                Message::Hello(h) => {
+                    if self.peer.is_some() {
+                        return Err(unexpected(Kind::Hello, "twice"));
+                    }
+                    if h.role != Role::Gateway {
+                        return Err(unexpected(Kind::Hello, "with the worker role"));
+                    }
+                    if h.version != envelope::VERSION {
+                        return Err(LinkError::Version {
+                            ours: envelope::VERSION,
+                            theirs: h.version,
+                        });
+                    }
+                    self.peer = Some(PeerHello {
+                        version: h.version,
+                        core: h.core,
+                        cores: h.cores,
+                        name: h.name.to_owned(),
+                    });
+                    None
+                }
+                _ if self.peer.is_none() => return Err(unexpected(msg.kind(), "before HELLO")),
+                Message::Heartbeat { nonce, reply } => {
+                    if !reply {
+                        envelope::encode(
+                            &Message::Heartbeat { nonce, reply: true },
+                            &mut self.wbuf,
+                        );
+                    }
+                    None
+                }
+                Message::Open(o) => Some(Event::Open {
+                    conn: o.conn,
+                    link_seq: o.link_seq,
+                    peer: o.peer,
+                    sni: o.sni.map(str::to_owned),
+                    alpn: o.alpn.map(<[u8]>::to_vec),
+                    client_identity: o.client_identity.map(<[u8]>::to_vec),
+                }),
+                Message::Frame {
+                    conn,
+                    seq,
+                    link_seq,
+                    flags,
+                    payload,
+                } => Some(Event::Frame {
+                    conn,
+                    seq,
+                    link_seq,
+                    text: flags & envelope::flags::TEXT != 0,
+                    payload: payload.to_vec(),
+                }),
+                Message::Close {
+                    conn,
+                    seq,
+                    link_seq,
+                    code,
+                    reason,
+                } => Some(Event::Close {
+                    conn,
+                    seq,
+                    link_seq,
+                    code,
+                    reason: reason.to_owned(),
+                }),
+                Message::Ack { .. }
+                | Message::Send { .. }
+                | Message::Subscribe { .. }
+                | Message::Unsubscribe { .. }
+                | Message::Publish { .. } => {
+                    return Err(unexpected(msg.kind(), "which only workers send"))
+                }
+            };
+            self.rstart += used;
+            if let Some(event) = event {
+                return Ok(Some(event));
+            }
+        }
+    }
+
+    /// Queues a message for one connection.
+    pub fn send(&mut self, conn: ConnId, text: bool, payload: &[u8]) {
+        self.queue(&Message::Send {
+            conn,
+            flags: text_flag(text),
+            payload,
+        });
+    }
+
+    /// Queues a request that the gateway close a connection with `code` and `reason`
+    /// (see `holdfast_wire::frame::close_code`).
+    pub fn close(&mut self, conn: ConnId, code: u16, reason: &str) {
+        self.queue(&Message::Close {
+            conn,
+            seq: 0,
+            link_seq: 0,
+            code,
+            reason,
+        });
+    }
+
+    /// Queues a cumulative acknowledgement: the worker has taken responsibility for
+    /// every envelope up to and including `link_seq`.
+    pub fn ack(&mut self, link_seq: u64) {
+        self.queue(&Message::Ack { link_seq });
+    }
+
+    /// Queues a subscription of `conn` to `topic` (at most 65 535 bytes).
+    pub fn subscribe(&mut self, conn: ConnId, topic: &[u8]) {
+        self.queue(&Message::Subscribe { conn, topic });
+    }
+
+    /// Queues the removal of `conn` from `topic`.
+    pub fn unsubscribe(&mut self, conn: ConnId, topic: &[u8]) {
+        self.queue(&Message::Unsubscribe { conn, topic });
+    }
+
+    /// Queues a message for every connection subscribed to `topic` on this link's core.
+    pub fn publish(&mut self, topic: &[u8], text: bool, payload: &[u8]) {
+        self.queue(&Message::Publish {
+            flags: text_flag(text),
+            topic,
+            payload,
+        });
+    }
+
+    /// Writes out everything queued.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if let Some(e) = self.write_error.take() {
+            return Err(e);
+        }
+        if !self.wbuf.is_empty() {
+            let result = self.stream.write_all(&self.wbuf);
+            self.wbuf.clear();
+            result?;
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, msg: &Message<'_>) {
+        envelope::encode(msg, &mut self.wbuf);
+        if self.wbuf.len() >= FLUSH_AT && self.write_error.is_none() {
+            if let Err(e) = self.flush() {
+                self.write_error = Some(e);
+            }
+        }
+    }
+
+    /// Reads once into the buffer; `false` on end of stream.
+    fn fill(&mut self) -> io::Result<bool> {
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        }
+        // Make room for at least the envelope being assembled, and a good-sized read.
+        let want = envelope::peek_len(&self.rbuf[self.rstart..self.rend])
+            .unwrap_or(0)
+            .max(self.rend - self.rstart + MIN_READ);
+        if self.rbuf.len() - self.rstart < want {
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+            if self.rbuf.len() < want {
+                self.rbuf.resize(want, 0);
+            }
+        }
+        loop {
+            match self.stream.read(&mut self.rbuf[self.rend..]) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.rend += n;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn unexpected(kind: Kind, what: &'static str) -> LinkError {
+    LinkError::Unexpected { kind, what }
+}
+
+fn text_flag(text: bool) -> u8 {
+    if text {
+        envelope::flags::TEXT
+    } else {
+        0
+    }
+}

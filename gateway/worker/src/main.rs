@@ -1,0 +1,89 @@
+//! `holdfast-worker`: reference workers for holdfast. `echo` sends every client frame
+//! back to the connection it came from; it is what the demo, the tests and the relay
+//! benchmark run against.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use holdfast_worker::{echo, WorkerListener, DEFAULT_NAME};
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(version, about = "Reference routing workers for the holdfast gateway")]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Echo every client frame back to its connection.
+    Echo {
+        /// Unix socket to listen on (a stale socket file there is replaced).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Name sent to the gateway in HELLO, shown in its logs.
+        #[arg(long, default_value = DEFAULT_NAME)]
+        name: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.log))
+        .with_context(|| format!("bad --log filter {:?}", cli.log))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Echo { socket, name } => run_echo(&socket, &name),
+    }
+}
+
+/// Accepts links until killed (SIGTERM and SIGINT keep their default action: the process
+/// holds no state worth saving, and the gateway re-sends anything unacknowledged).
+fn run_echo(socket: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    let listener = WorkerListener::bind(socket)
+        .with_context(|| format!("cannot listen on {}", socket.display()))?
+        .with_name(name);
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "holdfast-worker: listening on {}", socket.display())?;
+        out.flush()?;
+    }
+    info!(socket = %socket.display(), name, "echo worker listening");
+    loop {
+        let mut link = match listener.accept() {
+            Ok(link) => link,
+            Err(e) => {
+                // Accept errors (EMFILE, a gateway gone before HELLO) are per-attempt.
+                warn!(error = %e, "accepting a gateway link failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        std::thread::Builder::new()
+            .name("echo-link".into())
+            .spawn(move || match echo::serve(&mut link) {
+                Ok(stats) => info!(
+                    core = link.peer().map(|p| p.core),
+                    ?stats,
+                    "gateway closed the link"
+                ),
+                Err(e) => warn!(
+                    core = link.peer().map(|p| p.core),
+                    error = %e,
+                    "link dropped"
+                ),
+            })
+            .context("cannot start a link thread")?;
+    }
+}
