@@ -613,6 +613,11 @@ impl Core {
             conn.phase = Phase::Open;
             CoreMetrics::inc(&self.metrics.handshakes_ok);
             self.schedule_idle(slot);
+            // Tell a worker now, so it sees connections that never send a frame.
+            let id = ConnId::new(self.idx, conn.gen, slot);
+            if let Some(w) = route::pick_mask(id.raw(), self.live_mask) {
+                self.open_on(conn, id, w as u8);
+            }
         }
         conn.last_active = self.tick();
         if !self.plain.is_empty() && conn.phase == Phase::Open {
@@ -767,15 +772,20 @@ impl Core {
         };
         let w = w as u8;
         if conn.worker != Some(w) {
-            let (sni, alpn) = (conn.tls.server_name(), conn.tls.alpn());
-            self.links[w as usize].queue_open(id, conn.peer.unwrap_or(UNKNOWN_PEER), sni, alpn);
-            conn.worker = Some(w);
+            self.open_on(conn, id, w);
         }
         conn.seq += 1;
         self.links[w as usize].queue_frame(id, conn.seq, 0, payload);
         CoreMetrics::inc(&self.metrics.frames_from_client);
         CoreMetrics::add(&self.metrics.bytes_from_client, payload.len() as u64);
         true
+    }
+
+    /// Sends OPEN for the connection to worker `w`, which then owns its frames.
+    fn open_on(&mut self, conn: &mut Conn, id: ConnId, w: u8) {
+        let (sni, alpn) = (conn.tls.server_name(), conn.tls.alpn());
+        self.links[w as usize].queue_open(id, conn.peer.unwrap_or(UNKNOWN_PEER), sni, alpn);
+        conn.worker = Some(w);
     }
 
     fn mark_dirty(&mut self, conn: &mut Conn, slot: u32) {
