@@ -315,13 +315,19 @@ impl Core {
                 Err(e) => return Err(e.into()),
             }
             self.reap();
-            let cqes = std::mem::take(&mut self.cqes);
-            CoreMetrics::add(&self.metrics.completions, cqes.len() as u64);
-            for &(user_data, res, flags) in &cqes {
-                self.complete(user_data, res, flags);
+            // Handlers may reap more completions (a full submission queue forces a submit),
+            // which land in `self.cqes` and are handled in the next round.
+            while !self.cqes.is_empty() {
+                let mut batch = std::mem::take(&mut self.cqes);
+                CoreMetrics::add(&self.metrics.completions, batch.len() as u64);
+                for &(user_data, res, flags) in &batch {
+                    self.complete(user_data, res, flags);
+                }
+                batch.clear();
+                if self.cqes.is_empty() {
+                    self.cqes = batch;
+                }
             }
-            self.cqes = cqes;
-            self.cqes.clear();
             self.timers();
             self.maintain_links();
             CoreMetrics::inc(&self.metrics.loop_iterations);
@@ -1015,9 +1021,6 @@ impl Core {
 
     fn timers(&mut self) {
         let now = self.tick();
-        if now <= self.wheel.now() && self.wheel.is_empty() {
-            return;
-        }
         let mut expired = std::mem::take(&mut self.expired);
         self.wheel.advance(now, &mut expired);
         for &slot in &expired {
@@ -1100,8 +1103,13 @@ impl Core {
     fn try_connect(&mut self, w: usize) {
         let path = self.links[w].path.clone();
         let attempt = (|| -> std::io::Result<OwnedFd> {
-            let sock =
-                socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM.cloexec(), None)?;
+            let sock = socket2::Socket::new(
+                socket2::Domain::UNIX,
+                socket2::Type::STREAM.cloexec().nonblocking(),
+                None,
+            )?;
+            // Non-blocking: a worker with a full backlog answers EAGAIN instead of stalling
+            // the core; the link is retried like any other failure.
             sock.connect(&socket2::SockAddr::unix(&path)?)?;
             Ok(sock.into())
         })();
@@ -1394,6 +1402,28 @@ pub fn run_core(spec: CoreSpec, ready: mpsc::Sender<Result<CoreReady, String>>) 
         }
         Err(e) => {
             let _ = ready.send(Err(format!("core {idx}: {e:#}")));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle connection's box is most of the gateway's own memory per connection;
+    /// growing it is a decision, not an accident.
+    #[test]
+    fn connection_state_stays_small() {
+        let conn = std::mem::size_of::<super::Conn>();
+        let rustls = std::mem::size_of::<rustls::server::UnbufferedServerConnection>();
+        assert!(
+            conn <= rustls + 200,
+            "Conn is {conn} B, rustls' session {rustls} B"
+        );
+    }
+
+    #[test]
+    fn user_data_round_trips() {
+        for (op, gen, slot) in [(1, 0, 0), (9, 0xff_ffff, u32::MAX), (3, 77, 12345)] {
+            assert_eq!(super::ud_parts(super::ud(op, gen, slot)), (op, gen, slot));
         }
     }
 }
