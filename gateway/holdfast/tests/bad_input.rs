@@ -22,11 +22,18 @@ fn start(extra: &[&str]) -> (Stack, Client) {
 
 /// The misbehaving connection is gone from the gateway's books, its close was counted
 /// as `reason`, and the bystander still echoes.
-fn assert_only_that_connection_closed(stack: &Stack, bystander: &mut Client, reason: &str, before: f64) {
+fn assert_only_that_connection_closed(
+    stack: &Stack,
+    bystander: &mut Client,
+    reason: &str,
+    before: f64,
+) {
     stack.gateway.wait_for_close_reason(reason, before);
     stack
         .gateway
-        .wait_for_metrics("only the bystander left open", |m| m.sum("holdfast_connections_open", &[]) == 1.0);
+        .wait_for_metrics("only the bystander left open", |m| {
+            m.sum("holdfast_connections_open", &[]) == 1.0
+        });
     bystander.echo(b"bystander after");
 }
 
@@ -39,9 +46,14 @@ fn garbage_instead_of_a_client_hello_is_counted_as_tls_error_and_closed() {
     garbage.extend((0..=255u8).rev());
     tcp.write_all(&garbage).expect("send garbage");
     let closed = drain_until_closed(&mut tcp, IO_TIMEOUT);
-    assert!(closed.is_some(), "the gateway kept a connection that sent garbage for {IO_TIMEOUT:?}");
+    assert!(
+        closed.is_some(),
+        "the gateway kept a connection that sent garbage for {IO_TIMEOUT:?}"
+    );
     assert_only_that_connection_closed(&stack, &mut bystander, "tls_error", before);
-    stack.gateway.wait_for_sum_at_least("holdfast_handshakes_total", &[("result", "failed")], 1.0);
+    stack
+        .gateway
+        .wait_for_sum_at_least("holdfast_handshakes_total", &[("result", "failed")], 1.0);
 }
 
 #[test]
@@ -52,7 +64,11 @@ fn a_connection_that_never_sends_a_client_hello_is_closed_after_the_handshake_ti
     let started = Instant::now();
     let closed = drain_until_closed(&mut tcp, Duration::from_secs(10));
     let waited = started.elapsed();
-    assert!(closed.is_some(), "a silent connection was still open after 10 s with --handshake-timeout 2");
+    eprintln!("silent connection closed after {waited:?}: {closed:?}");
+    assert!(
+        closed.is_some(),
+        "a silent connection was still open after 10 s with --handshake-timeout 2"
+    );
     // The timer wheel ticks once a second: allow one tick either side, plus load.
     assert!(
         waited >= Duration::from_secs(1) && waited <= Duration::from_secs(6),
@@ -106,7 +122,11 @@ fn half_a_frame_then_close_is_counted_as_eof_mid_frame() {
     client.send_raw(&half);
     client.stream.conn.send_close_notify();
     client.stream.flush().expect("send close_notify");
-    client.stream.sock.shutdown(Shutdown::Write).expect("send FIN");
+    client
+        .stream
+        .sock
+        .shutdown(Shutdown::Write)
+        .expect("send FIN");
     // The gateway may say why (a CLOSE frame) before it closes; it must not echo.
     loop {
         match client.try_recv(IO_TIMEOUT) {
@@ -115,7 +135,9 @@ fn half_a_frame_then_close_is_counted_as_eof_mid_frame() {
                 eprintln!("closed: {how:?}");
                 break;
             }
-            other => panic!("after half a frame and a close, expected the gateway to close, got {other:?}"),
+            other => panic!(
+                "after half a frame and a close, expected the gateway to close, got {other:?}"
+            ),
         }
     }
     assert_only_that_connection_closed(&stack, &mut bystander, "eof_mid_frame", before);
@@ -132,11 +154,18 @@ fn a_client_that_never_reads_and_then_resets_is_counted_as_peer_reset() {
     // early if the gateway pushes back.
     let frame = common::encode(FrameType::Data, &[b'r'; 4096]);
     let stream = &mut client.stream;
-    stream.sock.set_write_timeout(Some(Duration::from_millis(200))).expect("set write timeout");
+    stream
+        .sock
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .expect("set write timeout");
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut sent = 0usize;
     'writing: while sent < 512 * 1024 && Instant::now() < deadline {
-        stream.conn.writer().write_all(&frame).expect("rustls takes one frame");
+        stream
+            .conn
+            .writer()
+            .write_all(&frame)
+            .expect("rustls takes one frame");
         while stream.conn.wants_write() {
             if let Err(e) = stream.conn.write_tls(&mut stream.sock) {
                 eprintln!("stopped writing after {sent} bytes: {e}");
@@ -147,7 +176,9 @@ fn a_client_that_never_reads_and_then_resets_is_counted_as_peer_reset() {
     }
     // Let echoes pile up unread, then leave with a RST instead of a FIN.
     thread::sleep(Duration::from_millis(300));
-    socket2::SockRef::from(&client.stream.sock).set_linger(Some(Duration::ZERO)).expect("SO_LINGER 0");
+    socket2::SockRef::from(&client.stream.sock)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
     drop(client);
 
     assert_only_that_connection_closed(&stack, &mut bystander, "peer_reset", before);
@@ -171,14 +202,22 @@ fn an_idle_client_gets_close_1014_after_the_idle_timeout() {
         thread::sleep(Duration::from_millis(300));
     }
     let (first, at, then) = waiter.join().expect("idle client thread");
+    eprintln!("idle client: {first:?} after {at:?}, then {then:?}");
     match first {
-        Recv::Frame(OwnedFrame::Close { code, .. }) => assert_eq!(code, close_code::IDLE_TIMEOUT, "CLOSE code"),
-        other => panic!("an idle client expected CLOSE 1014 within 10 s of --idle-timeout 2, got {other:?}"),
+        Recv::Frame(OwnedFrame::Close { code, .. }) => {
+            assert_eq!(code, close_code::IDLE_TIMEOUT, "CLOSE code")
+        }
+        other => panic!(
+            "an idle client expected CLOSE 1014 within 10 s of --idle-timeout 2, got {other:?}"
+        ),
     }
     assert!(
         at >= Duration::from_secs(1) && at <= Duration::from_secs(6),
         "idle client closed after {at:?} with --idle-timeout 2"
     );
-    assert!(matches!(then, Recv::Closed(_)), "after CLOSE 1014 expected the connection to end, got {then:?}");
+    assert!(
+        matches!(then, Recv::Closed(_)),
+        "after CLOSE 1014 expected the connection to end, got {then:?}"
+    );
     assert_only_that_connection_closed(&stack, &mut bystander, "idle_timeout", before);
 }

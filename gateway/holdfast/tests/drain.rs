@@ -19,7 +19,9 @@ fn sigterm_sends_goaway_to_every_client_closes_them_and_exits_zero() {
     for (i, c) in clients.iter_mut().enumerate() {
         c.echo(&payload("drain", i, 16));
     }
-    stack.gateway.wait_for_sum_at_least("holdfast_connections_open", &[], clients.len() as f64);
+    stack
+        .gateway
+        .wait_for_sum_at_least("holdfast_connections_open", &[], clients.len() as f64);
 
     let sent = Instant::now();
     stack.gateway.signal(libc::SIGTERM);
@@ -35,7 +37,9 @@ fn sigterm_sends_goaway_to_every_client_closes_them_and_exits_zero() {
                     match c.try_recv(limit + Duration::from_secs(1)) {
                         Recv::Frame(f) => frames.push(f),
                         Recv::Closed(how) => break how,
-                        Recv::TimedOut => panic!("client {i}: still open after SIGTERM; frames {frames:?}"),
+                        Recv::TimedOut => {
+                            panic!("client {i}: still open after SIGTERM; frames {frames:?}")
+                        }
                     }
                 };
                 (i, frames, closed)
@@ -62,5 +66,8 @@ fn sigterm_sends_goaway_to_every_client_closes_them_and_exits_zero() {
     let status = status.unwrap_or_else(|| {
         panic!("the gateway had not exited {limit:?} after SIGTERM with --drain-grace {GRACE_SECS}")
     });
-    assert!(status.success(), "exit status after SIGTERM: {status} (after {exited_after:?})");
+    assert!(
+        status.success(),
+        "exit status after SIGTERM: {status} (after {exited_after:?})"
+    );
 }

@@ -11,15 +11,20 @@ use holdfast_wire::frame::{FrameType, OwnedFrame};
 fn data_frames_echo_through_a_rustls_client() {
     let stack = Stack::start(&[]);
     let mut client = stack.client();
-    for (i, len) in [1usize, 5, 64, 1024, 16 * 1024, 60_000].into_iter().enumerate() {
+    for (i, len) in [1usize, 5, 64, 1024, 16 * 1024, 60_000]
+        .into_iter()
+        .enumerate()
+    {
         client.echo(&payload("echo", i, len));
     }
     // An empty DATA frame is a frame too.
     client.echo(b"");
-    let m = stack.gateway.wait_for_metrics("frames in both directions", |m| {
-        m.sum("holdfast_frames_total", &[("direction", "from_client")]) >= 7.0
-            && m.sum("holdfast_frames_total", &[("direction", "to_client")]) >= 7.0
-    });
+    let m = stack
+        .gateway
+        .wait_for_metrics("frames in both directions", |m| {
+            m.sum("holdfast_frames_total", &[("direction", "from_client")]) >= 7.0
+                && m.sum("holdfast_frames_total", &[("direction", "to_client")]) >= 7.0
+        });
     assert!(m.sum("holdfast_handshakes_total", &[("result", "ok")]) >= 1.0);
 }
 
@@ -44,18 +49,30 @@ fn ping_is_answered_with_pong_and_never_reaches_the_worker() {
         seen.contains(&OwnedFrame::Pong(b"are you there".to_vec())),
         "no PONG with the PING's payload before the marker echo: {seen:?}"
     );
-    assert_eq!(seen.len(), 2, "only PONG and the marker echo were expected: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "only PONG and the marker echo were expected: {seen:?}"
+    );
 
     client.send(FrameType::Ping, b"");
-    assert_eq!(client.recv(), OwnedFrame::Pong(Vec::new()), "PONG for an empty PING");
-    stack.gateway.wait_for_sum_at_least("holdfast_pings_total", &[], 2.0);
+    assert_eq!(
+        client.recv(),
+        OwnedFrame::Pong(Vec::new()),
+        "PONG for an empty PING"
+    );
+    stack
+        .gateway
+        .wait_for_sum_at_least("holdfast_pings_total", &[], 2.0);
 }
 
 #[test]
 fn many_frames_in_one_write_all_echo_in_order() {
     let stack = Stack::start(&[]);
     let mut client = stack.client();
-    let payloads: Vec<Vec<u8>> = (0..200).map(|i| payload("batch", i, 1 + (i * 37) % 900)).collect();
+    let payloads: Vec<Vec<u8>> = (0..200)
+        .map(|i| payload("batch", i, 1 + (i * 37) % 900))
+        .collect();
     let mut batch = Vec::new();
     for p in &payloads {
         batch.extend_from_slice(&common::encode(FrameType::Data, p));
@@ -74,7 +91,14 @@ fn a_frame_split_over_many_writes_echoes_once_whole() {
     let p = payload("split", 0, 300);
     let bytes = common::encode(FrameType::Data, &p);
     // One TLS record per piece: the header alone, then bytes in dribs and drabs.
-    for piece in [&bytes[..1], &bytes[1..3], &bytes[3..4], &bytes[4..5], &bytes[5..150], &bytes[150..]] {
+    for piece in [
+        &bytes[..1],
+        &bytes[1..3],
+        &bytes[3..4],
+        &bytes[4..5],
+        &bytes[5..150],
+        &bytes[150..],
+    ] {
         client.send_raw(piece);
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -98,15 +122,25 @@ fn two_hundred_connections_spread_over_cores_all_echo() {
         c.send(FrameType::Data, &payload("conn", i, 32));
     }
     for (i, c) in clients.iter_mut().enumerate() {
-        assert_eq!(c.recv(), OwnedFrame::Data(payload("conn", i, 32)), "connection {i}");
+        assert_eq!(
+            c.recv(),
+            OwnedFrame::Data(payload("conn", i, 32)),
+            "connection {i}"
+        );
     }
-    let m = stack.gateway.wait_for_metrics("accepts on every core", |m| {
-        let per_core = m.by_label("holdfast_accepts_total", &[], "core");
-        per_core.len() == CORES && per_core.values().all(|&v| v > 0.0) && per_core.values().sum::<f64>() >= 200.0
-    });
+    let m = stack
+        .gateway
+        .wait_for_metrics("accepts on every core", |m| {
+            let per_core = m.by_label("holdfast_accepts_total", &[], "core");
+            per_core.len() == CORES
+                && per_core.values().all(|&v| v > 0.0)
+                && per_core.values().sum::<f64>() >= 200.0
+        });
     let per_core = m.by_label("holdfast_accepts_total", &[], "core");
     eprintln!("accepts per core: {per_core:?}");
-    stack.gateway.wait_for_sum_at_least("holdfast_connections_open", &[], 200.0);
+    stack
+        .gateway
+        .wait_for_sum_at_least("holdfast_connections_open", &[], 200.0);
 }
 
 #[test]

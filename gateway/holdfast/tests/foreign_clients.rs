@@ -87,7 +87,13 @@ fn openssl_s_client_echoes_a_data_frame() {
         .arg(stack.gateway.listen.to_string())
         .arg("-CAfile")
         .arg(&stack.pki.ca_pem)
-        .args(["-servername", "localhost", "-verify_hostname", "localhost", "-verify_return_error"])
+        .args([
+            "-servername",
+            "localhost",
+            "-verify_hostname",
+            "localhost",
+            "-verify_return_error",
+        ])
         .args(["-alpn", "holdfast/1", "-quiet"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -142,7 +148,13 @@ fn openssl_s_client_echoes_a_data_frame() {
     }
     drop(stdin);
     drop(guard);
-    assert!(got.contains(&OwnedFrame::Data(payload)), "no echo through s_client: {got:?}");
-    assert!(got.contains(&OwnedFrame::Pong(b"s_client ping".to_vec())), "no PONG through s_client: {got:?}");
+    assert!(
+        got.contains(&OwnedFrame::Data(payload)),
+        "no echo through s_client: {got:?}"
+    );
+    assert!(
+        got.contains(&OwnedFrame::Pong(b"s_client ping".to_vec())),
+        "no PONG through s_client: {got:?}"
+    );
     assert_eq!(got.len(), 2, "unexpected frames: {got:?}");
 }

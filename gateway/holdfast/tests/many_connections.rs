@@ -37,7 +37,10 @@ fn three_thousand_idle_tls_connections_are_held_and_all_echo() {
             })
         })
         .collect();
-    let groups: Vec<Vec<(usize, Client)>> = openers.into_iter().map(|h| h.join().expect("opener thread")).collect();
+    let groups: Vec<Vec<(usize, Client)>> = openers
+        .into_iter()
+        .map(|h| h.join().expect("opener thread"))
+        .collect();
     eprintln!("{CONNECTIONS} handshakes in {:?}", started.elapsed());
 
     let m = stack.gateway.wait_for_metrics_within(
@@ -45,11 +48,18 @@ fn three_thousand_idle_tls_connections_are_held_and_all_echo() {
         &format!("{CONNECTIONS} connections open"),
         &mut |m| m.sum("holdfast_connections_open", &[]) >= CONNECTIONS as f64,
     );
-    assert_eq!(m.sum("holdfast_connections_open", &[]), CONNECTIONS as f64, "gauge over-counts");
+    assert_eq!(
+        m.sum("holdfast_connections_open", &[]),
+        CONNECTIONS as f64,
+        "gauge over-counts"
+    );
     let per_core = m.by_label("holdfast_connections_open", &[], "core");
     eprintln!("open per core: {per_core:?}");
     assert_eq!(per_core.len(), CORES, "a gauge per core");
-    assert!(per_core.values().all(|&v| v > 0.0), "every core holds connections: {per_core:?}");
+    assert!(
+        per_core.values().all(|&v| v > 0.0),
+        "every core holds connections: {per_core:?}"
+    );
 
     // Idle for a moment, then every connection must still be served.
     thread::sleep(Duration::from_secs(1));
@@ -62,13 +72,23 @@ fn three_thousand_idle_tls_connections_are_held_and_all_echo() {
                 }
                 for (i, c) in group.iter_mut() {
                     let got = c.recv();
-                    assert_eq!(got, OwnedFrame::Data(payload("idle", *i, 24)), "connection {i}");
+                    assert_eq!(
+                        got,
+                        OwnedFrame::Data(payload("idle", *i, 24)),
+                        "connection {i}"
+                    );
                 }
                 group.len()
             })
         })
         .collect();
-    let echoed: usize = echoers.into_iter().map(|h| h.join().expect("echo thread")).sum();
+    let echoed: usize = echoers
+        .into_iter()
+        .map(|h| h.join().expect("echo thread"))
+        .sum();
     assert_eq!(echoed, CONNECTIONS);
-    eprintln!("opened, held and echoed {CONNECTIONS} connections in {:?}", started.elapsed());
+    eprintln!(
+        "opened, held and echoed {CONNECTIONS} connections in {:?}",
+        started.elapsed()
+    );
 }

@@ -67,7 +67,10 @@ fn a_missing_key_file_is_refused_naming_the_path() {
 fn a_certificate_file_that_is_not_pem_is_refused_naming_the_path() {
     let dir = TestDir::new();
     let pki = Pki::generate(&dir);
-    let garbage = dir.write("garbage-cert.pem", "this is not a certificate\n\x00\x01\x02\n");
+    let garbage = dir.write(
+        "garbage-cert.pem",
+        "this is not a certificate\n\x00\x01\x02\n",
+    );
     let exited = run_with(&dir, &pki, &garbage, &pki.key);
     assert_refused("garbage certificate PEM", &exited, &[s(&garbage)]);
 }
@@ -76,7 +79,10 @@ fn a_certificate_file_that_is_not_pem_is_refused_naming_the_path() {
 fn a_key_file_that_is_not_pem_is_refused_naming_the_path() {
     let dir = TestDir::new();
     let pki = Pki::generate(&dir);
-    let garbage = dir.write("garbage-key.pem", "-----BEGIN PRIVATE KEY-----\nnot base64 at all!\n-----END PRIVATE KEY-----\n");
+    let garbage = dir.write(
+        "garbage-key.pem",
+        "-----BEGIN PRIVATE KEY-----\nnot base64 at all!\n-----END PRIVATE KEY-----\n",
+    );
     let exited = run_with(&dir, &pki, &pki.cert, &garbage);
     assert_refused("garbage key PEM", &exited, &[s(&garbage)]);
 }
@@ -87,7 +93,11 @@ fn a_key_that_does_not_match_the_certificate_is_refused_naming_the_files() {
     let pki = Pki::generate(&dir);
     // The other.test key is a valid key, just not this certificate's.
     let exited = run_with(&dir, &pki, &pki.cert, &pki.other_key);
-    assert_refused("mismatched key", &exited, &[s(&pki.other_key), s(&pki.cert)]);
+    assert_refused(
+        "mismatched key",
+        &exited,
+        &[s(&pki.other_key), s(&pki.cert)],
+    );
 }
 
 fn run_config(dir: &TestDir, toml: &str) -> Exited {
@@ -100,20 +110,38 @@ fn run_config(dir: &TestDir, toml: &str) -> Exited {
 fn a_config_value_of_the_wrong_type_is_refused_naming_the_key() {
     let dir = TestDir::new();
     let pki = Pki::generate(&dir);
-    let certs = format!("[[tls.certs]]\ncert = {:?}\nkey = {:?}\n", s(&pki.cert), s(&pki.key));
+    let certs = format!(
+        "[[tls.certs]]\ncert = {:?}\nkey = {:?}\n",
+        s(&pki.cert),
+        s(&pki.key)
+    );
     let addrs = "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
 
     let exited = run_config(&dir, &format!("{addrs}cores = \"two\"\n{certs}"));
     assert_refused("cores = \"two\"", &exited, &["cores"]);
 
-    let exited = run_config(&dir, &format!("{addrs}cores = 2\n{certs}[limits]\nidle_timeout_secs = \"soon\"\n"));
-    assert_refused("limits.idle_timeout_secs = \"soon\"", &exited, &["idle_timeout_secs"]);
+    let exited = run_config(
+        &dir,
+        &format!("{addrs}cores = 2\n{certs}[limits]\nidle_timeout_secs = \"soon\"\n"),
+    );
+    assert_refused(
+        "limits.idle_timeout_secs = \"soon\"",
+        &exited,
+        &["idle_timeout_secs"],
+    );
 }
 
 #[test]
 fn a_config_file_that_does_not_exist_is_refused_naming_the_path() {
     let dir = TestDir::new();
     let missing = dir.join("missing.toml");
-    let exited = Gateway::run_to_exit(vec![OsString::from("run"), "--config".into(), missing.clone().into()], EXIT_TIMEOUT);
+    let exited = Gateway::run_to_exit(
+        vec![
+            OsString::from("run"),
+            "--config".into(),
+            missing.clone().into(),
+        ],
+        EXIT_TIMEOUT,
+    );
     assert_refused("missing config file", &exited, &[s(&missing)]);
 }

@@ -22,8 +22,17 @@ fn a_worker_started_after_the_gateway_is_linked_and_serves_clients() {
     let m = gateway.wait_for_metrics("a link_up series per core for the missing worker", |m| {
         m.series(LINK, &labels).count() == CORES
     });
-    assert_eq!(m.sum(LINK, &labels), 0.0, "link_up for a worker socket that does not exist:\n{}", m.text);
-    assert_eq!(gateway.http_get("/healthz").0, 200, "/healthz while no worker is up");
+    assert_eq!(
+        m.sum(LINK, &labels),
+        0.0,
+        "link_up for a worker socket that does not exist:\n{}",
+        m.text
+    );
+    assert_eq!(
+        gateway.http_get("/healthz").0,
+        200,
+        "/healthz while no worker is up"
+    );
 
     let _worker = Worker::start(&dir, &socket);
     // Reconnects are retried on a timer: allow a few seconds.

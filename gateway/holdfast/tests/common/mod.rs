@@ -26,7 +26,9 @@ use holdfast_wire::frame::{self, FrameBuf, FrameType, OwnedFrame};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use rustls::{StreamOwned, SupportedProtocolVersion};
 
 /// How long the gateway may take to print its ready line (a debug build on a loaded
@@ -52,14 +54,18 @@ pub struct TestDir {
 impl TestDir {
     pub fn new() -> TestDir {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         // Kept short: a Unix socket path must fit in 108 bytes.
         let path = std::env::temp_dir().join(format!(
             "holdfast-it-{}-{}-{nanos:x}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
         TestDir { path }
     }
 
@@ -125,7 +131,9 @@ impl Pki {
 
         let ca_key = KeyPair::generate().expect("generate CA key");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params.distinguished_name.push(DnType::CommonName, "holdfast test CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "holdfast test CA");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca = ca_params.self_signed(&ca_key).expect("self-sign CA");
@@ -137,7 +145,9 @@ impl Pki {
             params.distinguished_name.push(DnType::CommonName, cn);
             // Strict verifiers (OpenSSL's X509_STRICT, as newer Pythons use) want it.
             params.use_authority_key_identifier_extension = true;
-            let cert = params.signed_by(&key, &ca, &ca_key).expect("sign server cert");
+            let cert = params
+                .signed_by(&key, &ca, &ca_key)
+                .expect("sign server cert");
             (cert, key)
         };
         let (cert, key) = leaf(&["localhost", "127.0.0.1"], "localhost");
@@ -191,7 +201,10 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     pub fn new(child: Child) -> ChildGuard {
-        ChildGuard { child, exited: None }
+        ChildGuard {
+            child,
+            exited: None,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -224,7 +237,31 @@ impl ChildGuard {
         // SAFETY: kill(2) takes plain integers; the pid is our own unreaped child, so it
         // cannot name another process.
         let rc = unsafe { libc::kill(pid, signal) };
-        assert_eq!(rc, 0, "kill({pid}, {signal}): {}", io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {signal}): {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Whether a child still runs, for failure messages: a process that died of a signal
+/// the test never sent was killed from outside (or crashed).
+fn describe_state(child: &mut ChildGuard) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match child.try_wait() {
+        None => format!("pid {}, still running", child.pid()),
+        Some(status) => match status.signal() {
+            Some(sig) => format!(
+                "pid {}, died of signal {sig} before the test ended it",
+                child.pid()
+            ),
+            None => format!(
+                "pid {}, exited with {status} before the test ended it",
+                child.pid()
+            ),
+        },
     }
 }
 
@@ -293,7 +330,11 @@ impl Worker {
                 ),
             }
         }
-        Worker { child, socket: socket.to_owned(), stderr: stderr_path }
+        Worker {
+            child,
+            socket: socket.to_owned(),
+            stderr: stderr_path,
+        }
     }
 }
 
@@ -301,8 +342,9 @@ impl Drop for Worker {
     fn drop(&mut self) {
         if thread::panicking() {
             eprintln!(
-                "--- worker {} stderr ---\n{}",
+                "--- worker {} ({}) stderr ---\n{}",
                 self.socket.display(),
+                describe_state(&mut self.child),
                 file_tail(&self.stderr, 8192)
             );
         }
@@ -335,7 +377,10 @@ impl Gateway {
         S: AsRef<OsStr>,
     {
         let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-        let stderr_path = dir.join(&format!("gateway-{}.stderr", GATEWAY_SEQ.fetch_add(1, Ordering::Relaxed)));
+        let stderr_path = dir.join(&format!(
+            "gateway-{}.stderr",
+            GATEWAY_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         let mut child = Command::new(gateway_bin())
             .args(&args)
             .stdin(Stdio::null())
@@ -360,8 +405,18 @@ impl Gateway {
             }
         };
         let (listen, admin, cores) = parse_ready_line(&ready);
-        assert!(seen.is_empty(), "holdfast printed {seen:?} on stdout before its ready line");
-        Gateway { child, listen, admin, cores, stderr: stderr_path, stdout: lines }
+        assert!(
+            seen.is_empty(),
+            "holdfast printed {seen:?} on stdout before its ready line"
+        );
+        Gateway {
+            child,
+            listen,
+            admin,
+            cores,
+            stderr: stderr_path,
+            stdout: lines,
+        }
     }
 
     /// Runs `holdfast ARGS...` expecting it to exit by itself within `timeout`.
@@ -401,7 +456,11 @@ impl Gateway {
                  --- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
             );
         };
-        Exited { status, stdout, stderr }
+        Exited {
+            status,
+            stdout,
+            stderr,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -456,7 +515,10 @@ impl Gateway {
                 return m;
             }
             if Instant::now() >= deadline {
-                panic!("metrics never showed {what} within {timeout:?}; last scrape:\n{}", m.text);
+                panic!(
+                    "metrics never showed {what} within {timeout:?}; last scrape:\n{}",
+                    m.text
+                );
             }
             thread::sleep(Duration::from_millis(100));
         }
@@ -465,7 +527,9 @@ impl Gateway {
     /// Waits until the sum of `name` over the series carrying `labels` is at least `min`,
     /// and returns that sum.
     pub fn wait_for_sum_at_least(&self, name: &str, labels: &[(&str, &str)], min: f64) -> f64 {
-        let m = self.wait_for_metrics(&format!("{name}{labels:?} >= {min}"), |m| m.sum(name, labels) >= min);
+        let m = self.wait_for_metrics(&format!("{name}{labels:?} >= {min}"), |m| {
+            m.sum(name, labels) >= min
+        });
         m.sum(name, labels)
     }
 
@@ -475,7 +539,8 @@ impl Gateway {
     }
 
     pub fn close_count(&self, reason: &str) -> f64 {
-        self.metrics().sum("holdfast_closes_total", &[("reason", reason)])
+        self.metrics()
+            .sum("holdfast_closes_total", &[("reason", reason)])
     }
 }
 
@@ -484,7 +549,12 @@ static GATEWAY_SEQ: AtomicUsize = AtomicUsize::new(0);
 impl Drop for Gateway {
     fn drop(&mut self) {
         if thread::panicking() {
-            eprintln!("--- gateway stderr ({}) ---\n{}", self.stderr.display(), self.stderr_tail());
+            eprintln!(
+                "--- gateway stderr ({}, {}) ---\n{}",
+                self.stderr.display(),
+                describe_state(&mut self.child),
+                self.stderr_tail()
+            );
         }
     }
 }
@@ -493,26 +563,47 @@ impl Drop for Gateway {
 pub fn parse_ready_line(line: &str) -> (SocketAddr, SocketAddr, usize) {
     let mut fields = BTreeMap::new();
     for token in line.split_whitespace().skip(2) {
-        let (k, v) = token.split_once('=').unwrap_or_else(|| panic!("ready line {line:?}: field {token:?} has no '='"));
+        let (k, v) = token
+            .split_once('=')
+            .unwrap_or_else(|| panic!("ready line {line:?}: field {token:?} has no '='"));
         fields.insert(k, v);
     }
-    let get = |k: &str| *fields.get(k).unwrap_or_else(|| panic!("ready line {line:?} has no {k}="));
+    let get = |k: &str| {
+        *fields
+            .get(k)
+            .unwrap_or_else(|| panic!("ready line {line:?} has no {k}="))
+    };
     let addr = |k: &str| -> SocketAddr {
-        let a: SocketAddr = get(k).parse().unwrap_or_else(|e| panic!("ready line {line:?}: {k}: {e}"));
-        assert_ne!(a.port(), 0, "ready line {line:?} must give the actual {k} port, not 0");
+        let a: SocketAddr = get(k)
+            .parse()
+            .unwrap_or_else(|e| panic!("ready line {line:?}: {k}: {e}"));
+        assert_ne!(
+            a.port(),
+            0,
+            "ready line {line:?} must give the actual {k} port, not 0"
+        );
         a
     };
-    let cores = get("cores").parse().unwrap_or_else(|e| panic!("ready line {line:?}: cores: {e}"));
+    let cores = get("cores")
+        .parse()
+        .unwrap_or_else(|e| panic!("ready line {line:?}: cores: {e}"));
     (addr("listen"), addr("admin"), cores)
 }
 
 /// The arguments of a gateway on loopback ports 0 with `CORES` cores, the test PKI's
 /// localhost certificate and the given workers, followed by `extra`.
 pub fn gateway_args(pki: &Pki, workers: &[&Path], extra: &[&str]) -> Vec<OsString> {
-    let mut args: Vec<OsString> = ["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--cores"]
-        .iter()
-        .map(OsString::from)
-        .collect();
+    let mut args: Vec<OsString> = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--cores",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
     args.push(CORES.to_string().into());
     args.push("--cert".into());
     args.push(pki.cert.clone().into());
@@ -543,7 +634,12 @@ impl Stack {
         let worker = Worker::start(&dir, &dir.join("worker.sock"));
         let gateway = Gateway::start(&dir, gateway_args(&pki, &[&worker.socket], extra));
         assert_eq!(gateway.cores, CORES, "the ready line must echo --cores");
-        Stack { gateway, worker, pki, dir }
+        Stack {
+            gateway,
+            worker,
+            pki,
+            dir,
+        }
     }
 
     pub fn client(&self) -> Client {
@@ -563,7 +659,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let deadline = Instant::now() + IO_TIMEOUT;
     let mut raw = Vec::new();
     let mut chunk = [0u8; 16384];
@@ -578,7 +677,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
             break;
         }
         if Instant::now() >= deadline {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "HTTP response not complete"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "HTTP response not complete",
+            ));
         }
     }
     parse_http_response(&raw)
@@ -598,26 +700,42 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 
 /// True once a `Content-Length` body has fully arrived; other responses end at EOF.
 fn response_complete(raw: &[u8]) -> bool {
-    let Some((head, body)) = split_head(raw) else { return false };
-    header(head, "content-length").and_then(|v| v.parse::<usize>().ok()).is_some_and(|len| body.len() >= len)
+    let Some((head, body)) = split_head(raw) else {
+        return false;
+    };
+    header(head, "content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|len| body.len() >= len)
 }
 
 fn parse_http_response(raw: &[u8]) -> io::Result<(u16, String)> {
-    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{m}: {:?}", String::from_utf8_lossy(raw)));
+    let bad = |m: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{m}: {:?}", String::from_utf8_lossy(raw)),
+        )
+    };
     let (head, body) = split_head(raw).ok_or_else(|| bad("no end of HTTP headers"))?;
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| bad("no HTTP status"))?;
-    let body = if header(head, "transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+    let body = if header(head, "transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
         dechunk(body).ok_or_else(|| bad("bad chunked body"))?
     } else if let Some(len) = header(head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
-        body.get(..len).ok_or_else(|| bad("body shorter than Content-Length"))?.to_vec()
+        body.get(..len)
+            .ok_or_else(|| bad("body shorter than Content-Length"))?
+            .to_vec()
     } else {
         body.to_vec()
     };
-    Ok((status, String::from_utf8(body).map_err(|_| bad("body is not UTF-8"))?))
+    Ok((
+        status,
+        String::from_utf8(body).map_err(|_| bad("body is not UTF-8"))?,
+    ))
 }
 
 fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
@@ -658,13 +776,23 @@ impl Metrics {
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .map(|l| parse_sample(l).unwrap_or_else(|| panic!("unparseable metrics line {l:?}")))
             .collect();
-        Metrics { samples, text: text.to_owned() }
+        Metrics {
+            samples,
+            text: text.to_owned(),
+        }
     }
 
     /// The series of `name` that carry every label in `labels` (others may carry more).
-    pub fn series<'a>(&'a self, name: &'a str, labels: &'a [(&str, &str)]) -> impl Iterator<Item = &'a Sample> + 'a {
+    pub fn series<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
         self.samples.iter().filter(move |s| {
-            s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v))
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v))
         })
     }
 
@@ -674,7 +802,12 @@ impl Metrics {
     }
 
     /// Per value of `label`: the sum of the matching series.
-    pub fn by_label(&self, name: &str, labels: &[(&str, &str)], label: &str) -> BTreeMap<String, f64> {
+    pub fn by_label(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        label: &str,
+    ) -> BTreeMap<String, f64> {
         let mut out = BTreeMap::new();
         for s in self.series(name, labels) {
             let key = s.labels.get(label).cloned().unwrap_or_default();
@@ -724,7 +857,11 @@ fn parse_sample(line: &str) -> Option<Sample> {
         "-Inf" => f64::NEG_INFINITY,
         v => v.parse().ok()?,
     };
-    Some(Sample { name, labels, value })
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -824,7 +961,12 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -833,7 +975,12 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -875,7 +1022,11 @@ impl Client {
     }
 
     /// As [`Client::connect`], with a config built once for many connections.
-    pub fn connect_with(addr: SocketAddr, config: Arc<ClientConfig>, server_name: &str) -> io::Result<Client> {
+    pub fn connect_with(
+        addr: SocketAddr,
+        config: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> io::Result<Client> {
         let mut tcp = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
         tcp.set_nodelay(true)?;
         tcp.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -886,11 +1037,17 @@ impl Client {
         let deadline = Instant::now() + IO_TIMEOUT;
         while conn.is_handshaking() {
             if Instant::now() >= deadline {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake did not finish"));
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TLS handshake did not finish",
+                ));
             }
             conn.complete_io(&mut tcp)?;
         }
-        Ok(Client { stream: StreamOwned::new(conn, tcp), frames: FrameBuf::new() })
+        Ok(Client {
+            stream: StreamOwned::new(conn, tcp),
+            frames: FrameBuf::new(),
+        })
     }
 
     pub fn conn(&self) -> &ClientConnection {
@@ -925,16 +1082,21 @@ impl Client {
             if left.is_zero() {
                 return Recv::TimedOut;
             }
-            self.stream.sock.set_read_timeout(Some(left.max(Duration::from_millis(1)))).expect("set read timeout");
+            self.stream
+                .sock
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .expect("set read timeout");
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Recv::Closed(Closed::CloseNotify),
                 Ok(n) => self.frames.push(&chunk[..n]),
                 Err(e) => match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock
+                    | io::ErrorKind::TimedOut
+                    | io::ErrorKind::Interrupted => {}
                     io::ErrorKind::UnexpectedEof => return Recv::Closed(Closed::Eof),
-                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe => {
-                        return Recv::Closed(Closed::Reset)
-                    }
+                    io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe => return Recv::Closed(Closed::Reset),
                     _ => return Recv::Closed(Closed::Error(e.to_string())),
                 },
             }
@@ -957,14 +1119,21 @@ impl Client {
     pub fn echo(&mut self, payload: &[u8]) {
         self.send(FrameType::Data, payload);
         let got = self.recv();
-        assert_eq!(got, OwnedFrame::Data(payload.to_vec()), "echo of {} bytes", payload.len());
+        assert_eq!(
+            got,
+            OwnedFrame::Data(payload.to_vec()),
+            "echo of {} bytes",
+            payload.len()
+        );
     }
 
     /// Expects the gateway to end the connection within `timeout`, with no frame before.
     pub fn expect_closed(&mut self, timeout: Duration) -> Closed {
         match self.try_recv(timeout) {
             Recv::Closed(c) => c,
-            other => panic!("expected the gateway to close the connection within {timeout:?}, got {other:?}"),
+            other => panic!(
+                "expected the gateway to close the connection within {timeout:?}, got {other:?}"
+            ),
         }
     }
 
@@ -1008,8 +1177,10 @@ pub fn payload(tag: &str, i: usize, len: usize) -> Vec<u8> {
 /// Raw TCP to `addr` with read and write timeouts set.
 pub fn raw_tcp(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT).expect("TCP connect to the gateway");
-    s.set_read_timeout(Some(IO_TIMEOUT)).expect("set read timeout");
-    s.set_write_timeout(Some(IO_TIMEOUT)).expect("set write timeout");
+    s.set_read_timeout(Some(IO_TIMEOUT))
+        .expect("set read timeout");
+    s.set_write_timeout(Some(IO_TIMEOUT))
+        .expect("set write timeout");
     s
 }
 
@@ -1028,8 +1199,12 @@ pub fn drain_until_closed(s: &mut TcpStream, timeout: Duration) -> Option<Closed
             Ok(0) => return Some(Closed::Eof),
             Ok(_) => {}
             Err(e) => match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => {}
-                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => return Some(Closed::Reset),
+                io::ErrorKind::WouldBlock
+                | io::ErrorKind::TimedOut
+                | io::ErrorKind::Interrupted => {}
+                io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted => {
+                    return Some(Closed::Reset)
+                }
                 _ => return Some(Closed::Error(e.to_string())),
             },
         }
@@ -1038,8 +1213,16 @@ pub fn drain_until_closed(s: &mut TcpStream, timeout: Duration) -> Option<Closed
 
 /// Runs a command to completion within `timeout`, killing it otherwise; returns its
 /// status and output (`None` status on timeout).
-pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> (Option<ExitStatus>, String, String) {
-    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+pub fn run_with_timeout(
+    cmd: &mut Command,
+    timeout: Duration,
+) -> (Option<ExitStatus>, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
     let out = thread::spawn(move || {
@@ -1055,7 +1238,11 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> (Option<ExitSta
     let mut child = ChildGuard::new(child);
     let status = child.wait_timeout(timeout);
     drop(child);
-    (status, out.join().expect("stdout reader"), err.join().expect("stderr reader"))
+    (
+        status,
+        out.join().expect("stdout reader"),
+        err.join().expect("stderr reader"),
+    )
 }
 
 /// The first of `candidates` that exists as a file, or that `sh -c 'command -v'` finds.
@@ -1068,7 +1255,11 @@ pub fn find_program(candidates: &[&str]) -> Option<PathBuf> {
             }
             continue;
         }
-        let out = Command::new("sh").arg("-c").arg(format!("command -v {c}")).output().ok()?;
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {c}"))
+            .output()
+            .ok()?;
         if out.status.success() {
             let found = String::from_utf8_lossy(&out.stdout).trim().to_owned();
             if !found.is_empty() {
