@@ -20,7 +20,7 @@ use holdfast_wire::frame::{self, FrameType, OwnedFrame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
-use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio::time::{timeout_at, Instant};
 
 use crate::client::{self, Client, Conn};
 use crate::plan;
@@ -83,7 +83,6 @@ impl Histograms {
 /// What one connection did during the run.
 #[derive(Default)]
 struct ConnOutcome {
-    scheduled: u64,
     sent: u64,
     received: u64,
     corrupt: u64,
@@ -165,33 +164,39 @@ async fn bench(args: &EchoArgs, client: Client) -> EchoResults {
         scheduled: report::latency_histogram(),
         service: report::latency_histogram(),
     }));
-    let start = Instant::now() + LEAD_IN;
+    let start = std::time::Instant::now() + LEAD_IN;
     let end = start + Duration::from_secs_f64(args.duration);
-    let drain = end + timeout;
+    let drain = Instant::from_std(end) + timeout;
     // Every connection keeps the slot it was given, failed ones included, so the
     // timetable is the same whether or not all connected: frames of a missing connection
     // are simply never scheduled.
+    let mut dues = Vec::with_capacity(conns.len());
     let mut tasks = JoinSet::new();
     for (c, conn) in conns.into_iter().enumerate() {
-        let Ok(conn) = conn else { continue };
+        let Ok(conn) = conn else {
+            dues.push(None);
+            continue;
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        dues.push(Some(tx));
         let slot = Slot {
             index: c as u64,
-            conns: args.conns,
-            rate: args.rate,
             size: args.size,
-            start,
-            end,
             drain,
         };
-        tasks.spawn(relay(conn, slot, hist.clone()));
+        tasks.spawn(relay(conn, slot, rx, hist.clone()));
     }
+    let rate = args.rate;
+    let pacer = std::thread::Builder::new()
+        .name("pacer".into())
+        .spawn(move || pace(dues, start, end, rate))
+        .expect("starting the pacing thread");
     let mut errors = 0;
     while let Some(joined) = tasks.join_next().await {
         let o = joined.unwrap_or_else(|e| ConnOutcome {
             error: Some(format!("connection task failed: {e}")),
             ..ConnOutcome::default()
         });
-        results.frames_scheduled += o.scheduled;
         results.frames_sent += o.sent;
         results.frames_received += o.received;
         results.frames_corrupt += o.corrupt;
@@ -203,6 +208,7 @@ async fn bench(args: &EchoArgs, client: Client) -> EchoResults {
             }
         }
     }
+    results.frames_scheduled = pacer.join().expect("the pacing thread panicked");
     results.frames_lost = results.frames_sent - results.frames_received.min(results.frames_sent);
     results.frames_per_sec = results.frames_received as f64 / args.duration;
     let h = hist.lock().expect("a recorder panicked");
@@ -244,22 +250,58 @@ async fn connect_all(client: &Client, n: u64, timeout: Duration) -> Vec<Result<C
     out
 }
 
-/// One connection's place in the timetable.
+/// Hands out the timetable: the `n`-th frame is due at `start + n / rate` and goes to
+/// connection `n % conns`, until `end`. Runs on a thread of its own with tight timer
+/// slack, because tokio's timer wheel rounds sleeps up to the next millisecond, and a
+/// latency measured from the due time would carry that millisecond. When this thread
+/// falls behind it does not sleep and hands out every overdue frame at once, so the
+/// writers send late and the latency shows it.
+fn pace(
+    dues: Vec<Option<mpsc::UnboundedSender<Instant>>>,
+    start: std::time::Instant,
+    end: std::time::Instant,
+    rate: f64,
+) -> u64 {
+    crate::sys::set_timer_slack_ns(1);
+    let conns = dues.len() as u64;
+    let mut scheduled = 0;
+    for n in 0.. {
+        let due = start + plan::due(n, rate);
+        if due >= end {
+            break;
+        }
+        let now = std::time::Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        if let Some(tx) = &dues[plan::echo_conn(n, conns) as usize] {
+            scheduled += 1;
+            // A closed channel is a connection that already failed; its error is counted
+            // by its own task, and the frame stays scheduled but unsent.
+            let _ = tx.send(Instant::from_std(due));
+        }
+    }
+    scheduled
+}
+
+/// What a connection's relay needs besides its connection.
 #[derive(Clone, Copy)]
 struct Slot {
     index: u64,
-    conns: u64,
-    rate: f64,
     size: usize,
-    start: Instant,
-    end: Instant,
     drain: Instant,
 }
 
-/// Sends on the timetable and reads echoes concurrently on one connection. The writer
-/// tells the reader each frame's due and write times in order; echoes come back in order
-/// on a connection, so the reader pairs them first in, first out.
-async fn relay(conn: Conn, slot: Slot, hist: Arc<Mutex<Histograms>>) -> ConnOutcome {
+/// Sends each frame as the pacer hands it out and reads echoes concurrently on one
+/// connection. The writer tells the reader each frame's due and write times in order;
+/// echoes come back in order on a connection, so the reader pairs them first in, first
+/// out.
+async fn relay(
+    conn: Conn,
+    slot: Slot,
+    mut dues: mpsc::UnboundedReceiver<Instant>,
+    hist: Arc<Mutex<Histograms>>,
+) -> ConnOutcome {
     let body = client::payload(slot.size, slot.index, 0);
     let (stream, inbox) = conn.into_parts();
     let (mut rd, mut wr) = tokio::io::split(stream);
@@ -269,45 +311,39 @@ async fn relay(conn: Conn, slot: Slot, hist: Arc<Mutex<Histograms>>) -> ConnOutc
 
     let writer = async {
         let mut out = Vec::new();
-        let (mut scheduled, mut sent) = (0u64, 0u64);
+        let mut sent = 0u64;
         let mut pongs_open = true;
         let result: std::io::Result<()> = async {
-            for i in 0.. {
-                let due =
-                    slot.start + plan::due(plan::echo_slot(i, slot.index, slot.conns), slot.rate);
-                if due >= slot.end {
-                    break;
-                }
-                scheduled += 1;
-                loop {
-                    tokio::select! {
-                        biased;
-                        pong = pong_rx.recv(), if pongs_open => match pong {
-                            Some(p) => {
-                                out.clear();
-                                frame::encode(FrameType::Pong, &p, &mut out);
-                                wr.write_all(&out).await?;
-                                wr.flush().await?;
-                            }
-                            None => pongs_open = false,
-                        },
-                        _ = sleep_until(due) => break,
+            loop {
+                tokio::select! {
+                    biased;
+                    pong = pong_rx.recv(), if pongs_open => match pong {
+                        Some(p) => {
+                            out.clear();
+                            frame::encode(FrameType::Pong, &p, &mut out);
+                            wr.write_all(&out).await?;
+                            wr.flush().await?;
+                        }
+                        None => pongs_open = false,
+                    },
+                    due = dues.recv() => {
+                        let Some(due) = due else { break };
+                        out.clear();
+                        frame::encode(FrameType::Data, &body, &mut out);
+                        if times_tx.send((due, Instant::now())).is_err() {
+                            break;
+                        }
+                        wr.write_all(&out).await?;
+                        wr.flush().await?;
+                        sent += 1;
                     }
                 }
-                out.clear();
-                frame::encode(FrameType::Data, &body, &mut out);
-                if times_tx.send((due, Instant::now())).is_err() {
-                    break;
-                }
-                wr.write_all(&out).await?;
-                wr.flush().await?;
-                sent += 1;
             }
             Ok(())
         }
         .await;
         let _ = total_tx.send(sent);
-        (scheduled, sent, result)
+        (sent, result)
     };
 
     let reader = async {
@@ -382,7 +418,7 @@ async fn relay(conn: Conn, slot: Slot, hist: Arc<Mutex<Histograms>>) -> ConnOutc
         (received, corrupt, result)
     };
 
-    let ((scheduled, sent, wres), (received, corrupt, rres)) = tokio::join!(writer, reader);
+    let ((sent, wres), (received, corrupt, rres)) = tokio::join!(writer, reader);
     let error = match (wres, rres) {
         (Err(e), _) => Some(format!("connection {}: write: {e}", slot.index)),
         (_, Err(e)) => Some(format!("connection {}: read: {e}", slot.index)),
@@ -393,7 +429,6 @@ async fn relay(conn: Conn, slot: Slot, hist: Arc<Mutex<Histograms>>) -> ConnOutc
         let _ = timeout_at(Instant::now() + Duration::from_secs(2), stream.shutdown()).await;
     }
     ConnOutcome {
-        scheduled,
         sent,
         received,
         corrupt,

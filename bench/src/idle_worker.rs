@@ -245,9 +245,13 @@ async fn open(shared: &Arc<Shared>, args: &WorkerArgs, sources: &[IpAddr], first
             }
         });
     }
+    // Polled finely so a step's open time is not rounded up to the progress interval.
     while stats.counts().concluded() < target {
-        tokio::time::sleep(PROGRESS_EVERY).await;
-        say(&Report::Progress(stats.counts()));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if Instant::now() >= next_progress {
+            say(&Report::Progress(stats.counts()));
+            next_progress = Instant::now() + PROGRESS_EVERY;
+        }
     }
 }
 

@@ -114,10 +114,11 @@ pub fn due(n: u64, rate: f64) -> Duration {
     Duration::from_secs_f64(n as f64 / rate)
 }
 
-/// The global sequence number of frame `i` of connection `c` among `conns` connections:
-/// sends interleave across connections so the total rate is even, not bursty.
-pub fn echo_slot(i: u64, c: u64, conns: u64) -> u64 {
-    i * conns + c
+/// The connection that sends the `n`-th frame (0-based) of an echo timetable: frames go
+/// round-robin, so frame `i` of connection `c` is event `i * conns + c` and the total rate
+/// is even across connections, not bursty.
+pub fn echo_conn(n: u64, conns: u64) -> u64 {
+    n % conns
 }
 
 #[cfg(test)]
@@ -202,9 +203,7 @@ mod tests {
         assert_eq!(due(2000, 2000.0), Duration::from_secs(1));
         assert_eq!(due(1, 4.0), Duration::from_millis(250));
         // 3 connections: frame 0 of each, then frame 1 of each.
-        let order: Vec<u64> = (0..2)
-            .flat_map(|i| (0..3).map(move |c| echo_slot(i, c, 3)))
-            .collect();
-        assert_eq!(order, vec![0, 1, 2, 3, 4, 5]);
+        let order: Vec<u64> = (0..6).map(|n| echo_conn(n, 3)).collect();
+        assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
     }
 }

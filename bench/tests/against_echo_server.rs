@@ -1,0 +1,339 @@
+//! Runs the real `holdfast-bench` binary against a small TLS frame-echo server inside the
+//! test process, standing in for a gateway: the test process's own pid is the "gateway"
+//! whose memory `idle` samples. This checks the whole client side (certificates, child
+//! processes, line protocol, reports, exit codes) without needing the gateway itself.
+//!
+//! Every run is bounded by the binary's own timeouts and by a kill deadline here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use holdfast_wire::frame::{self, FrameBuf, FrameType, OwnedFrame};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast-bench");
+
+/// How the stand-in gateway treats its connections.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Echo every DATA frame.
+    Echo,
+    /// Echo, but close every `n`-th connection with a CLOSE frame right after its first
+    /// echo, as a gateway that loses idle connections would.
+    DropEvery(u64),
+}
+
+/// A scratch directory removed when the test ends, passed or failed.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("holdfast-bench-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the binary with `args`, killing it if it outlives `limit`.
+fn run_bin(args: &[&str], limit: Duration) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("holdfast-bench {args:?} ran past {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    eprintln!(
+        "holdfast-bench {args:?}\n--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn gen_cert(dir: &Path) {
+    let out = run_bin(
+        &["gen-cert", "--out", dir.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success());
+    for f in ["ca.pem", "cert.pem", "key.pem"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+}
+
+/// Starts the stand-in gateway on an ephemeral loopback port in a runtime of its own.
+fn serve(dir: &Path, mode: Mode) -> (SocketAddr, Arc<AtomicU64>, tokio::runtime::Runtime) {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    config.alpn_protocols = vec![frame::ALPN.to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    rt.spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut fb = FrameBuf::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(got) = tls.read(&mut buf).await else {
+                        return;
+                    };
+                    if got == 0 {
+                        return;
+                    }
+                    fb.push(&buf[..got]);
+                    let mut out = Vec::new();
+                    while let Ok(Some(f)) = fb.next(frame::DEFAULT_MAX_PAYLOAD) {
+                        match f {
+                            OwnedFrame::Data(p) => frame::encode(FrameType::Data, &p, &mut out),
+                            OwnedFrame::Ping(p) => frame::encode(FrameType::Pong, &p, &mut out),
+                            _ => {}
+                        }
+                    }
+                    if let Mode::DropEvery(every) = mode {
+                        if n % every == 0 {
+                            frame::encode_close(frame::close_code::IDLE_TIMEOUT, "test", &mut out);
+                        }
+                    }
+                    if tls.write_all(&out).await.is_err() || tls.flush().await.is_err() {
+                        return;
+                    }
+                    if matches!(mode, Mode::DropEvery(e) if n % e == 0) {
+                        let _ = tls.shutdown().await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted, rt)
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn idle_holds_measures_and_echoes() {
+    let dir = TempDir::new("idle");
+    gen_cert(&dir);
+    let (addr, accepted, _rt) = serve(&dir, Mode::Echo);
+    let json = dir.join("idle.json");
+    let out = run_bin(
+        &[
+            "idle",
+            "--target",
+            &addr.to_string(),
+            "--ca",
+            dir.join("ca.pem").to_str().unwrap(),
+            "--conns",
+            "300",
+            "--steps",
+            "100,300",
+            "--procs",
+            "2",
+            "--rate",
+            "1000",
+            "--settle",
+            "0.2",
+            "--gateway-pid",
+            &std::process::id().to_string(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success());
+    assert_eq!(accepted.load(Ordering::Relaxed), 300);
+    let v = read_json(&json);
+    assert_eq!(v["scenario"], "idle");
+    assert_eq!(v["parameters"]["procs"], 2);
+    assert_eq!(v["parameters"]["source_count"], 253);
+    assert_eq!(v["parameters"]["steps"], serde_json::json!([100, 300]));
+    let r = &v["results"];
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["echo_ok"], 300);
+    assert_eq!(r["echo_failed"], 0);
+    assert_eq!(r["conns_opened"], 300);
+    assert_eq!(r["steps"][0]["conns_open"], 100);
+    assert_eq!(r["steps"][1]["conns_open"], 300);
+    assert!(r["steps"][1]["gateway_pss_bytes"].as_u64().unwrap() > 0);
+    assert!(r["userspace_bytes_per_conn"].is_number());
+    assert!(r["kernel_bytes_per_conn"].is_number());
+    assert!(v["method"]["kernel"].as_str().unwrap().contains("sockstat"));
+    assert!(v["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(v["versions"]["holdfast_bench"].is_string());
+}
+
+#[test]
+fn idle_reports_connections_the_gateway_drops() {
+    let dir = TempDir::new("drops");
+    gen_cert(&dir);
+    let (addr, _, _rt) = serve(&dir, Mode::DropEvery(10));
+    let json = dir.join("idle.json");
+    let out = run_bin(
+        &[
+            "idle",
+            "--target",
+            &addr.to_string(),
+            "--ca",
+            dir.join("ca.pem").to_str().unwrap(),
+            "--conns",
+            "50",
+            "--settle",
+            "0",
+            "--gateway-pid",
+            &std::process::id().to_string(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(
+        !out.status.success(),
+        "dropped connections must fail the run"
+    );
+    let r = &read_json(&json)["results"];
+    assert_eq!(r["ok"], false);
+    // The CLOSE comes with the first echo, so whether a connection fails its first echo
+    // or is dropped right after it is a race; either way 5 of 50 are lost.
+    let lost = r["first_echo_failed"].as_u64().unwrap() + r["dropped_while_idle"].as_u64().unwrap();
+    assert_eq!(lost, 5, "{r}");
+    assert_eq!(r["echo_ok"], 45);
+}
+
+#[test]
+fn idle_fails_fast_when_nothing_listens() {
+    let dir = TempDir::new("refused");
+    gen_cert(&dir);
+    // Bind and drop to find a port with nothing on it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let json = dir.join("idle.json");
+    let out = run_bin(
+        &[
+            "idle",
+            "--target",
+            &format!("127.0.0.1:{port}"),
+            "--ca",
+            dir.join("ca.pem").to_str().unwrap(),
+            "--conns",
+            "20",
+            "--settle",
+            "0",
+            "--gateway-pid",
+            &std::process::id().to_string(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let r = &read_json(&json)["results"];
+    assert_eq!(r["connect_failed"], 20);
+    assert_eq!(r["echo_ok"], 0);
+}
+
+#[test]
+fn echo_reports_rate_and_latency() {
+    let dir = TempDir::new("echo");
+    gen_cert(&dir);
+    let (addr, _, _rt) = serve(&dir, Mode::Echo);
+    let json = dir.join("echo.json");
+    let out = run_bin(
+        &[
+            "echo",
+            "--target",
+            &addr.to_string(),
+            "--ca",
+            dir.join("ca.pem").to_str().unwrap(),
+            "--conns",
+            "4",
+            "--size",
+            "64",
+            "--rate",
+            "2000",
+            "--duration",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success());
+    let v = read_json(&json);
+    assert_eq!(v["scenario"], "echo");
+    let r = &v["results"];
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["frames_scheduled"], 2000);
+    assert_eq!(r["frames_received"], 2000);
+    assert_eq!(r["frames_lost"], 0);
+    let l = &r["latency"];
+    assert_eq!(l["count"], 2000);
+    assert!(l["p50_us"].as_u64().unwrap() > 0);
+    assert!(l["p50_us"].as_u64() <= l["p99_us"].as_u64());
+    assert!(l["p99_us"].as_u64() <= l["p999_us"].as_u64());
+    assert!(l["p999_us"].as_u64() <= l["max_us"].as_u64());
+}
