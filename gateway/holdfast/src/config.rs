@@ -64,6 +64,10 @@ pub struct Limits {
     pub max_conns_per_core: u32,
     /// Bytes queued towards one client before it counts as a slow consumer and is closed.
     pub max_outbound_per_conn: usize,
+    /// Unacknowledged bytes per worker link. When a link holds this much, its core stops
+    /// reading clients (back-pressure) until the worker acknowledges below half of it.
+    /// Gateway memory for relaying is bounded by the windows plus the receive buffers.
+    pub link_window_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,8 +86,14 @@ pub struct Runtime {
     /// Use io_uring direct descriptors for client sockets (falls back to regular fds
     /// if the kernel refuses).
     pub direct_descriptors: bool,
-    /// Seconds between reconnect attempts to a worker that is down.
+    /// First delay before reconnecting a worker that is down, in milliseconds; it doubles
+    /// after each failed attempt up to `worker_retry_max_ms`.
     pub worker_retry_ms: u64,
+    pub worker_retry_max_ms: u64,
+    /// A heartbeat goes to each worker this often (milliseconds).
+    pub heartbeat_interval_ms: u64,
+    /// A link that receives nothing for this long is dropped and redialled (milliseconds).
+    pub heartbeat_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -119,6 +129,7 @@ impl Default for Limits {
             drain_grace_secs: 10,
             max_conns_per_core: 1 << 20,
             max_outbound_per_conn: 1 << 20,
+            link_window_bytes: 8 << 20,
         }
     }
 }
@@ -132,7 +143,10 @@ impl Default for Runtime {
             backlog: 4096,
             pin: true,
             direct_descriptors: true,
-            worker_retry_ms: 500,
+            worker_retry_ms: 100,
+            worker_retry_max_ms: 5000,
+            heartbeat_interval_ms: 2000,
+            heartbeat_timeout_ms: 10_000,
         }
     }
 }
@@ -215,6 +229,30 @@ impl Config {
         }
         if self.limits.max_outbound_per_conn < 64 * 1024 {
             return invalid("limits.max_outbound_per_conn", "must be at least 65536");
+        }
+        if self.limits.link_window_bytes < 2 * (self.limits.max_frame + 64)
+            || self.limits.link_window_bytes < 64 * 1024
+        {
+            return invalid(
+                "limits.link_window_bytes",
+                "must hold at least two of the largest frames and 65536 bytes",
+            );
+        }
+        if self.runtime.worker_retry_ms == 0
+            || self.runtime.worker_retry_max_ms < self.runtime.worker_retry_ms
+        {
+            return invalid(
+                "runtime.worker_retry_max_ms",
+                "retry delays must be positive and max >= worker_retry_ms",
+            );
+        }
+        if self.runtime.heartbeat_interval_ms == 0
+            || self.runtime.heartbeat_timeout_ms <= self.runtime.heartbeat_interval_ms
+        {
+            return invalid(
+                "runtime.heartbeat_timeout_ms",
+                "must be longer than runtime.heartbeat_interval_ms (both positive)",
+            );
         }
         let rb = self.runtime.recv_buffers;
         if !rb.is_power_of_two() || !(2..=32768).contains(&rb) {

@@ -44,6 +44,24 @@ pub struct CoreSpec {
     pub shutdown: Arc<AtomicBool>,
     /// The soft open-file limit, which bounds the fixed-file table.
     pub nofile: u64,
+    /// Cross-core mail: a sender to every core's inbox (indexed by core) and this core's
+    /// inbox, plus every core's ring fd (published at start) for MSG_RING wake-ups.
+    pub mail: Vec<mpsc::Sender<CrossMsg>>,
+    pub inbox: mpsc::Receiver<CrossMsg>,
+    pub ring_fds: Arc<Vec<std::sync::atomic::AtomicI32>>,
+}
+
+/// A worker message for a connection that another core owns. Rare (a worker replies on the
+/// link the frame came from), so it may allocate.
+pub struct CrossMsg {
+    /// The worker it came from, so an unknown connection is answered on our link to it.
+    pub worker: u8,
+    pub conn: ConnId,
+    /// `None` for SEND; the close code for CLOSE.
+    pub close: Option<u16>,
+    pub flags: u8,
+    /// Payload (SEND) or reason (CLOSE).
+    pub data: Vec<u8>,
 }
 
 /// Reported by each core once it accepts.
@@ -63,6 +81,7 @@ const OP_PEER: u64 = 6;
 const OP_LINK_RECV: u64 = 7;
 const OP_LINK_SEND: u64 = 8;
 const OP_CANCEL: u64 = 9;
+const OP_WAKE: u64 = 10;
 
 fn ud(op: u64, gen: u32, slot: u32) -> u64 {
     (op << 56) | ((gen as u64 & 0xff_ffff) << 32) | slot as u64
@@ -192,6 +211,15 @@ pub struct Core {
     reply: Vec<u8>,
     scratch: Vec<u8>,
     drain_deadline: Option<Instant>,
+    /// Back-pressure: a worker link is full, so receives are not re-armed and receive
+    /// buffers are withheld from the kernel until the links drain below half a window.
+    paused: bool,
+    withheld: Vec<u16>,
+    /// Unacknowledged envelopes of a dead link that no live worker could take yet.
+    orphans: Vec<u8>,
+    mail: Vec<mpsc::Sender<CrossMsg>>,
+    inbox: mpsc::Receiver<CrossMsg>,
+    ring_fds: Arc<Vec<std::sync::atomic::AtomicI32>>,
 }
 
 impl Core {
@@ -224,6 +252,7 @@ impl Core {
             cfg.runtime.recv_buffer_size,
         )?;
         let links = cfg.workers.iter().map(|p| Link::new(p.clone())).collect();
+        spec.ring_fds[spec.index as usize].store(ring.as_raw_fd(), Ordering::Release);
         let mut conns = Vec::new();
         conns.resize_with(table as usize, || None);
         let core = Core {
@@ -253,6 +282,12 @@ impl Core {
             reply: Vec::new(),
             scratch: Vec::new(),
             drain_deadline: None,
+            paused: false,
+            withheld: Vec::new(),
+            orphans: Vec::new(),
+            mail: spec.mail,
+            inbox: spec.inbox,
+            ring_fds: spec.ring_fds,
             cfg,
         };
         Ok((
@@ -328,6 +363,7 @@ impl Core {
                     self.cqes = batch;
                 }
             }
+            self.drain_inbox();
             self.timers();
             self.maintain_links();
             CoreMetrics::inc(&self.metrics.loop_iterations);
@@ -367,6 +403,7 @@ impl Core {
             OP_LINK_RECV => self.on_link_recv(slot as usize, gen, res),
             OP_LINK_SEND => self.on_link_send(slot as usize, gen, res),
             OP_CANCEL => {}
+            OP_WAKE => self.drain_inbox(),
             _ => debug_assert!(false, "unknown completion {user_data:#x}"),
         }
     }
@@ -538,7 +575,7 @@ impl Core {
         }
         let Some(mut conn) = self.take(slot, gen) else {
             if let Some(b) = bid {
-                self.bufs.recycle(b);
+                self.recycle(b);
             }
             return;
         };
@@ -550,7 +587,7 @@ impl Core {
             if conn.phase != Phase::Closing {
                 self.ingest(&mut conn, slot, b, res as usize);
             }
-            self.bufs.recycle(b);
+            self.recycle(b);
             if !more && conn.phase != Phase::Closing {
                 self.rearm.push(slot);
             }
@@ -766,7 +803,13 @@ impl Core {
     /// Relays one DATA payload to the connection's worker. False if the connection closed.
     fn forward(&mut self, conn: &mut Conn, slot: u32, payload: &[u8]) -> bool {
         let id = ConnId::new(self.idx, conn.gen, slot);
-        let Some(w) = route::pick_mask(id.raw(), self.live_mask) else {
+        // A connection stays with its worker while that worker is up, so its frames are
+        // never split between two workers; it re-hashes only when its worker is gone.
+        let sticky = conn
+            .worker
+            .filter(|&w| self.live_mask & (1 << w) != 0)
+            .map(u16::from);
+        let Some(w) = sticky.or_else(|| route::pick_mask(id.raw(), self.live_mask)) else {
             self.reply_frame(conn, slot);
             self.begin_close(
                 conn,
@@ -782,6 +825,8 @@ impl Core {
         }
         conn.seq += 1;
         self.links[w as usize].queue_frame(id, conn.seq, 0, payload);
+        CoreMetrics::inc(&self.metrics.worker_frames[w as usize]);
+        self.check_window(w as usize);
         CoreMetrics::inc(&self.metrics.frames_from_client);
         CoreMetrics::add(&self.metrics.bytes_from_client, payload.len() as u64);
         true
@@ -867,7 +912,11 @@ impl Core {
             self.progress_close(&mut conn, slot, false);
             self.put(slot, conn);
         }
-        while let Some(slot) = self.rearm.pop() {
+        if self.paused {
+            self.maybe_resume();
+        }
+        while !self.paused {
+            let Some(slot) = self.rearm.pop() else { break };
             if let Some(c) = self.conns[slot as usize].as_ref() {
                 if !c.recv_armed && c.phase != Phase::Closing {
                     let gen = c.gen;
@@ -879,6 +928,8 @@ impl Core {
             self.start_link_send(w);
             self.metrics.worker_link_queued_bytes[w]
                 .store(self.links[w].backlog() as u64, Ordering::Relaxed);
+            self.metrics.worker_link_unacked_bytes[w]
+                .store(self.links[w].unacked_bytes() as u64, Ordering::Relaxed);
         }
         self.bufs.publish();
         if self.table_full && (self.open as usize) < self.conns.len() {
@@ -1093,9 +1144,24 @@ impl Core {
 
     fn maintain_links(&mut self) {
         let now = Instant::now();
+        let interval = Duration::from_millis(self.cfg.runtime.heartbeat_interval_ms);
+        let timeout = Duration::from_millis(self.cfg.runtime.heartbeat_timeout_ms);
         for w in 0..self.links.len() {
-            if self.links[w].state == LinkState::Down && now >= self.links[w].retry_at {
-                self.try_connect(w);
+            let link = &mut self.links[w];
+            match link.state {
+                LinkState::Down if now >= link.retry_at => self.try_connect(w),
+                LinkState::Up if now.duration_since(link.last_rx) > timeout => {
+                    let ms = timeout.as_millis();
+                    self.link_down(
+                        w,
+                        &format!("heartbeat timeout: nothing received for {ms} ms"),
+                    );
+                }
+                LinkState::Up if now.duration_since(link.last_heartbeat) >= interval => {
+                    link.last_heartbeat = now;
+                    link.queue_heartbeat();
+                }
+                _ => {}
             }
         }
     }
@@ -1117,18 +1183,25 @@ impl Core {
             Ok(fd) => {
                 let (idx, cores, name) = (self.idx, self.cores, self.cfg.name.clone());
                 self.links[w].connected(fd, idx, cores, &name);
+                self.links[w].backoff_ms = self.cfg.runtime.worker_retry_ms;
                 self.live_mask |= 1 << w;
                 self.metrics.worker_link_up[w].store(1, Ordering::Relaxed);
                 info!(core = self.idx, worker = %path.display(), "worker link up");
                 self.arm_link_recv(w);
+                if !self.orphans.is_empty() {
+                    let orphans = std::mem::take(&mut self.orphans);
+                    self.replay(&orphans);
+                }
             }
             Err(e) => {
+                let rt = &self.cfg.runtime;
                 let link = &mut self.links[w];
-                link.retry_at =
-                    Instant::now() + Duration::from_millis(self.cfg.runtime.worker_retry_ms);
+                link.backoff_ms =
+                    (link.backoff_ms * 2).clamp(rt.worker_retry_ms, rt.worker_retry_max_ms);
+                link.retry_at = Instant::now() + Duration::from_millis(link.backoff_ms);
                 if !link.down_logged {
                     link.down_logged = true;
-                    warn!(core = self.idx, worker = %path.display(), "worker down ({e}); retrying every {} ms", self.cfg.runtime.worker_retry_ms);
+                    warn!(core = self.idx, worker = %path.display(), "worker down ({e}); retrying with backoff up to {} ms", rt.worker_retry_max_ms);
                 }
             }
         }
@@ -1221,6 +1294,7 @@ impl Core {
             return;
         }
         link.rlen += res as usize;
+        link.last_rx = Instant::now();
         let mut rbuf = std::mem::take(&mut self.links[w].rbuf);
         let rlen = self.links[w].rlen;
         let mut off = 0;
@@ -1270,7 +1344,7 @@ impl Core {
                         link.link_seq
                     ));
                 }
-                link.acked = link.acked.max(link_seq);
+                link.ack(link_seq);
             }
             Message::Heartbeat { nonce, reply } => {
                 if !reply {
@@ -1279,19 +1353,19 @@ impl Core {
             }
             Message::Send {
                 conn,
-                flags: _,
+                flags,
                 payload,
-            } => self.deliver(w, conn, payload),
+            } => {
+                if !self.mail_other_core(w, conn, None, flags, payload) {
+                    self.deliver(w, conn, payload);
+                }
+            }
             Message::Close {
                 conn, code, reason, ..
             } => {
-                let Some(mut c) = self.owned_conn(w, conn) else {
-                    return Ok(());
-                };
-                let slot = conn.slot();
-                self.begin_close(&mut c, slot, CloseReason::WorkerClose, Some((code, reason)));
-                self.progress_close(&mut c, slot, false);
-                self.put(slot, c);
+                if !self.mail_other_core(w, conn, Some(code), 0, reason.as_bytes()) {
+                    self.worker_close(w, conn, code, reason);
+                }
             }
             Message::Subscribe { .. } | Message::Unsubscribe { .. } | Message::Publish { .. } => {
                 debug!(
@@ -1354,10 +1428,14 @@ impl Core {
         link.state = LinkState::Closing;
         self.live_mask &= !(1 << w);
         self.metrics.worker_link_up[w].store(0, Ordering::Relaxed);
+        CoreMetrics::inc(&self.metrics.worker_link_down[w]);
         if let Some(fd) = &link.fd {
             let _ = socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Both);
         }
+        let unacked = link.take_unacked();
         self.finish_link_close(w);
+        self.metrics.worker_link_unacked_bytes[w].store(0, Ordering::Relaxed);
+        self.replay(&unacked);
     }
 
     fn finish_link_close(&mut self, w: usize) {
@@ -1367,9 +1445,179 @@ impl Core {
             link.reset_buffers();
             link.state = LinkState::Down;
             link.down_logged = false;
-            link.retry_at =
-                Instant::now() + Duration::from_millis(self.cfg.runtime.worker_retry_ms);
+            link.backoff_ms = self.cfg.runtime.worker_retry_ms;
+            link.retry_at = Instant::now() + Duration::from_millis(link.backoff_ms);
         }
+    }
+
+    // ---- delivery guarantees -------------------------------------------------------------
+
+    /// Re-sends unacknowledged envelopes of a dead link: each goes to the worker its
+    /// connection hashes to now (a live connection gets a fresh OPEN there first), or waits
+    /// in `orphans` until a worker is up. Envelopes keep their per-connection `seq`, so a
+    /// backend can drop what the dead worker had already passed on.
+    fn replay(&mut self, bytes: &[u8]) {
+        let mut off = 0;
+        while off < bytes.len() {
+            let Ok(Some((msg, used))) = envelope::decode(&bytes[off..], usize::MAX) else {
+                debug_assert!(false, "retained envelopes are well-formed");
+                break;
+            };
+            let env = &bytes[off..off + used];
+            off += used;
+            let conn = match msg {
+                Message::Open(o) => o.conn,
+                Message::Frame { conn, .. } | Message::Close { conn, .. } => conn,
+                _ => continue,
+            };
+            let Some(w) = route::pick_mask(conn.raw(), self.live_mask) else {
+                self.orphans.extend_from_slice(env);
+                continue;
+            };
+            let w = w as u8;
+            CoreMetrics::inc(&self.metrics.worker_resent);
+            let live = if conn.core() == self.idx {
+                self.take(conn.slot(), conn.generation())
+            } else {
+                None
+            };
+            let mut live = live;
+            match msg {
+                Message::Open(o) => {
+                    self.links[w as usize].queue_open(o.conn, o.peer, o.sni, o.alpn);
+                    if let Some(c) = live.as_mut() {
+                        c.worker = Some(w);
+                    }
+                }
+                Message::Frame {
+                    seq,
+                    flags,
+                    payload,
+                    ..
+                } => {
+                    if let Some(c) = live.as_mut() {
+                        if c.worker != Some(w) {
+                            self.open_on(c, conn, w);
+                        }
+                    }
+                    self.links[w as usize].queue_frame(conn, seq, flags, payload);
+                    CoreMetrics::inc(&self.metrics.worker_frames[w as usize]);
+                }
+                Message::Close {
+                    seq, code, reason, ..
+                } => {
+                    self.links[w as usize].queue_close(conn, seq, code, reason);
+                }
+                _ => {}
+            }
+            if let Some(c) = live {
+                self.put(conn.slot(), c);
+            }
+            self.check_window(w as usize);
+        }
+    }
+
+    /// Starts back-pressure when a link's unacknowledged bytes reach the window.
+    fn check_window(&mut self, w: usize) {
+        if !self.paused && self.links[w].unacked_bytes() >= self.cfg.limits.link_window_bytes {
+            self.paused = true;
+            self.metrics.backpressure.store(1, Ordering::Relaxed);
+            CoreMetrics::inc(&self.metrics.backpressure_pauses);
+            debug!(core = self.idx, worker = %self.links[w].path.display(), "worker link window full; pausing client reads");
+        }
+    }
+
+    /// Ends back-pressure once every live link is below half its window.
+    fn maybe_resume(&mut self) {
+        let low = self.cfg.limits.link_window_bytes / 2;
+        if self
+            .links
+            .iter()
+            .any(|l| l.state == LinkState::Up && l.unacked_bytes() >= low)
+        {
+            return;
+        }
+        self.paused = false;
+        self.metrics.backpressure.store(0, Ordering::Relaxed);
+        for b in std::mem::take(&mut self.withheld) {
+            self.bufs.recycle(b);
+        }
+        debug!(
+            core = self.idx,
+            "worker links drained; resuming client reads"
+        );
+    }
+
+    /// Returns a receive buffer to the kernel, or holds it back while paused so that the
+    /// kernel runs dry and the clients' bytes wait in their sockets (TCP flow control).
+    fn recycle(&mut self, bid: u16) {
+        if self.paused {
+            self.withheld.push(bid);
+        } else {
+            self.bufs.recycle(bid);
+        }
+    }
+
+    // ---- cross-core ----------------------------------------------------------------------
+
+    /// Hands a worker's SEND/CLOSE for another core's connection to that core. False if the
+    /// connection is this core's (or names no core), so the caller handles it here.
+    fn mail_other_core(
+        &mut self,
+        w: usize,
+        conn: ConnId,
+        close: Option<u16>,
+        flags: u8,
+        data: &[u8],
+    ) -> bool {
+        let core = conn.core() as usize;
+        if core == self.idx as usize || core >= self.mail.len() {
+            return false;
+        }
+        let msg = CrossMsg {
+            worker: w as u8,
+            conn,
+            close,
+            flags,
+            data: data.to_vec(),
+        };
+        if self.mail[core].send(msg).is_err() {
+            return false;
+        }
+        let fd = self.ring_fds[core].load(Ordering::Acquire);
+        if fd >= 0 {
+            let e = opcode::MsgRingData::new(types::Fd(fd), 0, ud(OP_WAKE, 0, 0), None)
+                .build()
+                .user_data(ud(OP_CANCEL, 0, 0));
+            // SAFETY: names only the target ring's fd, which lives until the process exits
+            // (core threads exit only at shutdown, after which nobody sends mail).
+            unsafe { self.push(e) };
+        }
+        true
+    }
+
+    fn drain_inbox(&mut self) {
+        while let Ok(m) = self.inbox.try_recv() {
+            let w = m.worker as usize;
+            CoreMetrics::inc(&self.metrics.cross_core);
+            match m.close {
+                None => self.deliver(w, m.conn, &m.data),
+                Some(code) => {
+                    let reason = String::from_utf8_lossy(&m.data).into_owned();
+                    self.worker_close(w, m.conn, code, &reason);
+                }
+            }
+        }
+    }
+
+    fn worker_close(&mut self, w: usize, conn: ConnId, code: u16, reason: &str) {
+        let Some(mut c) = self.owned_conn(w, conn) else {
+            return;
+        };
+        let slot = conn.slot();
+        self.begin_close(&mut c, slot, CloseReason::WorkerClose, Some((code, reason)));
+        self.progress_close(&mut c, slot, false);
+        self.put(slot, c);
     }
 }
 

@@ -4,6 +4,7 @@
 //! frames, one send) happens in one place.
 #![forbid(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
@@ -46,6 +47,19 @@ pub struct Link {
     pub link_seq: u64,
     /// Highest cumulative ACK the worker sent.
     pub acked: u64,
+    /// Every reliable envelope (OPEN, FRAME, CLOSE) from the oldest unacknowledged one on,
+    /// encoded, from `retained_head`; kept until an ACK covers it, re-sent elsewhere if the
+    /// link dies first. Its length is what back-pressure bounds.
+    pub retained: Vec<u8>,
+    pub retained_head: usize,
+    /// (link_seq, encoded length) of each retained envelope, in order.
+    pub retained_meta: VecDeque<(u64, u32)>,
+    /// Last time anything arrived from the worker, and last heartbeat sent.
+    pub last_rx: Instant,
+    pub last_heartbeat: Instant,
+    pub nonce: u64,
+    /// Current reconnect delay (doubles on failure, reset on success).
+    pub backoff_ms: u64,
     /// The worker's HELLO arrived.
     pub hello_seen: bool,
     pub down_logged: bool,
@@ -68,6 +82,13 @@ impl Link {
             send_inflight: false,
             link_seq: 0,
             acked: 0,
+            retained: Vec::new(),
+            retained_head: 0,
+            retained_meta: VecDeque::new(),
+            last_rx: Instant::now(),
+            last_heartbeat: Instant::now(),
+            nonce: 0,
+            backoff_ms: 0,
             hello_seen: false,
             down_logged: false,
         }
@@ -89,6 +110,15 @@ impl Link {
         self.queued.clear();
         self.hello_seen = false;
         self.down_logged = false;
+        self.link_seq = 0;
+        self.acked = 0;
+        debug_assert_eq!(
+            self.unacked_bytes(),
+            0,
+            "retained envelopes are re-sent when a link goes down"
+        );
+        self.last_rx = Instant::now();
+        self.last_heartbeat = Instant::now();
         envelope::encode(
             &Message::Hello(Hello {
                 version: envelope::VERSION,
@@ -106,6 +136,19 @@ impl Link {
         self.out.len() - self.out_off + self.queued.len()
     }
 
+    /// Bytes kept for re-sending until the worker acknowledges them.
+    pub fn unacked_bytes(&self) -> usize {
+        self.retained.len() - self.retained_head
+    }
+
+    /// Keeps a copy of the reliable envelope just queued at `queued[start..]`.
+    fn retain_from(&mut self, start: usize) {
+        let env = &self.queued[start..];
+        self.retained.extend_from_slice(env);
+        self.retained_meta
+            .push_back((self.link_seq, env.len() as u32));
+    }
+
     pub fn queue_open(
         &mut self,
         conn: ConnId,
@@ -114,21 +157,22 @@ impl Link {
         alpn: Option<&[u8]>,
     ) {
         self.link_seq += 1;
-        envelope::encode(
-            &Message::Open(Open {
-                conn,
-                link_seq: self.link_seq,
-                peer,
-                sni,
-                alpn,
-                client_identity: None,
-            }),
-            &mut self.queued,
-        );
+        let start = self.queued.len();
+        let open = Open {
+            conn,
+            link_seq: self.link_seq,
+            peer,
+            sni,
+            alpn,
+            client_identity: None,
+        };
+        envelope::encode(&Message::Open(open), &mut self.queued);
+        self.retain_from(start);
     }
 
     pub fn queue_frame(&mut self, conn: ConnId, seq: u64, flags: u8, payload: &[u8]) {
         self.link_seq += 1;
+        let start = self.queued.len();
         envelope::encode_frame_header(
             conn,
             seq,
@@ -138,17 +182,63 @@ impl Link {
             &mut self.queued,
         );
         self.queued.extend_from_slice(payload);
+        self.retain_from(start);
     }
 
     pub fn queue_close(&mut self, conn: ConnId, seq: u64, code: u16, reason: &str) {
         self.link_seq += 1;
+        let start = self.queued.len();
+        let close = Message::Close {
+            conn,
+            seq,
+            link_seq: self.link_seq,
+            code,
+            reason,
+        };
+        envelope::encode(&close, &mut self.queued);
+        self.retain_from(start);
+    }
+
+    /// A cumulative ACK: releases every retained envelope up to `upto`. The caller has
+    /// checked that `upto` does not run ahead of what was sent.
+    pub fn ack(&mut self, upto: u64) {
+        debug_assert!(upto <= self.link_seq);
+        if upto <= self.acked {
+            return;
+        }
+        self.acked = upto;
+        while let Some(&(seq, len)) = self.retained_meta.front() {
+            if seq > upto {
+                break;
+            }
+            self.retained_meta.pop_front();
+            self.retained_head += len as usize;
+        }
+        if self.retained_head == self.retained.len() {
+            self.retained.clear();
+            self.retained_head = 0;
+        } else if self.retained_head > self.retained.len() / 2 {
+            // Compact now and then so the buffer stays within twice what is unacknowledged.
+            self.retained.drain(..self.retained_head);
+            self.retained_head = 0;
+        }
+    }
+
+    /// Hands over every unacknowledged envelope (for re-sending after the link died).
+    pub fn take_unacked(&mut self) -> Vec<u8> {
+        let mut v = std::mem::take(&mut self.retained);
+        v.drain(..self.retained_head);
+        self.retained_head = 0;
+        self.retained_meta.clear();
+        v
+    }
+
+    pub fn queue_heartbeat(&mut self) {
+        self.nonce += 1;
         envelope::encode(
-            &Message::Close {
-                conn,
-                seq,
-                link_seq: self.link_seq,
-                code,
-                reason,
+            &Message::Heartbeat {
+                nonce: self.nonce,
+                reply: false,
             },
             &mut self.queued,
         );
@@ -235,5 +325,35 @@ mod tests {
         }
         assert_eq!(off, buf.len());
         assert_eq!(seen.len(), 4);
+    }
+
+    #[test]
+    fn acks_release_retained_envelopes_and_the_rest_can_be_taken_for_resending() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut link = Link::new("/nonexistent".into());
+        link.connected(a.into(), 0, 1, "gw");
+        let id = ConnId::new(0, 1, 2);
+        for i in 1..=10u64 {
+            link.queue_frame(id, i, 0, &[i as u8; 100]);
+        }
+        let per = link.unacked_bytes() / 10;
+        assert_eq!(per, envelope::HEADER_LEN + 100);
+        link.ack(4);
+        assert_eq!(link.unacked_bytes(), 6 * per);
+        link.ack(3); // stale, ignored
+        assert_eq!(link.unacked_bytes(), 6 * per);
+        link.ack(7);
+        let rest = link.take_unacked();
+        assert_eq!(link.unacked_bytes(), 0);
+        let mut seqs = Vec::new();
+        let mut off = 0;
+        while let Some((Message::Frame { seq, payload, .. }, used)) =
+            envelope::decode(&rest[off..], envelope::DEFAULT_MAX_PAYLOAD).unwrap()
+        {
+            assert_eq!(payload, &[seq as u8; 100][..]);
+            seqs.push(seq);
+            off += used;
+        }
+        assert_eq!(seqs, vec![8, 9, 10]);
     }
 }

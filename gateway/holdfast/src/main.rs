@@ -69,6 +69,12 @@ struct RunArgs {
     /// Also accept TLS 1.2.
     #[arg(long)]
     tls12: bool,
+    /// Unacknowledged bytes per worker link before a core stops reading its clients.
+    #[arg(long, value_name = "BYTES")]
+    link_window: Option<usize>,
+    /// Drop a worker link that receives nothing for this long.
+    #[arg(long, value_name = "MS")]
+    heartbeat_timeout_ms: Option<u64>,
 }
 
 fn main() {
@@ -126,6 +132,14 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.max_conns_per_core {
         cfg.limits.max_conns_per_core = v;
+    }
+    if let Some(v) = args.link_window {
+        cfg.limits.link_window_bytes = v;
+    }
+    if let Some(v) = args.heartbeat_timeout_ms {
+        cfg.runtime.heartbeat_timeout_ms = v;
+        // Keep the interval well inside the timeout when only the timeout is given.
+        cfg.runtime.heartbeat_interval_ms = cfg.runtime.heartbeat_interval_ms.min((v / 3).max(1));
     }
     if args.tls12 && !cfg.tls12_enabled() {
         cfg.tls.versions.push("1.2".to_string());
@@ -193,6 +207,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .map(|_| Arc::new(CoreMetrics::default()))
         .collect();
     let (ready_tx, ready_rx) = mpsc::channel();
+    let (mail, mut inboxes): (Vec<_>, Vec<_>) = (0..cores).map(|_| mpsc::channel()).unzip();
+    let ring_fds = Arc::new(
+        (0..cores)
+            .map(|_| std::sync::atomic::AtomicI32::new(-1))
+            .collect::<Vec<_>>(),
+    );
     let mut threads = Vec::with_capacity(cores);
     for (i, listener) in listeners.into_iter().enumerate() {
         let spec = CoreSpec {
@@ -204,6 +224,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: metrics[i].clone(),
             shutdown: shutdown.clone(),
             nofile,
+            mail: mail.clone(),
+            inbox: inboxes.remove(0),
+            ring_fds: ring_fds.clone(),
         };
         let cpu = (!cpu_ids.is_empty()).then(|| cpu_ids[i % cpu_ids.len()]);
         let tx = ready_tx.clone();

@@ -101,6 +101,13 @@ pub struct CoreMetrics {
     pub recv_buffers_exhausted: AtomicU64,
     pub worker_link_up: [AtomicU64; MAX_WORKERS],
     pub worker_link_queued_bytes: [AtomicU64; MAX_WORKERS],
+    pub worker_link_unacked_bytes: [AtomicU64; MAX_WORKERS],
+    pub worker_frames: [AtomicU64; MAX_WORKERS],
+    pub worker_link_down: [AtomicU64; MAX_WORKERS],
+    pub worker_resent: AtomicU64,
+    pub backpressure: AtomicU64,
+    pub backpressure_pauses: AtomicU64,
+    pub cross_core: AtomicU64,
     pub worker_protocol_errors: AtomicU64,
     pub worker_unknown_conn: AtomicU64,
     pub loop_iterations: AtomicU64,
@@ -125,6 +132,13 @@ impl Default for CoreMetrics {
             recv_buffers_exhausted: AtomicU64::new(0),
             worker_link_up: std::array::from_fn(|_| AtomicU64::new(0)),
             worker_link_queued_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+            worker_link_unacked_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
+            worker_frames: std::array::from_fn(|_| AtomicU64::new(0)),
+            worker_link_down: std::array::from_fn(|_| AtomicU64::new(0)),
+            worker_resent: AtomicU64::new(0),
+            backpressure: AtomicU64::new(0),
+            backpressure_pauses: AtomicU64::new(0),
+            cross_core: AtomicU64::new(0),
             worker_protocol_errors: AtomicU64::new(0),
             worker_unknown_conn: AtomicU64::new(0),
             loop_iterations: AtomicU64::new(0),
@@ -161,6 +175,18 @@ pub fn render(cores: &[std::sync::Arc<CoreMetrics>], workers: &[String]) -> Stri
     let per_core = |out: &mut String, name: &str, get: &dyn Fn(&CoreMetrics) -> u64| {
         for (i, c) in cores.iter().enumerate() {
             let _ = writeln!(out, "{name}{{core=\"{i}\"}} {}", get(c));
+        }
+    };
+    let per_worker = |out: &mut String, name: &str, get: &dyn Fn(&CoreMetrics, usize) -> u64| {
+        for (i, c) in cores.iter().enumerate() {
+            for (w, path) in workers.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{core=\"{i}\",worker=\"{}\"}} {}",
+                    escape(path),
+                    get(c, w)
+                );
+            }
         }
     };
     family(
@@ -312,6 +338,72 @@ pub fn render(cores: &[std::sync::Arc<CoreMetrics>], workers: &[String]) -> Stri
                 }
             }
         },
+    );
+    family(
+        "holdfast_worker_link_unacked_bytes",
+        "gauge",
+        "Bytes sent or queued to the worker and not yet acknowledged (kept for re-sending).",
+        &mut |o| {
+            per_worker(o, "holdfast_worker_link_unacked_bytes", &|c, w| {
+                c.worker_link_unacked_bytes[w].load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_worker_frames_total",
+        "counter",
+        "FRAME envelopes sent on this link, re-sends included.",
+        &mut |o| {
+            per_worker(o, "holdfast_worker_frames_total", &|c, w| {
+                c.worker_frames[w].load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_worker_link_down_total",
+        "counter",
+        "Times this core's link to the worker went down.",
+        &mut |o| {
+            per_worker(o, "holdfast_worker_link_down_total", &|c, w| {
+                c.worker_link_down[w].load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_worker_resent_total",
+        "counter",
+        "Unacknowledged envelopes re-sent to a surviving worker after a link went down.",
+        &mut |o| {
+            per_core(o, "holdfast_worker_resent_total", &|c| {
+                c.worker_resent.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_backpressure",
+        "gauge",
+        "1 while this core has stopped reading its clients because a worker link is full.",
+        &mut |o| {
+            per_core(o, "holdfast_backpressure", &|c| {
+                c.backpressure.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_backpressure_pauses_total",
+        "counter",
+        "Times this core stopped reading its clients for back-pressure.",
+        &mut |o| {
+            per_core(o, "holdfast_backpressure_pauses_total", &|c| {
+                c.backpressure_pauses.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_cross_core_total",
+        "counter",
+        "Worker SEND/CLOSE messages delivered to a connection owned by this core through another core's link.",
+        &mut |o| per_core(o, "holdfast_cross_core_total", &|c| c.cross_core.load(Relaxed)),
     );
     family(
         "holdfast_worker_protocol_errors_total",
