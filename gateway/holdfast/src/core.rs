@@ -125,7 +125,10 @@ struct Conn {
     worker: Option<u8>,
     /// Per-connection sequence of frames sent to the worker (OPEN is 0).
     seq: u64,
-    last_active: u64,
+    /// Tick (second) of the last client traffic; u32 covers 136 years of uptime.
+    last_active: u32,
+    /// Milliseconds since core start at accept, for the handshake-duration histogram.
+    born_ms: u32,
     peer: Option<SocketAddr>,
     tls: TlsSession,
     /// TLS input rustls has not consumed yet (a record split across receives).
@@ -211,6 +214,8 @@ pub struct Core {
     reply: Vec<u8>,
     scratch: Vec<u8>,
     drain_deadline: Option<Instant>,
+    /// Submissions pushed since the last metrics publish (kept local: one add per pass).
+    submissions: u64,
     /// Back-pressure: a worker link is full, so receives are not re-armed and receive
     /// buffers are withheld from the kernel until the links drain below half a window.
     paused: bool,
@@ -282,6 +287,7 @@ impl Core {
             reply: Vec::new(),
             scratch: Vec::new(),
             drain_deadline: None,
+            submissions: 0,
             paused: false,
             withheld: Vec::new(),
             orphans: Vec::new(),
@@ -313,6 +319,7 @@ impl Core {
         loop {
             // SAFETY: forwarded from the caller.
             if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                self.submissions += 1;
                 return;
             }
             if let Err(err) = self.ring.submit() {
@@ -331,6 +338,10 @@ impl Core {
             self.try_connect(w);
         }
         let mut ts = types::Timespec::new();
+        let mut busy_since = Instant::now();
+        self.metrics
+            .conn_table_capacity
+            .store(self.conns.len() as u64, Ordering::Relaxed);
         loop {
             self.flush();
             let wait_ms = if self.drain_deadline.is_some() {
@@ -340,7 +351,23 @@ impl Core {
             };
             ts = ts.sec(0).nsec(wait_ms * 1_000_000);
             let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
+            let waited = Instant::now();
+            CoreMetrics::add(
+                &self.metrics.submissions,
+                std::mem::take(&mut self.submissions),
+            );
+            let wait_result = self.ring.submitter().submit_with_args(1, &args);
+            let resumed = Instant::now();
+            CoreMetrics::add(
+                &self.metrics.loop_wait_ns,
+                (resumed - waited).as_nanos() as u64,
+            );
+            CoreMetrics::add(
+                &self.metrics.loop_busy_ns,
+                (waited - busy_since).as_nanos() as u64,
+            );
+            busy_since = resumed;
+            match wait_result {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -492,7 +519,8 @@ impl Core {
             dirty: false,
             worker: None,
             seq: 0,
-            last_active: now,
+            last_active: now as u32,
+            born_ms: self.start.elapsed().as_millis() as u32,
             peer: None,
             tls,
             staging: Vec::new(),
@@ -655,6 +683,9 @@ impl Core {
         if fed.handshake_done {
             conn.phase = Phase::Open;
             CoreMetrics::inc(&self.metrics.handshakes_ok);
+            let now_ms = self.start.elapsed().as_millis() as u32;
+            self.metrics
+                .observe_handshake(now_ms.wrapping_sub(conn.born_ms));
             self.schedule_idle(slot);
             // Tell a worker now, so it sees connections that never send a frame.
             let id = ConnId::new(self.idx, conn.gen, slot);
@@ -662,7 +693,7 @@ impl Core {
                 self.open_on(conn, id, w as u8);
             }
         }
-        conn.last_active = self.tick();
+        conn.last_active = self.tick() as u32;
         if !self.plain.is_empty() && conn.phase == Phase::Open {
             self.on_plaintext(conn, slot);
         }
@@ -1085,8 +1116,9 @@ impl Core {
                 }
                 Phase::Open => {
                     let idle = self.cfg.limits.idle_timeout_secs;
-                    if idle > 0 && conn.last_active + idle > now {
-                        self.wheel.schedule(slot, conn.last_active + idle + 1);
+                    let last = u64::from(conn.last_active);
+                    if idle > 0 && last + idle > now {
+                        self.wheel.schedule(slot, last + idle + 1);
                     } else if idle > 0 {
                         self.begin_close(
                             &mut conn,

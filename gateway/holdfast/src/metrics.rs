@@ -113,7 +113,20 @@ pub struct CoreMetrics {
     pub loop_iterations: AtomicU64,
     pub completions: AtomicU64,
     pub timers_armed: AtomicU64,
+    pub submissions: AtomicU64,
+    /// Time the loop spent working and waiting in io_uring_enter (utilisation = busy / both).
+    pub loop_busy_ns: AtomicU64,
+    pub loop_wait_ns: AtomicU64,
+    pub conn_table_capacity: AtomicU64,
+    /// Handshake durations (accept to handshake done), per HANDSHAKE_BUCKETS_MS bound, plus
+    /// their sum in milliseconds.
+    pub handshake_buckets: [AtomicU64; HANDSHAKE_BUCKETS_MS.len()],
+    pub handshake_ms_sum: AtomicU64,
 }
+
+/// Upper bounds (milliseconds) of the handshake-duration histogram's buckets; +Inf is the
+/// count of ok handshakes.
+pub const HANDSHAKE_BUCKETS_MS: [u32; 12] = [1, 2, 5, 10, 20, 50, 100, 250, 500, 1000, 2500, 10000];
 
 impl Default for CoreMetrics {
     fn default() -> Self {
@@ -144,6 +157,12 @@ impl Default for CoreMetrics {
             loop_iterations: AtomicU64::new(0),
             completions: AtomicU64::new(0),
             timers_armed: AtomicU64::new(0),
+            submissions: AtomicU64::new(0),
+            loop_busy_ns: AtomicU64::new(0),
+            loop_wait_ns: AtomicU64::new(0),
+            conn_table_capacity: AtomicU64::new(0),
+            handshake_buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            handshake_ms_sum: AtomicU64::new(0),
         }
     }
 }
@@ -157,6 +176,14 @@ impl CoreMetrics {
     #[inline]
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Relaxed);
+    }
+
+    /// Records one handshake duration (the +Inf bucket is `handshakes_ok`).
+    pub fn observe_handshake(&self, ms: u32) {
+        if let Some(i) = HANDSHAKE_BUCKETS_MS.iter().position(|&b| ms <= b) {
+            self.handshake_buckets[i].fetch_add(1, Relaxed);
+        }
+        self.handshake_ms_sum.fetch_add(u64::from(ms), Relaxed);
     }
 
     #[inline]
@@ -453,6 +480,81 @@ pub fn render(cores: &[std::sync::Arc<CoreMetrics>], workers: &[String]) -> Stri
             per_core(o, "holdfast_timers_armed", &|c| {
                 c.timers_armed.load(Relaxed)
             })
+        },
+    );
+    family(
+        "holdfast_submissions_total",
+        "counter",
+        "io_uring submissions queued.",
+        &mut |o| {
+            per_core(o, "holdfast_submissions_total", &|c| {
+                c.submissions.load(Relaxed)
+            })
+        },
+    );
+    let secs = |ns: u64| ns as f64 / 1e9;
+    family(
+        "holdfast_loop_busy_seconds_total",
+        "counter",
+        "Time the core's event loop spent working (not waiting for completions).",
+        &mut |o| {
+            for (i, c) in cores.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "holdfast_loop_busy_seconds_total{{core=\"{i}\"}} {}",
+                    secs(c.loop_busy_ns.load(Relaxed))
+                );
+            }
+        },
+    );
+    family(
+        "holdfast_loop_wait_seconds_total",
+        "counter",
+        "Time the core's event loop spent waiting in io_uring_enter.",
+        &mut |o| {
+            for (i, c) in cores.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "holdfast_loop_wait_seconds_total{{core=\"{i}\"}} {}",
+                    secs(c.loop_wait_ns.load(Relaxed))
+                );
+            }
+        },
+    );
+    family(
+        "holdfast_conn_table_capacity",
+        "gauge",
+        "Connections this core can hold (its fixed-file table size).",
+        &mut |o| {
+            per_core(o, "holdfast_conn_table_capacity", &|c| {
+                c.conn_table_capacity.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_handshake_duration_seconds",
+        "histogram",
+        "Time from accept to a completed TLS handshake.",
+        &mut |o| {
+            for (i, c) in cores.iter().enumerate() {
+                let mut cumulative = 0;
+                for (b, bound) in HANDSHAKE_BUCKETS_MS.iter().enumerate() {
+                    cumulative += c.handshake_buckets[b].load(Relaxed);
+                    let le = f64::from(*bound) / 1000.0;
+                    let _ = writeln!(o, "holdfast_handshake_duration_seconds_bucket{{core=\"{i}\",le=\"{le}\"}} {cumulative}");
+                }
+                let count = c.handshakes_ok.load(Relaxed);
+                let _ = writeln!(o, "holdfast_handshake_duration_seconds_bucket{{core=\"{i}\",le=\"+Inf\"}} {count}");
+                let _ = writeln!(
+                    o,
+                    "holdfast_handshake_duration_seconds_sum{{core=\"{i}\"}} {}",
+                    c.handshake_ms_sum.load(Relaxed) as f64 / 1000.0
+                );
+                let _ = writeln!(
+                    o,
+                    "holdfast_handshake_duration_seconds_count{{core=\"{i}\"}} {count}"
+                );
+            }
         },
     );
     out
