@@ -22,3 +22,8 @@ done
 
 cargo build --workspace --bins
 cargo test ${scope[@]+"${scope[@]}"} "$@"
+
+# The whole suite (no package named) also runs the kernel-tuning kit's tests.
+if [ "${#scope[@]}" -gt 0 ]; then
+    kernel-tuning/tests/run.sh
+fi

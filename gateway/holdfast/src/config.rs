@@ -140,7 +140,7 @@ impl Default for Runtime {
             ring_entries: 4096,
             recv_buffers: 4096,
             recv_buffer_size: 4096,
-            backlog: 4096,
+            backlog: 65535,
             pin: true,
             direct_descriptors: true,
             worker_retry_ms: 100,

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod check;
 pub mod config;
 #[allow(unsafe_code)]
 pub mod core;

@@ -25,6 +25,10 @@ struct Cli {
 enum Command {
     /// Run the gateway.
     Run(RunArgs),
+    /// Validate the config and certificates, and check that this host (open files, sysctls
+    /// of the gateway tuning profile, memory, io_uring) can hold the configured connections.
+    /// Exits non-zero when something falls short, naming the fix.
+    Check(RunArgs),
 }
 
 /// Flags override the config file; with --cert and --key no file is needed.
@@ -87,6 +91,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(args),
+        Command::Check(args) => check(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -165,8 +170,11 @@ fn bind_listeners(
         )?;
         s.set_reuse_address(true)?;
         s.set_reuse_port(true)?;
-        // Accepted sockets inherit TCP_NODELAY: small frames must not wait for Nagle.
+        // Accepted sockets inherit TCP_NODELAY (small frames must not wait for Nagle) and
+        // SO_KEEPALIVE (so the kernel reaps clients that vanished, per the tuning profile's
+        // tcp_keepalive_* settings, at no cost to the event loop).
         s.set_nodelay(true)?;
+        s.set_keepalive(true)?;
         s.bind(&addr.into())
             .with_context(|| format!("cannot bind {addr}"))?;
         s.listen(backlog.min(i32::MAX as u32) as i32)?;
@@ -179,10 +187,60 @@ fn bind_listeners(
     Ok(out)
 }
 
+/// The host findings for `cfg`, after raising the open-file limit as `run` does.
+fn host_findings(cfg: &Config) -> anyhow::Result<Vec<holdfast::check::Finding>> {
+    let profile = holdfast::check::parse_profile(holdfast::check::GATEWAY_PROFILE)
+        .map_err(|e| anyhow::anyhow!("built-in gateway profile: {e}"))?;
+    Ok(holdfast::check::check_host(
+        std::path::Path::new("/proc/sys"),
+        &profile,
+        cfg.core_count(),
+        u64::from(cfg.limits.max_conns_per_core),
+    ))
+}
+
+fn check(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&args)?;
+    tls::server_config(&cfg)?;
+    println!(
+        "config and certificates: ok ({} certificate(s), {} worker(s), {} cores)",
+        cfg.tls.certs.len(),
+        cfg.workers.len(),
+        cfg.core_count()
+    );
+    ring::raise_nofile_limit();
+    let findings = host_findings(&cfg)?;
+    print!("{}", holdfast::check::render_table(&findings));
+    let short = findings.iter().filter(|f| !f.ok).count();
+    if short > 0 {
+        bail!(
+            "{short} host setting(s) fall short for {} connections per core; see the fix column",
+            cfg.limits.max_conns_per_core
+        );
+    }
+    println!("host: ok");
+    Ok(())
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Arc::new(load_config(&args)?);
     let server_tls = tls::server_config(&cfg)?;
     let nofile = ring::raise_nofile_limit();
+    // The same checks as `holdfast check`, as warnings: a short host still runs.
+    match host_findings(&cfg) {
+        Ok(findings) => {
+            for f in findings.iter().filter(|f| !f.ok) {
+                tracing::warn!(
+                    "host check: {} is {} (want {}); fix: {}",
+                    f.item,
+                    f.have,
+                    f.want,
+                    f.fix
+                );
+            }
+        }
+        Err(e) => tracing::warn!("host check skipped: {e:#}"),
+    }
     let cores = cfg.core_count();
     let listeners = bind_listeners(cfg.listen, cores, cfg.runtime.backlog)?;
     let listen_addr = listeners[0]
