@@ -23,7 +23,9 @@ done
 cargo build --workspace --bins
 cargo test ${scope[@]+"${scope[@]}"} "$@"
 
-# The whole suite (no package named) also runs the kernel-tuning kit's tests.
+# The whole suite (no package named) also runs the kernel-tuning kit's tests and the
+# dashboards check (which skips itself when Prometheus is not installed).
 if [ "${#scope[@]}" -gt 0 ]; then
     kernel-tuning/tests/run.sh
+    scripts/check-dashboards.sh
 fi

@@ -119,6 +119,9 @@ struct Conn {
     recv_armed: bool,
     send_inflight: bool,
     shutdown_submitted: bool,
+    /// The Shutdown completed. Close waits for it: a Shutdown still queued on an io-wq
+    /// thread after the slot was closed and reused would shut the next client down.
+    shutdown_done: bool,
     close_submitted: bool,
     dirty: bool,
     /// The worker that was sent OPEN for this connection, if any.
@@ -515,6 +518,7 @@ impl Core {
             recv_armed: false,
             send_inflight: false,
             shutdown_submitted: false,
+            shutdown_done: false,
             close_submitted: false,
             dirty: false,
             worker: None,
@@ -1056,11 +1060,7 @@ impl Core {
             unsafe { self.push(e) };
             return;
         }
-        if conn.shutdown_submitted
-            && !conn.close_submitted
-            && !conn.recv_armed
-            && !conn.send_inflight
-        {
+        if conn.shutdown_done && !conn.close_submitted && !conn.recv_armed && !conn.send_inflight {
             conn.close_submitted = true;
             let e = on_socket!(self.direct, slot, |fd| opcode::Close::new(fd).build())
                 .user_data(ud(OP_CLOSE, conn.gen, slot));
@@ -1073,6 +1073,7 @@ impl Core {
         let Some(mut conn) = self.take(slot, gen) else {
             return;
         };
+        conn.shutdown_done = true;
         if conn.recv_armed {
             // Shutdown normally ends the multishot receive; cancel it in case it did not.
             let e = opcode::AsyncCancel::new(ud(OP_RECV, gen, slot))
@@ -1215,15 +1216,8 @@ impl Core {
             Ok(fd) => {
                 let (idx, cores, name) = (self.idx, self.cores, self.cfg.name.clone());
                 self.links[w].connected(fd, idx, cores, &name);
-                self.links[w].backoff_ms = self.cfg.runtime.worker_retry_ms;
-                self.live_mask |= 1 << w;
-                self.metrics.worker_link_up[w].store(1, Ordering::Relaxed);
-                info!(core = self.idx, worker = %path.display(), "worker link up");
+                debug!(core = self.idx, worker = %path.display(), "worker link connected; waiting for its HELLO");
                 self.arm_link_recv(w);
-                if !self.orphans.is_empty() {
-                    let orphans = std::mem::take(&mut self.orphans);
-                    self.replay(&orphans);
-                }
             }
             Err(e) => {
                 let rt = &self.cfg.runtime;
@@ -1365,8 +1359,10 @@ impl Core {
                 if h.version != envelope::VERSION || h.role != Role::Worker {
                     return Err(format!("worker HELLO with version {} role {:?}; this gateway speaks version {} and expects a worker", h.version, h.role, envelope::VERSION));
                 }
-                self.links[w].hello_seen = true;
-                debug!(core = self.idx, worker = h.name, "worker HELLO");
+                if self.links[w].hello_seen {
+                    return Err("a second HELLO".to_string());
+                }
+                self.link_live(w, h.name);
             }
             Message::Ack { link_seq } => {
                 let link = &mut self.links[w];
@@ -1452,6 +1448,21 @@ impl Core {
         self.put(slot, conn);
     }
 
+    /// The worker answered HELLO: only now does the link take connections (a hung worker's
+    /// listen queue accepts a connect without anyone reading it).
+    fn link_live(&mut self, w: usize, name: &str) {
+        let link = &mut self.links[w];
+        link.hello_seen = true;
+        link.backoff_ms = self.cfg.runtime.worker_retry_ms;
+        self.live_mask |= 1 << w;
+        self.metrics.worker_link_up[w].store(1, Ordering::Relaxed);
+        info!(core = self.idx, worker = %link.path.display(), name, "worker link up");
+        if !self.orphans.is_empty() {
+            let orphans = std::mem::take(&mut self.orphans);
+            self.replay(&orphans);
+        }
+    }
+
     /// Takes a link down: stop routing to it, shut the socket so in-flight operations end,
     /// and close it once they have.
     fn link_down(&mut self, w: usize, why: &str) {
@@ -1477,7 +1488,14 @@ impl Core {
             link.reset_buffers();
             link.state = LinkState::Down;
             link.down_logged = false;
-            link.backoff_ms = self.cfg.runtime.worker_retry_ms;
+            let rt = &self.cfg.runtime;
+            // A link that failed before its HELLO counts as a failed attempt, so a hung
+            // worker is redialled with growing delays rather than every base interval.
+            link.backoff_ms = if link.hello_seen {
+                rt.worker_retry_ms
+            } else {
+                (link.backoff_ms * 2).clamp(rt.worker_retry_ms, rt.worker_retry_max_ms)
+            };
             link.retry_at = Instant::now() + Duration::from_millis(link.backoff_ms);
         }
     }

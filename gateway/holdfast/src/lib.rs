@@ -13,8 +13,10 @@ pub mod config;
 pub mod core;
 pub mod link;
 pub mod metrics;
+pub mod rates;
 #[allow(unsafe_code)]
 pub mod ring;
 pub mod route;
 pub mod tls;
+pub mod top;
 pub mod wheel;

@@ -29,6 +29,21 @@ enum Command {
     /// of the gateway tuning profile, memory, io_uring) can hold the configured connections.
     /// Exits non-zero when something falls short, naming the fix.
     Check(RunArgs),
+    /// Live view of a running gateway, read from its admin /metrics.
+    Top(TopArgs),
+}
+
+#[derive(Args)]
+struct TopArgs {
+    /// Admin address of the gateway.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:9090")]
+    admin: SocketAddr,
+    /// Seconds between refreshes.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    interval: f64,
+    /// Print one snapshot and exit.
+    #[arg(long)]
+    once: bool,
 }
 
 /// Flags override the config file; with --cert and --key no file is needed.
@@ -92,6 +107,9 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Check(args) => check(args),
+        Command::Top(a) => std::time::Duration::try_from_secs_f64(a.interval)
+            .context("--interval")
+            .and_then(|d| holdfast::top::run(a.admin, d, a.once)),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,9 +1,17 @@
 //! `holdfast-worker`: reference workers for holdfast. `echo` sends every client frame
 //! back to the connection it came from; it is what the demo, the tests and the relay
 //! benchmark run against.
+//!
+//! Two flags exist for tests (both off by default, when the echo is pure):
+//! `--prefix-worker-name` puts `NAME:` (the `--name`) before every echoed payload, so a
+//! client can tell which of several workers served a frame; `--ack-delay-ms N` holds
+//! every acknowledgement back for N ms after its frames were echoed, so frames stay
+//! unacknowledged in the gateway (in flight when the worker is killed, for instance).
+//! Tests stop, freeze and resume a worker with SIGKILL, SIGSTOP and SIGCONT.
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -31,6 +39,15 @@ enum Command {
         /// Name sent to the gateway in HELLO, shown in its logs.
         #[arg(long, default_value = DEFAULT_NAME)]
         name: String,
+        /// Put "NAME:" before every echoed payload, so a client can tell which worker
+        /// served each frame (for tests; off by default, when the echo is pure).
+        #[arg(long)]
+        prefix_worker_name: bool,
+        /// Hold every acknowledgement back this many milliseconds after its frames were
+        /// echoed, so frames stay unacknowledged in the gateway (for tests; 0 = ACK at
+        /// once, once per batch).
+        #[arg(long, value_name = "MS", default_value_t = 0)]
+        ack_delay_ms: u64,
     },
 }
 
@@ -44,13 +61,28 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Echo { socket, name } => run_echo(&socket, &name),
+        Command::Echo {
+            socket,
+            name,
+            prefix_worker_name,
+            ack_delay_ms,
+        } => {
+            let options = echo::Options {
+                prefix: if prefix_worker_name {
+                    format!("{name}:").into_bytes()
+                } else {
+                    Vec::new()
+                },
+                ack_delay: Duration::from_millis(ack_delay_ms),
+            };
+            run_echo(&socket, &name, options)
+        }
     }
 }
 
 /// Accepts links until killed (SIGTERM and SIGINT keep their default action: the process
 /// holds no state worth saving, and the gateway re-sends anything unacknowledged).
-fn run_echo(socket: &std::path::Path, name: &str) -> anyhow::Result<()> {
+fn run_echo(socket: &std::path::Path, name: &str, options: echo::Options) -> anyhow::Result<()> {
     let listener = WorkerListener::bind(socket)
         .with_context(|| format!("cannot listen on {}", socket.display()))?
         .with_name(name);
@@ -59,7 +91,14 @@ fn run_echo(socket: &std::path::Path, name: &str) -> anyhow::Result<()> {
         writeln!(out, "holdfast-worker: listening on {}", socket.display())?;
         out.flush()?;
     }
-    info!(socket = %socket.display(), name, "echo worker listening");
+    info!(
+        socket = %socket.display(),
+        name,
+        prefix = !options.prefix.is_empty(),
+        ack_delay_ms = options.ack_delay.as_millis() as u64,
+        "echo worker listening"
+    );
+    let options = std::sync::Arc::new(options);
     loop {
         let mut link = match listener.accept() {
             Ok(link) => link,
@@ -70,9 +109,10 @@ fn run_echo(socket: &std::path::Path, name: &str) -> anyhow::Result<()> {
                 continue;
             }
         };
+        let options = options.clone();
         std::thread::Builder::new()
             .name("echo-link".into())
-            .spawn(move || match echo::serve(&mut link) {
+            .spawn(move || match echo::serve_with(&mut link, &options) {
                 Ok(stats) => info!(
                     core = link.peer().map(|p| p.core),
                     ?stats,
