@@ -243,10 +243,15 @@ impl Core {
         if cfg.runtime.direct_descriptors {
             match ring.submitter().register_files_sparse(table) {
                 Ok(()) => direct = true,
-                Err(e) => warn!(
-                    core = spec.index,
-                    "direct descriptors unavailable ({e}); using regular fds"
-                ),
+                Err(e) => {
+                    // One line for the whole process, not one per core.
+                    static LOGGED: std::sync::Once = std::sync::Once::new();
+                    LOGGED.call_once(|| {
+                        warn!(
+                            "direct descriptors unavailable ({e}); client sockets use regular fds"
+                        )
+                    });
+                }
             }
         }
         if !direct {
