@@ -12,5 +12,6 @@
 pub mod connid;
 pub mod envelope;
 pub mod frame;
+pub mod ws;
 
 pub use connid::ConnId;
