@@ -626,8 +626,9 @@ mod tests {
         }
         assert!(families.len() >= 14, "{families:?}");
         assert!(text.contains("worker=\"b\\\"c\""));
-        // 15 reasons x 3 cores x 3 windows.
-        assert_eq!(text.matches("holdfast_closes_per_second{").count(), 135);
+        // Every reason x 3 cores x 3 windows.
+        let series = crate::metrics::CloseReason::ALL.len() * 3 * 3;
+        assert_eq!(text.matches("holdfast_closes_per_second{").count(), series);
         // Every number parses.
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let v = l.rsplit(' ').next().expect("value");

@@ -26,6 +26,36 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: Limits,
     pub runtime: Runtime,
+    pub websocket: WebSocket,
+}
+
+/// WebSocket (RFC 6455) on the same TLS listeners, for browsers and mobile SDKs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocket {
+    /// Serve WebSocket upgrades (HTTP/1.1 GET, ALPN `http/1.1` or none).
+    pub enabled: bool,
+    /// The one path that upgrades; other paths get 404.
+    pub path: String,
+    /// Allowed `Origin` values; empty allows any (and requests without one).
+    pub allowed_origins: Vec<String>,
+    /// Subprotocols in the server's order of preference; the first the client offers wins.
+    pub subprotocols: Vec<String>,
+    /// The gateway pings a WebSocket client silent for this long, and closes it (1001) if
+    /// the pong has not come back one interval later. 0 = no keepalive.
+    pub ping_interval_secs: u64,
+}
+
+impl Default for WebSocket {
+    fn default() -> Self {
+        WebSocket {
+            enabled: true,
+            path: "/ws".to_string(),
+            allowed_origins: Vec::new(),
+            subprotocols: Vec::new(),
+            ping_interval_secs: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +137,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             limits: Limits::default(),
             runtime: Runtime::default(),
+            websocket: WebSocket::default(),
         }
     }
 }
@@ -253,6 +284,9 @@ impl Config {
                 "runtime.heartbeat_timeout_ms",
                 "must be longer than runtime.heartbeat_interval_ms (both positive)",
             );
+        }
+        if !self.websocket.path.starts_with('/') {
+            return invalid("websocket.path", "must start with '/'");
         }
         let rb = self.runtime.recv_buffers;
         if !rb.is_power_of_two() || !(2..=32768).contains(&rb) {

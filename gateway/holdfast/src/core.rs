@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use holdfast_wire::envelope::{self, Message, Role};
 use holdfast_wire::frame::{self, close_code, Frame, FrameError, FrameType};
-use holdfast_wire::ConnId;
+use holdfast_wire::{ws, ConnId};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, info, warn};
 
@@ -104,6 +104,17 @@ macro_rules! on_socket {
     };
 }
 
+/// What an established connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    /// No ALPN and no byte yet: the first byte decides ('G' starts an HTTP request).
+    Sniff,
+    Native,
+    /// Waiting for (the rest of) the HTTP upgrade request.
+    Http,
+    WebSocket,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Handshake,
@@ -122,6 +133,15 @@ struct Conn {
     /// The Shutdown completed. Close waits for it: a Shutdown still queued on an io-wq
     /// thread after the slot was closed and reused would shut the next client down.
     shutdown_done: bool,
+    /// The close-flush deadline passed: stop lingering, cut the connection.
+    force_close: bool,
+    cancel_submitted: bool,
+    /// Close gracefully: FIN after our last bytes, then wait for the client's FIN.
+    linger: bool,
+    proto: Proto,
+    /// WebSocket: message assembly state (2 bytes) and whether our ping awaits its pong.
+    ws: ws::MessageAssembler,
+    ping_outstanding: bool,
     close_submitted: bool,
     dirty: bool,
     /// The worker that was sent OPEN for this connection, if any.
@@ -136,8 +156,10 @@ struct Conn {
     tls: TlsSession,
     /// TLS input rustls has not consumed yet (a record split across receives).
     staging: Vec<u8>,
-    /// Plaintext of a frame not yet complete.
+    /// Plaintext of a frame (or HTTP request) not yet complete.
     partial: Vec<u8>,
+    /// A fragmented WebSocket message being assembled; empty (unallocated) otherwise.
+    ws_msg: Vec<u8>,
     /// Bytes being sent; frozen while `send_inflight`.
     out: Vec<u8>,
     out_off: usize,
@@ -184,8 +206,11 @@ impl TlsSink for Sink<'_> {
 
 // Records and handshake messages from a client are far below this; more is an attack.
 const MAX_STAGING: usize = 128 * 1024;
-// Seconds a closing connection may take to flush its last bytes before it is cut.
-const CLOSE_FLUSH_SECS: u64 = 5;
+// Seconds a closing connection may take to flush its last bytes and, when it lingers, for
+// the client to read them and close its side, before it is cut.
+const CLOSE_FLUSH_SECS: u64 = 3;
+// How long a starting core waits for connected workers' HELLOs before it accepts clients.
+const STARTUP_HELLO_WAIT: Duration = Duration::from_secs(2);
 const UNKNOWN_PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
 
 pub struct Core {
@@ -228,6 +253,7 @@ pub struct Core {
     mail: Vec<mpsc::Sender<CrossMsg>>,
     inbox: mpsc::Receiver<CrossMsg>,
     ring_fds: Arc<Vec<std::sync::atomic::AtomicI32>>,
+    ws_cfg: ws::HandshakeConfig,
 }
 
 impl Core {
@@ -302,6 +328,11 @@ impl Core {
             mail: spec.mail,
             inbox: spec.inbox,
             ring_fds: spec.ring_fds,
+            ws_cfg: ws::HandshakeConfig {
+                path: cfg.websocket.path.clone(),
+                allowed_origins: cfg.websocket.allowed_origins.clone(),
+                subprotocols: cfg.websocket.subprotocols.clone(),
+            },
             cfg,
         };
         Ok((
@@ -449,6 +480,16 @@ impl Core {
         if self.accept_armed || self.table_full || self.drain_deadline.is_some() {
             return;
         }
+        // At start, give workers that accepted our dial a moment to say HELLO before taking
+        // clients, so the first frames find a live link. Clients meanwhile wait in the
+        // listen backlog; a worker that is down is not waited for.
+        let greeting = self
+            .links
+            .iter()
+            .any(|l| l.state == LinkState::Up && !l.hello_seen);
+        if greeting && self.start.elapsed() < STARTUP_HELLO_WAIT {
+            return;
+        }
         let Some(l) = &self.listener else { return };
         let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
             .allocate_file_index(self.direct)
@@ -524,6 +565,12 @@ impl Core {
             send_inflight: false,
             shutdown_submitted: false,
             shutdown_done: false,
+            force_close: false,
+            cancel_submitted: false,
+            linger: false,
+            proto: Proto::Sniff,
+            ws: ws::MessageAssembler::new(),
+            ping_outstanding: false,
             close_submitted: false,
             dirty: false,
             worker: None,
@@ -534,6 +581,7 @@ impl Core {
             tls,
             staging: Vec::new(),
             partial: Vec::new(),
+            ws_msg: Vec::new(),
             out: Vec::new(),
             out_off: 0,
             queued: Vec::new(),
@@ -691,6 +739,12 @@ impl Core {
         }
         if fed.handshake_done {
             conn.phase = Phase::Open;
+            conn.proto = match conn.tls.alpn() {
+                Some(b"http/1.1") => Proto::Http,
+                Some(_) => Proto::Native,
+                None if self.cfg.websocket.enabled => Proto::Sniff,
+                None => Proto::Native,
+            };
             CoreMetrics::inc(&self.metrics.handshakes_ok);
             let now_ms = self.start.elapsed().as_millis() as u32;
             self.metrics
@@ -737,8 +791,168 @@ impl Core {
         }
     }
 
+    /// WebSocket connections are kept alive by the gateway's pings instead of the idle timeout.
+    fn schedule_keepalive(&mut self, slot: u32) {
+        match self.cfg.websocket.ping_interval_secs {
+            0 => {
+                self.wheel.cancel(slot);
+            }
+            every => self.wheel.schedule(slot, self.tick() + every + 1),
+        }
+    }
+
+    /// A WebSocket connection's timer fired: ping it if it has been silent, close it if
+    /// the last ping went unanswered.
+    fn ws_keepalive(&mut self, conn: &mut Conn, slot: u32, now: u64) {
+        let every = self.cfg.websocket.ping_interval_secs;
+        if every == 0 {
+            return;
+        }
+        let last = u64::from(conn.last_active);
+        if conn.ping_outstanding {
+            let why = "no pong";
+            self.begin_close(
+                conn,
+                slot,
+                CloseReason::IdleTimeout,
+                Some((close_code::GOING_AWAY, why)),
+            );
+        } else if last + every > now {
+            self.wheel.schedule(slot, last + every + 1);
+        } else {
+            let mut f = std::mem::take(&mut self.scratch);
+            f.clear();
+            ws::encode_ping(b"holdfast", &mut f);
+            self.send_plain(conn, slot, &f);
+            self.scratch = f;
+            conn.ping_outstanding = true;
+            self.wheel.schedule(slot, now + every);
+        }
+    }
+
     /// Decodes frames from the plaintext just received (after any partial frame).
     fn on_plaintext(&mut self, conn: &mut Conn, slot: u32) {
+        if conn.proto == Proto::Sniff {
+            conn.proto = if self.plain[0] == b'G' {
+                Proto::Http
+            } else {
+                Proto::Native
+            };
+        }
+        match conn.proto {
+            Proto::Native | Proto::Sniff => self.native_input(conn, slot),
+            Proto::Http => self.http_input(conn, slot),
+            Proto::WebSocket => self.ws_input(conn, slot),
+        }
+    }
+
+    /// The HTTP upgrade request (accumulated in `partial`): 101 and WebSocket from here on,
+    /// or an HTTP error and a close.
+    fn http_input(&mut self, conn: &mut Conn, slot: u32) {
+        conn.partial.extend_from_slice(&self.plain);
+        let mut response = Vec::new();
+        match ws::parse_upgrade(&conn.partial, &self.ws_cfg) {
+            Ok(None) => {}
+            Ok(Some((upgrade, used))) => {
+                ws::write_accept_response(&upgrade, &mut response);
+                let rest = conn.partial[used..].to_vec();
+                conn.partial = Vec::new();
+                self.send_plain(conn, slot, &response);
+                conn.proto = Proto::WebSocket;
+                self.schedule_keepalive(slot);
+                if !rest.is_empty() {
+                    self.plain.clear();
+                    self.plain.extend_from_slice(&rest);
+                    self.ws_input(conn, slot);
+                }
+            }
+            Err(e) => {
+                e.http_response(&mut response);
+                conn.partial = Vec::new();
+                self.send_plain(conn, slot, &response);
+                debug!(core = self.idx, slot, "refused HTTP request: {e}");
+                self.begin_close(conn, slot, CloseReason::BadUpgrade, None);
+            }
+        }
+    }
+
+    /// WebSocket frames: messages to the worker, pings answered here, close handshake.
+    fn ws_input(&mut self, conn: &mut Conn, slot: u32) {
+        let mut plain = std::mem::take(&mut self.plain);
+        let mut data = std::mem::take(&mut conn.partial);
+        let input: &mut Vec<u8> = if data.is_empty() {
+            &mut plain
+        } else {
+            data.extend_from_slice(&plain);
+            &mut data
+        };
+        let mut msg = std::mem::take(&mut conn.ws_msg);
+        let max = self.cfg.limits.max_frame;
+        let mut off = 0;
+        let mut stop = false;
+        while !stop {
+            let limit = conn.ws.frame_limit(&msg, max);
+            let frame = match ws::decode_frame(&mut input[off..], limit) {
+                Ok(Some((frame, used))) => {
+                    off += used;
+                    frame
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.ws_fail(conn, slot, e);
+                    break;
+                }
+            };
+            match conn.ws.push(frame, &mut msg, max) {
+                Ok(None) => {}
+                Ok(Some(ws::Event::Message { text, data })) => {
+                    let flags = if text { envelope::flags::TEXT } else { 0 };
+                    stop = !self.forward(conn, slot, data, flags);
+                }
+                Ok(Some(ws::Event::Ping(p))) => {
+                    CoreMetrics::inc(&self.metrics.pings);
+                    ws::encode_pong(p, &mut self.reply);
+                }
+                Ok(Some(ws::Event::Pong(_))) => conn.ping_outstanding = false,
+                Ok(Some(ws::Event::Close { code, .. })) => {
+                    self.reply_frame(conn, slot);
+                    let code = code.unwrap_or(close_code::NORMAL);
+                    self.begin_close(conn, slot, CloseReason::PeerClosed, Some((code, "")));
+                    stop = true;
+                }
+                Err(e) => {
+                    self.ws_fail(conn, slot, e);
+                    stop = true;
+                }
+            }
+        }
+        if conn.phase != Phase::Closing && off < input.len() {
+            conn.partial = input[off..].to_vec();
+        }
+        // An idle connection keeps no message buffer.
+        conn.ws_msg = if conn.ws.in_message() {
+            msg
+        } else {
+            Vec::new()
+        };
+        self.reply_frame(conn, slot);
+        plain.clear();
+        self.plain = plain;
+    }
+
+    fn ws_fail(&mut self, conn: &mut Conn, slot: u32, e: ws::WsError) {
+        self.reply_frame(conn, slot);
+        let reason = match e.close_code() {
+            close_code::TOO_LARGE => CloseReason::FrameTooLarge,
+            close_code::INVALID_PAYLOAD => CloseReason::InvalidPayload,
+            _ => CloseReason::ProtocolError,
+        };
+        let why = e.to_string();
+        self.begin_close(conn, slot, reason, Some((e.close_code(), &why)));
+    }
+
+    /// Native frames: DATA to the worker, PING answered here, CLOSE, errors.
+    fn native_input(&mut self, conn: &mut Conn, slot: u32) {
         let plain = std::mem::take(&mut self.plain);
         let mut data = std::mem::take(&mut conn.partial);
         let input: &[u8] = if data.is_empty() {
@@ -755,7 +969,7 @@ impl Core {
                 Ok(Some((f, used))) => {
                     off += used;
                     match f {
-                        Frame::Data(p) => stop = !self.forward(conn, slot, p),
+                        Frame::Data(p) => stop = !self.forward(conn, slot, p, 0),
                         Frame::Ping(p) => {
                             CoreMetrics::inc(&self.metrics.pings);
                             frame::encode(FrameType::Pong, p, &mut self.reply);
@@ -841,7 +1055,7 @@ impl Core {
     }
 
     /// Relays one DATA payload to the connection's worker. False if the connection closed.
-    fn forward(&mut self, conn: &mut Conn, slot: u32, payload: &[u8]) -> bool {
+    fn forward(&mut self, conn: &mut Conn, slot: u32, payload: &[u8], flags: u8) -> bool {
         let id = ConnId::new(self.idx, conn.gen, slot);
         // A connection stays with its worker while that worker is up, so its frames are
         // never split between two workers; it re-hashes only when its worker is gone.
@@ -864,7 +1078,7 @@ impl Core {
             self.open_on(conn, id, w);
         }
         conn.seq += 1;
-        self.links[w as usize].queue_frame(id, conn.seq, 0, payload);
+        self.links[w as usize].queue_frame(id, conn.seq, flags, payload);
         CoreMetrics::inc(&self.metrics.worker_frames[w as usize]);
         self.check_window(w as usize);
         CoreMetrics::inc(&self.metrics.frames_from_client);
@@ -997,6 +1211,10 @@ impl Core {
         }
         let established = conn.phase == Phase::Open;
         conn.phase = Phase::Closing;
+        // Linger (half-close, keep reading until the client's FIN) only when the client has
+        // a last message to read: a CLOSE frame, a GOAWAY or an HTTP error.
+        conn.linger =
+            established && (frame_out.is_some() || !conn.queued.is_empty() || conn.send_inflight);
         self.metrics.close(reason);
         debug!(
             core = self.idx,
@@ -1008,15 +1226,16 @@ impl Core {
             if let Some((code, why)) = frame_out {
                 let mut f = std::mem::take(&mut self.scratch);
                 f.clear();
-                frame::encode_close(code, why, &mut f);
-                if conn
-                    .tls
-                    .encrypt(
-                        &mut conn.staging,
-                        &f,
-                        &mut Sink::new(&mut conn.queued, &mut self.plain),
-                    )
-                    .is_err()
+                encode_close_for(conn.proto, code, why, &mut f);
+                if !f.is_empty()
+                    && conn
+                        .tls
+                        .encrypt(
+                            &mut conn.staging,
+                            &f,
+                            &mut Sink::new(&mut conn.queued, &mut self.plain),
+                        )
+                        .is_err()
                 {
                     debug!(core = self.idx, slot, "could not encrypt CLOSE");
                 }
@@ -1053,25 +1272,44 @@ impl Core {
         if conn.phase != Phase::Closing {
             return;
         }
+        let force = force || conn.force_close;
         if !conn.shutdown_submitted && (force || (!conn.send_inflight && conn.backlog() == 0)) {
             conn.shutdown_submitted = true;
-            let e = on_socket!(self.direct, slot, |fd| opcode::Shutdown::new(
-                fd,
+            // A graceful close only shuts our sending side (FIN after the last bytes) and
+            // keeps reading until the client's FIN: closing with unread input would make
+            // the kernel answer with a reset, which can destroy our CLOSE frame in flight.
+            let how = if force || !conn.recv_armed || !conn.linger {
                 libc::SHUT_RDWR
-            )
-            .build())
+            } else {
+                libc::SHUT_WR
+            };
+            let e = on_socket!(self.direct, slot, |fd| opcode::Shutdown::new(fd, how)
+                .build())
             .user_data(ud(OP_SHUTDOWN, conn.gen, slot));
             // SAFETY: names only the descriptor.
             unsafe { self.push(e) };
             return;
         }
-        if conn.shutdown_done && !conn.close_submitted && !conn.recv_armed && !conn.send_inflight {
-            conn.close_submitted = true;
-            let e = on_socket!(self.direct, slot, |fd| opcode::Close::new(fd).build())
-                .user_data(ud(OP_CLOSE, conn.gen, slot));
-            // SAFETY: names only the descriptor; nothing else is in flight on it.
-            unsafe { self.push(e) };
+        if !conn.shutdown_done || conn.close_submitted || conn.send_inflight {
+            return;
         }
+        if conn.recv_armed {
+            // Lingering for the client's FIN; past the deadline, end the receive.
+            if force && !conn.cancel_submitted {
+                conn.cancel_submitted = true;
+                let e = opcode::AsyncCancel::new(ud(OP_RECV, conn.gen, slot))
+                    .build()
+                    .user_data(ud(OP_CANCEL, 0, 0));
+                // SAFETY: a cancel names only a user_data value.
+                unsafe { self.push(e) };
+            }
+            return;
+        }
+        conn.close_submitted = true;
+        let e = on_socket!(self.direct, slot, |fd| opcode::Close::new(fd).build())
+            .user_data(ud(OP_CLOSE, conn.gen, slot));
+        // SAFETY: names only the descriptor; nothing else is in flight on it.
+        unsafe { self.push(e) };
     }
 
     fn on_shutdown(&mut self, slot: u32, gen: u32) {
@@ -1079,14 +1317,6 @@ impl Core {
             return;
         };
         conn.shutdown_done = true;
-        if conn.recv_armed {
-            // Shutdown normally ends the multishot receive; cancel it in case it did not.
-            let e = opcode::AsyncCancel::new(ud(OP_RECV, gen, slot))
-                .build()
-                .user_data(ud(OP_CANCEL, 0, 0));
-            // SAFETY: a cancel names only a user_data value.
-            unsafe { self.push(e) };
-        }
         self.progress_close(&mut conn, slot, false);
         self.put(slot, conn);
     }
@@ -1120,6 +1350,9 @@ impl Core {
                     CoreMetrics::inc(&self.metrics.handshakes_failed);
                     self.begin_close(&mut conn, slot, CloseReason::HandshakeTimeout, None);
                 }
+                Phase::Open if conn.proto == Proto::WebSocket => {
+                    self.ws_keepalive(&mut conn, slot, now)
+                }
                 Phase::Open => {
                     let idle = self.cfg.limits.idle_timeout_secs;
                     let last = u64::from(conn.last_active);
@@ -1134,7 +1367,10 @@ impl Core {
                         );
                     }
                 }
-                Phase::Closing => self.progress_close(&mut conn, slot, true),
+                Phase::Closing => {
+                    conn.force_close = true;
+                    self.progress_close(&mut conn, slot, true);
+                }
             }
             self.progress_close(&mut conn, slot, false);
             self.put(slot, conn);
@@ -1169,10 +1405,17 @@ impl Core {
             let Some(mut conn) = self.conns[slot as usize].take() else {
                 continue;
             };
-            if conn.phase == Phase::Open {
-                self.send_plain(&mut conn, slot, &goaway);
+            let mut frame_out = None;
+            match (conn.phase, conn.proto) {
+                (Phase::Open, Proto::WebSocket) => {
+                    frame_out = Some((close_code::GOING_AWAY, "draining"))
+                }
+                (Phase::Open, Proto::Native | Proto::Sniff) => {
+                    self.send_plain(&mut conn, slot, &goaway)
+                }
+                _ => {}
             }
-            self.begin_close(&mut conn, slot, CloseReason::Drain, None);
+            self.begin_close(&mut conn, slot, CloseReason::Drain, frame_out);
             self.progress_close(&mut conn, slot, false);
             self.put(slot, conn);
         }
@@ -1390,7 +1633,7 @@ impl Core {
                 payload,
             } => {
                 if !self.mail_other_core(w, conn, None, flags, payload) {
-                    self.deliver(w, conn, payload);
+                    self.deliver(w, conn, flags, payload);
                 }
             }
             Message::Close {
@@ -1434,7 +1677,7 @@ impl Core {
         }
     }
 
-    fn deliver(&mut self, w: usize, id: ConnId, payload: &[u8]) {
+    fn deliver(&mut self, w: usize, id: ConnId, flags: u8, payload: &[u8]) {
         let Some(mut conn) = self.owned_conn(w, id) else {
             return;
         };
@@ -1444,7 +1687,19 @@ impl Core {
         } else {
             let mut f = std::mem::take(&mut self.scratch);
             f.clear();
-            frame::encode(FrameType::Data, payload, &mut f);
+            match conn.proto {
+                Proto::WebSocket => {
+                    // A browser fails the whole connection on text that is not UTF-8, so
+                    // such a message goes as binary.
+                    match std::str::from_utf8(payload) {
+                        Ok(text) if flags & envelope::flags::TEXT != 0 => {
+                            ws::encode_text(text, &mut f)
+                        }
+                        _ => ws::encode_binary(payload, &mut f),
+                    }
+                }
+                _ => frame::encode(FrameType::Data, payload, &mut f),
+            }
             self.send_plain(&mut conn, slot, &f);
             self.scratch = f;
             CoreMetrics::inc(&self.metrics.frames_to_client);
@@ -1656,7 +1911,7 @@ impl Core {
             let w = m.worker as usize;
             CoreMetrics::inc(&self.metrics.cross_core);
             match m.close {
-                None => self.deliver(w, m.conn, &m.data),
+                None => self.deliver(w, m.conn, m.flags, &m.data),
                 Some(code) => {
                     let reason = String::from_utf8_lossy(&m.data).into_owned();
                     self.worker_close(w, m.conn, code, &reason);
@@ -1673,6 +1928,24 @@ impl Core {
         self.begin_close(&mut c, slot, CloseReason::WorkerClose, Some((code, reason)));
         self.progress_close(&mut c, slot, false);
         self.put(slot, c);
+    }
+}
+
+/// The close message of a connection's protocol: a native CLOSE frame, a WebSocket close
+/// frame (codes WebSocket does not allow become 1001 for our idle close, else 1011), or
+/// nothing before a protocol is spoken.
+fn encode_close_for(proto: Proto, code: u16, why: &str, out: &mut Vec<u8>) {
+    match proto {
+        Proto::Native | Proto::Sniff => frame::encode_close(code, why, out),
+        Proto::WebSocket => {
+            let code = match code {
+                c if ws::is_valid_close_code(c) && c != close_code::IDLE_TIMEOUT => c,
+                close_code::IDLE_TIMEOUT => close_code::GOING_AWAY,
+                _ => close_code::INTERNAL,
+            };
+            ws::encode_close(code, why, out)
+        }
+        Proto::Http => {}
     }
 }
 
@@ -1718,7 +1991,7 @@ mod tests {
         let conn = std::mem::size_of::<super::Conn>();
         let rustls = std::mem::size_of::<rustls::server::UnbufferedServerConnection>();
         assert!(
-            conn <= rustls + 200,
+            conn <= rustls + 256,
             "Conn is {conn} B, rustls' session {rustls} B"
         );
     }

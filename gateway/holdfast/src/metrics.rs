@@ -24,8 +24,13 @@ pub enum CloseReason {
     IdleTimeout,
     FrameTooLarge,
     UnknownFrameType,
-    /// A malformed frame of a known type (a CLOSE without a code, say).
+    /// A malformed frame of a known type (a CLOSE without a code, say), or a WebSocket
+    /// protocol violation (unmasked frame, reserved bits, bad control frame).
     ProtocolError,
+    /// WebSocket text that is not UTF-8, or a bad close reason (close code 1007).
+    InvalidPayload,
+    /// An HTTP request that is not a valid WebSocket upgrade (answered with an HTTP error).
+    BadUpgrade,
     /// No worker link is up to take the client's frames.
     NoWorker,
     /// A worker asked for the connection to be closed.
@@ -41,7 +46,7 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 15] = [
+    pub const ALL: [CloseReason; 17] = [
         CloseReason::PeerClosed,
         CloseReason::EofMidFrame,
         CloseReason::PeerReset,
@@ -51,6 +56,8 @@ impl CloseReason {
         CloseReason::FrameTooLarge,
         CloseReason::UnknownFrameType,
         CloseReason::ProtocolError,
+        CloseReason::InvalidPayload,
+        CloseReason::BadUpgrade,
         CloseReason::NoWorker,
         CloseReason::WorkerClose,
         CloseReason::Drain,
@@ -70,6 +77,8 @@ impl CloseReason {
             CloseReason::FrameTooLarge => "frame_too_large",
             CloseReason::UnknownFrameType => "unknown_frame_type",
             CloseReason::ProtocolError => "protocol_error",
+            CloseReason::InvalidPayload => "invalid_payload",
+            CloseReason::BadUpgrade => "bad_upgrade",
             CloseReason::NoWorker => "no_worker",
             CloseReason::WorkerClose => "worker_close",
             CloseReason::Drain => "drain",

@@ -139,9 +139,11 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsSetupError
         .with_protocol_versions(versions)?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { by_name, default }));
-    // holdfast/1 first; http/1.1 is offered so a browser that names it still completes the
-    // handshake and can be told plainly that WebSocket is not served on this listener yet.
+    // holdfast/1 first; http/1.1 (browsers name it for wss://) when WebSocket is served.
     sc.alpn_protocols = vec![holdfast_wire::frame::ALPN.to_vec()];
+    if config.websocket.enabled {
+        sc.alpn_protocols.push(b"http/1.1".to_vec());
+    }
     // Session tickets let a reconnect storm resume instead of paying full handshakes.
     sc.send_tls13_tickets = 2;
     Ok(Arc::new(sc))
