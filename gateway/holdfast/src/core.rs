@@ -13,6 +13,7 @@
 //! The connection slot is the direct-descriptor slot the kernel picked at accept (or the
 //! fd number in the regular-fd fallback), so a connection needs no separate index.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,11 +58,22 @@ pub struct CrossMsg {
     /// The worker it came from, so an unknown connection is answered on our link to it.
     pub worker: u8,
     pub conn: ConnId,
-    /// `None` for SEND; the close code for CLOSE.
-    pub close: Option<u16>,
+    pub kind: CrossKind,
     pub flags: u8,
-    /// Payload (SEND) or reason (CLOSE).
+    /// SEND/PUBLISH payload, CLOSE reason, SUBSCRIBE/UNSUBSCRIBE topic.
     pub data: Vec<u8>,
+    /// PUBLISH topic.
+    pub topic: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrossKind {
+    Send,
+    Close(u16),
+    Subscribe,
+    Unsubscribe,
+    /// Deliver to this core's subscribers of `topic` (the sender delivered to its own).
+    Publish,
 }
 
 /// Reported by each core once it accepts.
@@ -209,6 +221,8 @@ const MAX_STAGING: usize = 128 * 1024;
 // Seconds a closing connection may take to flush its last bytes and, when it lingers, for
 // the client to read them and close its side, before it is cut.
 const CLOSE_FLUSH_SECS: u64 = 3;
+// How often closed connections are pruned from topics nobody publishes to.
+const TOPIC_SWEEP_SECS: u64 = 60;
 // How long a starting core waits for connected workers' HELLOs before it accepts clients.
 const STARTUP_HELLO_WAIT: Duration = Duration::from_secs(2);
 const UNKNOWN_PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
@@ -254,6 +268,10 @@ pub struct Core {
     inbox: mpsc::Receiver<CrossMsg>,
     ring_fds: Arc<Vec<std::sync::atomic::AtomicI32>>,
     ws_cfg: ws::HandshakeConfig,
+    /// This core's topic subscriptions: topic -> its subscribers among this core's
+    /// connections (raw connection ids; closed ones are pruned lazily).
+    topics: HashMap<Box<[u8]>, HashSet<u64>>,
+    last_sweep: u64,
 }
 
 impl Core {
@@ -333,6 +351,8 @@ impl Core {
                 allowed_origins: cfg.websocket.allowed_origins.clone(),
                 subprotocols: cfg.websocket.subprotocols.clone(),
             },
+            topics: HashMap::new(),
+            last_sweep: 0,
             cfg,
         };
         Ok((
@@ -1339,6 +1359,10 @@ impl Core {
 
     fn timers(&mut self) {
         let now = self.tick();
+        if now >= self.last_sweep + TOPIC_SWEEP_SECS {
+            self.last_sweep = now;
+            self.sweep_topics();
+        }
         let mut expired = std::mem::take(&mut self.expired);
         self.wheel.advance(now, &mut expired);
         for &slot in &expired {
@@ -1632,23 +1656,32 @@ impl Core {
                 flags,
                 payload,
             } => {
-                if !self.mail_other_core(w, conn, None, flags, payload) {
+                if !self.mail_other_core(w, conn, CrossKind::Send, flags, payload) {
                     self.deliver(w, conn, flags, payload);
                 }
             }
             Message::Close {
                 conn, code, reason, ..
             } => {
-                if !self.mail_other_core(w, conn, Some(code), 0, reason.as_bytes()) {
+                if !self.mail_other_core(w, conn, CrossKind::Close(code), 0, reason.as_bytes()) {
                     self.worker_close(w, conn, code, reason);
                 }
             }
-            Message::Subscribe { .. } | Message::Unsubscribe { .. } | Message::Publish { .. } => {
-                debug!(
-                    core = self.idx,
-                    "topic messages are not served by this gateway version; ignored"
-                );
+            Message::Subscribe { conn, topic } => {
+                if !self.mail_other_core(w, conn, CrossKind::Subscribe, 0, topic) {
+                    self.subscribe(w, conn, topic);
+                }
             }
+            Message::Unsubscribe { conn, topic } => {
+                if !self.mail_other_core(w, conn, CrossKind::Unsubscribe, 0, topic) {
+                    self.unsubscribe(w, conn, topic);
+                }
+            }
+            Message::Publish {
+                flags,
+                topic,
+                payload,
+            } => self.publish(w, topic, flags, payload),
             Message::Open(_) | Message::Frame { .. } => {
                 return Err(format!("{:?} is a gateway-to-worker kind", msg.kind()));
             }
@@ -1685,27 +1718,33 @@ impl Core {
         if payload.len() > frame::MAX_LEN_FIELD {
             self.links[w].queue_gone(id);
         } else {
-            let mut f = std::mem::take(&mut self.scratch);
-            f.clear();
-            match conn.proto {
-                Proto::WebSocket => {
-                    // A browser fails the whole connection on text that is not UTF-8, so
-                    // such a message goes as binary.
-                    match std::str::from_utf8(payload) {
-                        Ok(text) if flags & envelope::flags::TEXT != 0 => {
-                            ws::encode_text(text, &mut f)
-                        }
-                        _ => ws::encode_binary(payload, &mut f),
-                    }
-                }
-                _ => frame::encode(FrameType::Data, payload, &mut f),
-            }
-            self.send_plain(&mut conn, slot, &f);
-            self.scratch = f;
-            CoreMetrics::inc(&self.metrics.frames_to_client);
-            CoreMetrics::add(&self.metrics.bytes_to_client, payload.len() as u64);
+            self.send_message(&mut conn, slot, flags, payload);
         }
         self.put(slot, conn);
+    }
+
+    /// Frames a worker's message in the connection's protocol and queues it encrypted.
+    fn send_message(&mut self, conn: &mut Conn, slot: u32, flags: u8, payload: &[u8]) {
+        if payload.len() > frame::MAX_LEN_FIELD && conn.proto != Proto::WebSocket {
+            return;
+        }
+        let mut f = std::mem::take(&mut self.scratch);
+        f.clear();
+        match conn.proto {
+            Proto::WebSocket => {
+                // A browser fails the whole connection on text that is not UTF-8, so such
+                // a message goes as binary.
+                match std::str::from_utf8(payload) {
+                    Ok(text) if flags & envelope::flags::TEXT != 0 => ws::encode_text(text, &mut f),
+                    _ => ws::encode_binary(payload, &mut f),
+                }
+            }
+            _ => frame::encode(FrameType::Data, payload, &mut f),
+        }
+        self.send_plain(conn, slot, &f);
+        self.scratch = f;
+        CoreMetrics::inc(&self.metrics.frames_to_client);
+        CoreMetrics::add(&self.metrics.bytes_to_client, payload.len() as u64);
     }
 
     /// The worker answered HELLO: only now does the link take connections (a hung worker's
@@ -1872,11 +1911,13 @@ impl Core {
 
     /// Hands a worker's SEND/CLOSE for another core's connection to that core. False if the
     /// connection is this core's (or names no core), so the caller handles it here.
+    /// Hands a worker's message for another core's connection to that core. False if the
+    /// connection is this core's (or names no core), so the caller handles it here.
     fn mail_other_core(
         &mut self,
         w: usize,
         conn: ConnId,
-        close: Option<u16>,
+        kind: CrossKind,
         flags: u8,
         data: &[u8],
     ) -> bool {
@@ -1887,10 +1928,15 @@ impl Core {
         let msg = CrossMsg {
             worker: w as u8,
             conn,
-            close,
+            kind,
             flags,
             data: data.to_vec(),
+            topic: Vec::new(),
         };
+        self.mail_to(core, msg)
+    }
+
+    fn mail_to(&mut self, core: usize, msg: CrossMsg) -> bool {
         if self.mail[core].send(msg).is_err() {
             return false;
         }
@@ -1910,14 +1956,105 @@ impl Core {
         while let Ok(m) = self.inbox.try_recv() {
             let w = m.worker as usize;
             CoreMetrics::inc(&self.metrics.cross_core);
-            match m.close {
-                None => self.deliver(w, m.conn, m.flags, &m.data),
-                Some(code) => {
+            match m.kind {
+                CrossKind::Send => self.deliver(w, m.conn, m.flags, &m.data),
+                CrossKind::Close(code) => {
                     let reason = String::from_utf8_lossy(&m.data).into_owned();
                     self.worker_close(w, m.conn, code, &reason);
                 }
+                CrossKind::Subscribe => self.subscribe(w, m.conn, &m.data),
+                CrossKind::Unsubscribe => self.unsubscribe(w, m.conn, &m.data),
+                CrossKind::Publish => self.publish_local(&m.topic, m.flags, &m.data),
             }
         }
+    }
+
+    // ---- topics ---------------------------------------------------------------------------
+
+    /// Adds one of this core's connections to a topic's subscribers.
+    fn subscribe(&mut self, w: usize, conn: ConnId, topic: &[u8]) {
+        let Some(c) = self.owned_conn(w, conn) else {
+            return;
+        };
+        self.put(conn.slot(), c);
+        if let Some(subs) = self.topics.get_mut(topic) {
+            subs.insert(conn.raw());
+        } else {
+            self.topics
+                .insert(topic.into(), HashSet::from([conn.raw()]));
+        }
+    }
+
+    fn unsubscribe(&mut self, w: usize, conn: ConnId, topic: &[u8]) {
+        let Some(c) = self.owned_conn(w, conn) else {
+            return;
+        };
+        self.put(conn.slot(), c);
+        if let Some(subs) = self.topics.get_mut(topic) {
+            subs.remove(&conn.raw());
+            if subs.is_empty() {
+                self.topics.remove(topic);
+            }
+        }
+    }
+
+    /// Delivers a PUBLISH to this core's subscribers and hands it to every other core for
+    /// theirs: one worker message reaches every subscriber of the gateway.
+    fn publish(&mut self, w: usize, topic: &[u8], flags: u8, payload: &[u8]) {
+        for core in 0..self.mail.len() {
+            if core != self.idx as usize {
+                let msg = CrossMsg {
+                    worker: w as u8,
+                    conn: ConnId::default(),
+                    kind: CrossKind::Publish,
+                    flags,
+                    data: payload.to_vec(),
+                    topic: topic.to_vec(),
+                };
+                self.mail_to(core, msg);
+            }
+        }
+        self.publish_local(topic, flags, payload);
+    }
+
+    /// Sends a published message to every live subscriber on this core. Subscribers that
+    /// closed are dropped from the topic here (closing does not touch topic tables).
+    fn publish_local(&mut self, topic: &[u8], flags: u8, payload: &[u8]) {
+        let Some(subs) = self.topics.remove(topic) else {
+            return;
+        };
+        let mut live = HashSet::with_capacity(subs.len());
+        for raw in subs {
+            let id = ConnId::from_raw(raw);
+            let Some(mut conn) = self.take(id.slot(), id.generation()) else {
+                continue;
+            };
+            if conn.phase == Phase::Open {
+                self.send_message(&mut conn, id.slot(), flags, payload);
+                live.insert(raw);
+            }
+            self.put(id.slot(), conn);
+        }
+        CoreMetrics::add(&self.metrics.published, live.len() as u64);
+        if !live.is_empty() {
+            self.topics.insert(topic.into(), live);
+        }
+    }
+
+    /// Drops closed connections from every topic, now and then, so topics that are never
+    /// published to do not keep dead subscribers.
+    fn sweep_topics(&mut self) {
+        let conns = &self.conns;
+        self.topics.retain(|_, subs| {
+            subs.retain(|&raw| {
+                let id = ConnId::from_raw(raw);
+                conns
+                    .get(id.slot() as usize)
+                    .and_then(|c| c.as_ref())
+                    .is_some_and(|c| c.gen == id.generation())
+            });
+            !subs.is_empty()
+        });
     }
 
     fn worker_close(&mut self, w: usize, conn: ConnId, code: u16, reason: &str) {

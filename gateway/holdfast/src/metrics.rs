@@ -117,6 +117,8 @@ pub struct CoreMetrics {
     pub backpressure: AtomicU64,
     pub backpressure_pauses: AtomicU64,
     pub cross_core: AtomicU64,
+    /// PUBLISH deliveries to subscribed connections.
+    pub published: AtomicU64,
     pub worker_protocol_errors: AtomicU64,
     pub worker_unknown_conn: AtomicU64,
     pub loop_iterations: AtomicU64,
@@ -161,6 +163,7 @@ impl Default for CoreMetrics {
             backpressure: AtomicU64::new(0),
             backpressure_pauses: AtomicU64::new(0),
             cross_core: AtomicU64::new(0),
+            published: AtomicU64::new(0),
             worker_protocol_errors: AtomicU64::new(0),
             worker_unknown_conn: AtomicU64::new(0),
             loop_iterations: AtomicU64::new(0),
@@ -442,6 +445,16 @@ pub fn render(cores: &[std::sync::Arc<CoreMetrics>], workers: &[String]) -> Stri
         "counter",
         "Worker SEND/CLOSE messages delivered to a connection owned by this core through another core's link.",
         &mut |o| per_core(o, "holdfast_cross_core_total", &|c| c.cross_core.load(Relaxed)),
+    );
+    family(
+        "holdfast_published_total",
+        "counter",
+        "Worker PUBLISH messages delivered to subscribed connections on this core.",
+        &mut |o| {
+            per_core(o, "holdfast_published_total", &|c| {
+                c.published.load(Relaxed)
+            })
+        },
     );
     family(
         "holdfast_worker_protocol_errors_total",
