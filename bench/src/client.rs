@@ -55,6 +55,26 @@ pub fn client_config(ca_pem: &Path) -> anyhow::Result<Arc<ClientConfig>> {
     Ok(Arc::new(config))
 }
 
+/// `base` with a session store of its own that keeps the tickets servers send (rustls
+/// keeps up to 8 TLS 1.3 tickets per server), so the next connection made with it resumes.
+/// One store per simulated device: a ticket is used once, and devices do not share them.
+pub fn resuming(base: &ClientConfig) -> Arc<ClientConfig> {
+    let mut config = base.clone();
+    config.resumption = rustls::client::Resumption::in_memory_sessions(16);
+    Arc::new(config)
+}
+
+/// What a completed handshake negotiated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// The server accepted a ticket from an earlier connection.
+    pub resumed: bool,
+    /// Cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher_suite: Option<String>,
+    /// Key exchange group, e.g. `X25519`.
+    pub kx_group: Option<String>,
+}
+
 /// Resolves `ADDR:PORT` (a host name is allowed) to its first socket address.
 pub fn resolve(target: &str) -> anyhow::Result<SocketAddr> {
     use std::net::ToSocketAddrs;
@@ -302,6 +322,20 @@ impl Conn {
     /// no interest at that point.
     pub async fn close(mut self, deadline: Instant) {
         let _ = timeout_at(deadline, self.stream.shutdown()).await;
+    }
+
+    /// What the handshake negotiated.
+    pub fn tls_info(&self) -> TlsInfo {
+        let tls = self.stream.get_ref().1;
+        TlsInfo {
+            resumed: tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            cipher_suite: tls
+                .negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite())),
+            kx_group: tls
+                .negotiated_key_exchange_group()
+                .map(|g| format!("{:?}", g.name())),
+        }
     }
 
     /// The TLS stream and any bytes already read but not yet taken as frames.

@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout_at, Instant};
 
 use crate::client::{self, Client, Conn};
+use crate::cpu;
 use crate::plan;
 use crate::procfs;
 use crate::report::{self, EchoParameters, EchoReport, EchoResults};
@@ -63,6 +64,16 @@ pub struct EchoArgs {
     /// may still arrive after the last scheduled send.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub timeout: f64,
+    /// Server process ids whose CPU time is measured over the sending window, comma-
+    /// separated (each with its descendants), for CPU per frame.
+    #[arg(long, value_name = "PID[,PID...]", value_delimiter = ',')]
+    pub server_pids: Vec<u32>,
+    /// CPU cores the server runs on: the divisor of the per-core figures.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub server_cores: u32,
+    /// Name of the system measured, stored in the report.
+    #[arg(long, value_name = "NAME")]
+    pub label: Option<String>,
 }
 
 /// Both latency histograms of a run, shared by the connections' readers.
@@ -105,6 +116,7 @@ pub fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
         args.timeout > 0.0 && args.timeout.is_finite(),
         "--timeout must be positive"
     );
+    ensure!(args.server_cores >= 1, "--server-cores must be at least 1");
     ensure!(
         args.size <= frame::MAX_LEN_FIELD,
         "--size is over the protocol's limit of {} bytes",
@@ -118,11 +130,12 @@ pub fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the runtime")?;
     let started = std::time::Instant::now();
-    let mut results = rt.block_on(bench(&args, client));
+    let mut results = rt.block_on(bench(&args, client))?;
     results.elapsed_secs = started.elapsed().as_secs_f64();
 
     let report = EchoReport {
         scenario: "echo",
+        label: args.label.clone(),
         parameters: EchoParameters {
             target: args.target.clone(),
             server_name: args.server_name.clone(),
@@ -131,6 +144,8 @@ pub fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
             rate: args.rate,
             duration_secs: args.duration,
             timeout_secs: args.timeout,
+            server_pids: args.server_pids.clone(),
+            server_cores: args.server_cores,
         },
         machine: procfs::machine(),
         versions: report::Versions::current(),
@@ -148,7 +163,7 @@ pub fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn bench(args: &EchoArgs, client: Client) -> EchoResults {
+async fn bench(args: &EchoArgs, client: Client) -> anyhow::Result<EchoResults> {
     let timeout = Duration::from_secs_f64(args.timeout);
     let conns = connect_all(&client, args.conns, timeout).await;
     let mut results = EchoResults {
@@ -187,6 +202,8 @@ async fn bench(args: &EchoArgs, client: Client) -> EchoResults {
         tasks.spawn(relay(conn, slot, rx, hist.clone()));
     }
     let rate = args.rate;
+    // The CPU window spans the timetable and the drain, nothing of the connecting.
+    let window = cpu::Window::start(&args.server_pids, args.server_cores)?;
     let pacer = std::thread::Builder::new()
         .name("pacer".into())
         .spawn(move || pace(dues, start, end, rate))
@@ -209,8 +226,13 @@ async fn bench(args: &EchoArgs, client: Client) -> EchoResults {
         }
     }
     results.frames_scheduled = pacer.join().expect("the pacing thread panicked");
+    let measured = window.finish(results.frames_received);
+    results.server_cpu_us_per_frame = measured.server.as_ref().and_then(|c| c.us_per_op);
+    results.server_cpu = measured.server;
+    results.client_cpu_utilization = measured.client_utilization;
     results.frames_lost = results.frames_sent - results.frames_received.min(results.frames_sent);
     results.frames_per_sec = results.frames_received as f64 / args.duration;
+    results.frames_per_sec_per_core = results.frames_per_sec / args.server_cores as f64;
     let h = hist.lock().expect("a recorder panicked");
     results.latency = report::latency(&h.scheduled);
     results.service_latency = report::latency(&h.service);
@@ -219,7 +241,7 @@ async fn bench(args: &EchoArgs, client: Client) -> EchoResults {
         && results.frames_lost == 0
         && results.frames_corrupt == 0
         && results.frames_sent == results.frames_scheduled;
-    results
+    Ok(results)
 }
 
 /// Connects `n` connections, a bounded number at a time; each gets `timeout`.
@@ -464,6 +486,17 @@ fn summarize(report: &EchoReport) {
         "  latency from write (us):    p50 {} p99 {} p999 {} max {}",
         s.p50_us, s.p99_us, s.p999_us, s.max_us
     );
+    if let Some(c) = &r.server_cpu {
+        println!(
+            "  server CPU: {:.2} us per frame ({:.0} frames/s per core at full load), {:.0}% busy \
+             over {} core(s); {} frames/s per core measured",
+            c.us_per_op.unwrap_or(f64::NAN),
+            c.capacity_per_core.unwrap_or(f64::NAN),
+            c.utilization * 100.0,
+            c.cores,
+            r.frames_per_sec_per_core.round()
+        );
+    }
     println!(
         "  {} in {:.1} s",
         if r.ok { "OK" } else { "FAILED" },

@@ -44,9 +44,16 @@ pub struct IdleArgs {
     /// Connections to hold at the last step.
     #[arg(long, value_name = "N")]
     pub conns: u64,
-    /// Process id of the gateway whose memory is measured (must run on this machine).
-    #[arg(long, value_name = "PID")]
-    pub gateway_pid: u32,
+    /// Process id(s) of the gateway whose memory is measured (on this machine), comma-
+    /// separated; each one's descendants are measured too (an nginx master covers its
+    /// workers), and Pss is summed over them all.
+    #[arg(
+        long,
+        value_name = "PID[,PID...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub gateway_pid: Vec<u32>,
     /// Where to write the JSON report.
     #[arg(long, value_name = "FILE")]
     pub json: PathBuf,
@@ -78,6 +85,9 @@ pub struct IdleArgs {
     /// also the bound on each final echo.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub timeout: f64,
+    /// Name of the system measured, stored in the report (`report` groups runs by it).
+    #[arg(long, value_name = "NAME")]
+    pub label: Option<String>,
 }
 
 /// Something a child said, or its going away.
@@ -346,9 +356,9 @@ pub fn run(args: IdleArgs) -> anyhow::Result<ExitCode> {
     let target = client::resolve(&args.target)?;
     // Fail before starting anything when the CA is unusable; children load it again.
     client::client_config(&args.ca)?;
-    procfs::process_memory(args.gateway_pid).with_context(|| {
+    procfs::tree_memory(&args.gateway_pid).with_context(|| {
         format!(
-            "reading the memory of gateway pid {}: is it running on this machine?",
+            "reading the memory of gateway pid(s) {:?}: running on this machine?",
             args.gateway_pid
         )
     })?;
@@ -374,7 +384,8 @@ pub fn run(args: IdleArgs) -> anyhow::Result<ExitCode> {
         frame_size: args.frame_size,
         settle_secs: args.settle,
         timeout_secs: args.timeout,
-        gateway_pid: args.gateway_pid,
+        gateway_pid: args.gateway_pid[0],
+        gateway_pids: args.gateway_pid.clone(),
     };
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -412,6 +423,7 @@ pub fn run(args: IdleArgs) -> anyhow::Result<ExitCode> {
 
     let report = IdleReport {
         scenario: "idle",
+        label: args.label.clone(),
         parameters,
         machine: procfs::machine(),
         versions: report::Versions::current(),
@@ -462,8 +474,8 @@ async fn drive(
         let open_secs = start.elapsed().as_secs_f64();
         let after = children.total();
         tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
-        let (pss, rss) = procfs::process_memory(args.gateway_pid)
-            .with_context(|| format!("sampling gateway pid {}", args.gateway_pid))?;
+        let (pss, rss, _) = procfs::tree_memory(&args.gateway_pid)
+            .with_context(|| format!("sampling gateway pid(s) {:?}", args.gateway_pid))?;
         let kernel = procfs::kernel_sample()?;
         let tcp_mem_bytes = kernel.tcp_mem_pages * page;
         let opened = after.ok - before.ok;

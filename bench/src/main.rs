@@ -1,7 +1,10 @@
 //! holdfast-bench: the load generator that proves holdfast's numbers. It makes
 //! throw-away certificates, holds tens of thousands of idle TLS connections while
-//! measuring what each costs the gateway and the kernel, and relays frames at a fixed
-//! open-loop rate to measure latency.
+//! measuring what each costs the gateway and the kernel, relays frames at a fixed
+//! open-loop rate to measure latency and CPU per frame, makes short connections as fast
+//! as it can to measure CPU per handshake, drives reconnect storms, measures rustls alone
+//! in memory as the ceiling, serves the byte-echo backend the peers forward to, and turns
+//! the JSON reports into a markdown table and an SVG chart.
 //!
 //! It is a client on tokio and tokio-rustls, deliberately outside the gateway's io_uring
 //! data plane, so what it measures is the gateway and not a shared runtime. Reports are
@@ -9,16 +12,22 @@
 //! is for people, the JSON for tools.
 #![deny(unsafe_code)]
 
+mod ceiling;
 mod certs;
 mod client;
+mod cpu;
 mod echo;
+mod handshake;
 mod idle;
 mod idle_worker;
 mod plan;
 mod procfs;
 mod proto;
+mod render;
 mod report;
+mod storm;
 mod sys;
+mod unix_echo;
 
 use std::process::ExitCode;
 
@@ -41,8 +50,19 @@ enum Cmd {
     GenCert(certs::GenCertArgs),
     /// Hold many idle TLS connections and measure memory per connection.
     Idle(idle::IdleArgs),
-    /// Relay frames at a fixed open-loop rate and measure latency.
+    /// Relay frames at a fixed open-loop rate and measure latency and server CPU per frame.
     Echo(echo::EchoArgs),
+    /// Short connections (handshake, one echo, close) as fast as C loops make them; server
+    /// CPU per handshake.
+    Handshake(handshake::HandshakeArgs),
+    /// N connected clients drop and reconnect at once; time until all are back.
+    Storm(storm::StormArgs),
+    /// rustls alone in memory on one core: handshakes and small records (the ceiling).
+    Ceiling(ceiling::CeilingArgs),
+    /// Turn JSON reports into a markdown table and an SVG chart.
+    Report(render::ReportArgs),
+    /// A plain byte echo on a Unix socket: the backend nginx, HAProxy and the baseline use.
+    UnixEcho(unix_echo::UnixEchoArgs),
     /// One child process of `idle` (started by `idle` itself).
     #[command(hide = true)]
     IdleWorker(idle_worker::WorkerArgs),
@@ -54,6 +74,11 @@ fn main() -> ExitCode {
         Cmd::GenCert(args) => certs::run(args).map(|()| ExitCode::SUCCESS),
         Cmd::Idle(args) => idle::run(args),
         Cmd::Echo(args) => echo::run(args),
+        Cmd::Handshake(args) => handshake::run(args),
+        Cmd::Storm(args) => storm::run(args),
+        Cmd::Ceiling(args) => ceiling::run(args),
+        Cmd::Report(args) => render::run(args).map(|()| ExitCode::SUCCESS),
+        Cmd::UnixEcho(args) => unix_echo::run(args).map(|()| ExitCode::SUCCESS),
         Cmd::IdleWorker(args) => idle_worker::run(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {

@@ -121,6 +121,22 @@ pub fn echo_conn(n: u64, conns: u64) -> u64 {
     n % conns
 }
 
+/// The source addresses a client binds, as given in `spec` (see [`parse_sources`]), with
+/// `none` meaning none (the kernel chooses) and no spec meaning [`DEFAULT_SOURCES`] when the
+/// target is on loopback and none otherwise. Returns the spec in force and its addresses.
+pub fn resolve_sources(
+    spec: Option<&str>,
+    target_is_loopback: bool,
+) -> Result<Option<(String, Vec<IpAddr>)>, String> {
+    let spec = match spec {
+        Some("none") => return Ok(None),
+        Some(s) => s,
+        None if target_is_loopback => DEFAULT_SOURCES,
+        None => return Ok(None),
+    };
+    Ok(Some((spec.to_string(), parse_sources(spec)?)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +221,18 @@ mod tests {
         // 3 connections: frame 0 of each, then frame 1 of each.
         let order: Vec<u64> = (0..6).map(|n| echo_conn(n, 3)).collect();
         assert_eq!(order, vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn sources_resolved() {
+        let (spec, v) = resolve_sources(None, true).unwrap().unwrap();
+        assert_eq!((spec.as_str(), v.len()), (DEFAULT_SOURCES, 253));
+        assert_eq!(resolve_sources(None, false), Ok(None));
+        assert_eq!(resolve_sources(Some("none"), true), Ok(None));
+        let (_, v) = resolve_sources(Some("10.0.0.1,10.0.0.2"), false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.len(), 2);
+        assert!(resolve_sources(Some("bad"), true).is_err());
     }
 }

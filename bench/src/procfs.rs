@@ -1,6 +1,7 @@
-//! Readers for the few /proc files a benchmark samples: a process's Pss and Rss, the
-//! machine's slab and TCP socket figures, and the facts about the machine that go in a
-//! report.
+//! Readers for the few /proc files a benchmark samples: a process's Pss and Rss, the CPU
+//! time of a server's processes (a process and its descendants, so an nginx master's pid
+//! covers its workers), the machine's slab, TCP socket and accept-queue figures, and the
+//! facts about the machine that go in a report.
 //!
 //! Parsing is split from reading so the parsers are tested on captured text. A reader
 //! returns an error naming the file when a field is missing; it never guesses a zero,
@@ -105,6 +106,201 @@ pub fn page_size() -> u64 {
     sys::page_size()
 }
 
+/// The fields of /proc/PID/stat a benchmark uses. CPU times are in clock ticks
+/// ([`crate::sys::clock_ticks_per_sec`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Parent process id (field 4).
+    pub ppid: u32,
+    /// User time of every thread of the process (field 14).
+    pub utime: u64,
+    /// System time of every thread of the process (field 15).
+    pub stime: u64,
+    /// User time of its children that exited and were waited for (field 16).
+    pub cutime: u64,
+    /// System time of its children that exited and were waited for (field 17).
+    pub cstime: u64,
+}
+
+impl ProcStat {
+    /// CPU time of the process and of its reaped children, in clock ticks. Counting the
+    /// reaped children too means a worker process that exits during a run still has its
+    /// CPU time counted, through its parent.
+    pub fn ticks(&self) -> u64 {
+        self.utime + self.stime + self.cutime + self.cstime
+    }
+}
+
+/// Parses /proc/PID/stat. The command name (field 2) is in parentheses and may itself
+/// contain spaces and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat(text: &str) -> Option<ProcStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // f[0] is field 3 (state), so field n is f[n - 3].
+    let num = |n: usize| -> Option<u64> { f.get(n - 3)?.parse().ok() };
+    Some(ProcStat {
+        ppid: num(4)? as u32,
+        utime: num(14)?,
+        stime: num(15)?,
+        cutime: num(16)?,
+        cstime: num(17)?,
+    })
+}
+
+/// `roots` and every descendant of them in the parent map `procs` (`(pid, ppid)` pairs),
+/// roots first, each pid once.
+pub fn with_descendants(roots: &[u32], procs: &[(u32, u32)]) -> Vec<u32> {
+    let mut out: Vec<u32> = Vec::new();
+    for &r in roots {
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    let mut at = 0;
+    while at < out.len() {
+        let parent = out[at];
+        for &(pid, ppid) in procs {
+            if ppid == parent && !out.contains(&pid) {
+                out.push(pid);
+            }
+        }
+        at += 1;
+    }
+    out
+}
+
+/// Every process on the machine as `(pid, ppid)`. Processes that exit while the list is
+/// read are skipped.
+fn all_processes() -> io::Result<Vec<(u32, u32)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/stat")) {
+            if let Some(st) = parse_stat(&text) {
+                out.push((pid, st.ppid));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `roots` and all their descendants now. A root that is not running is an error naming
+/// it: a server that is gone measures as zero, which must not look like a result.
+pub fn process_tree(roots: &[u32]) -> io::Result<Vec<u32>> {
+    for &r in roots {
+        let path = format!("/proc/{r}/stat");
+        read(&path)?;
+    }
+    Ok(with_descendants(roots, &all_processes()?))
+}
+
+/// CPU time of one process (see [`ProcStat::ticks`]), or `None` when it is gone.
+pub fn process_ticks(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(parse_stat(&text)?.ticks())
+}
+
+/// A snapshot of the CPU time of a set of processes: each pid with its ticks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CpuSnapshot {
+    /// `(pid, ticks)` of every process measured.
+    pub procs: Vec<(u32, u64)>,
+}
+
+impl CpuSnapshot {
+    /// Samples `roots` and their descendants.
+    pub fn take(roots: &[u32]) -> io::Result<CpuSnapshot> {
+        let pids = process_tree(roots)?;
+        Ok(CpuSnapshot {
+            procs: pids
+                .into_iter()
+                .filter_map(|p| Some((p, process_ticks(p)?)))
+                .collect(),
+        })
+    }
+
+    /// Pids in this snapshot.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().map(|&(p, _)| p).collect()
+    }
+}
+
+/// CPU ticks spent between two snapshots by the processes in either. A process that
+/// started in between counts from zero; one that exited in between is subtracted at its
+/// starting figure and comes back whole in its parent's reaped-children time, so the sum
+/// is the time spent in the window either way.
+pub fn cpu_ticks_between(start: &CpuSnapshot, end: &CpuSnapshot) -> u64 {
+    let sum = |s: &CpuSnapshot| s.procs.iter().map(|&(_, t)| t).sum::<u64>();
+    sum(end).saturating_sub(sum(start))
+}
+
+/// The value of `field` in the `group` (e.g. `TcpExt`) of /proc/net/netstat or
+/// /proc/net/snmp, where each group is a line of names followed by a line of values.
+pub fn netstat_field(text: &str, group: &str, field: &str) -> Option<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        let names = names[prefix.len()..].split_whitespace();
+        let mut values = values[prefix.len()..].split_whitespace();
+        for name in names {
+            let value = values.next()?;
+            if name == field {
+                return value.parse().ok();
+            }
+        }
+    }
+    None
+}
+
+/// The machine's accept-queue counters: TcpExt ListenOverflows and ListenDrops from
+/// /proc/net/netstat (machine-wide, every listener together).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenCounters {
+    /// Connections that found a full accept queue.
+    pub overflows: u64,
+    /// Connections dropped at the listener for any reason (overflows included).
+    pub drops: u64,
+}
+
+/// Samples [`ListenCounters`].
+pub fn listen_counters() -> io::Result<ListenCounters> {
+    let path = "/proc/net/netstat";
+    let text = read(path)?;
+    Ok(ListenCounters {
+        overflows: netstat_field(&text, "TcpExt", "ListenOverflows")
+            .ok_or_else(|| missing(path, "TcpExt ListenOverflows"))?,
+        drops: netstat_field(&text, "TcpExt", "ListenDrops")
+            .ok_or_else(|| missing(path, "TcpExt ListenDrops"))?,
+    })
+}
+
+/// Pss and Rss summed over `roots` and their descendants, and the pids measured. Pss
+/// splits shared pages among the processes sharing them, so the sum over a master and
+/// its workers counts each page once.
+pub fn tree_memory(roots: &[u32]) -> io::Result<(u64, u64, Vec<u32>)> {
+    let pids = process_tree(roots)?;
+    let (mut pss, mut rss) = (0, 0);
+    for (i, &pid) in pids.iter().enumerate() {
+        match process_memory(pid) {
+            Ok((p, r)) => {
+                pss += p;
+                rss += r;
+            }
+            // A root must be readable; a descendant may have exited meanwhile.
+            Err(e) if i < roots.len() => return Err(e),
+            Err(_) => {}
+        }
+    }
+    Ok((pss, rss, pids))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +357,83 @@ UDP: inuse 2 mem 0
         let m = machine();
         assert!(m.cores >= 1 && m.mem_total_bytes > 0 && !m.kernel.is_empty());
         assert!(page_size() >= 4096);
+    }
+
+    #[test]
+    fn stat_fields() {
+        // The command name holds a space and a parenthesis.
+        let text = "4242 (nginx: a (b)) S 4200 4242 4242 0 -1 4194624 1000 0 0 0 \
+                    150 37 12 5 20 0 1 0 100 1000000 500 18446744073709551615 1 1 0 0 0 0 \
+                    0 4096 0 0 0 0 17 1 0 0 0 0 0\n";
+        let st = parse_stat(text).unwrap();
+        assert_eq!(
+            st,
+            ProcStat {
+                ppid: 4200,
+                utime: 150,
+                stime: 37,
+                cutime: 12,
+                cstime: 5
+            }
+        );
+        assert_eq!(st.ticks(), 204);
+        assert_eq!(parse_stat("1 (x) S 0 1"), None);
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn descendants() {
+        // 10 -> 11 -> 13, 10 -> 12; 20 is unrelated; 1 is the parent of 10.
+        let procs = [(1, 0), (10, 1), (11, 10), (12, 10), (13, 11), (20, 1)];
+        assert_eq!(with_descendants(&[10], &procs), vec![10, 11, 12, 13]);
+        assert_eq!(with_descendants(&[11, 20], &procs), vec![11, 20, 13]);
+        assert_eq!(with_descendants(&[10, 10], &procs), vec![10, 11, 12, 13]);
+        assert_eq!(with_descendants(&[99], &procs), vec![99]);
+    }
+
+    #[test]
+    fn cpu_between_snapshots() {
+        let snap = |v: &[(u32, u64)]| CpuSnapshot { procs: v.to_vec() };
+        // 10 ran 50 ticks; 11 started and ran 7; 12 exited after 3 ticks at the start,
+        // ran 4 more and was reaped by 10 (its 7 ticks show up in 10's children time).
+        let start = snap(&[(10, 100), (12, 3)]);
+        let end = snap(&[(10, 100 + 50 + 7), (11, 7)]);
+        assert_eq!(cpu_ticks_between(&start, &end), 50 + 7 + 4);
+        assert_eq!(cpu_ticks_between(&end, &start), 0, "never negative");
+        assert_eq!(start.pids(), vec![10, 12]);
+    }
+
+    #[test]
+    fn netstat_fields() {
+        let text = "\
+TcpExt: SyncookiesSent SyncookiesRecv ListenOverflows ListenDrops
+TcpExt: 0 0 17 19
+IpExt: InNoRoutes ListenOverflows
+IpExt: 5 99
+";
+        assert_eq!(netstat_field(text, "TcpExt", "ListenOverflows"), Some(17));
+        assert_eq!(netstat_field(text, "TcpExt", "ListenDrops"), Some(19));
+        assert_eq!(netstat_field(text, "IpExt", "ListenOverflows"), Some(99));
+        assert_eq!(netstat_field(text, "TcpExt", "Nope"), None);
+        assert_eq!(netstat_field(text, "Udp", "InErrors"), None);
+    }
+
+    #[test]
+    fn live_process_figures() {
+        let me = std::process::id();
+        let tree = process_tree(&[me]).unwrap();
+        assert_eq!(tree[0], me);
+        let a = CpuSnapshot::take(&[me]).unwrap();
+        let mut x = 0u64;
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_millis(50) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        let b = CpuSnapshot::take(&[me]).unwrap();
+        assert!(cpu_ticks_between(&a, &b) <= 100, "{x}");
+        let (pss, _, pids) = tree_memory(&[me]).unwrap();
+        assert!(pss > 0 && pids[0] == me);
+        listen_counters().unwrap();
+        assert!(process_tree(&[u32::MAX - 1]).is_err());
     }
 }

@@ -11,9 +11,10 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// How the userspace figure of an idle run is obtained; copied into every idle report.
-pub const USERSPACE_METHOD: &str = "gateway_pss_bytes is Pss from /proc/GATEWAY_PID/smaps_rollup \
-(kB x 1024); the gateway's threads share one address space, so this one figure covers all of \
-them. Each step is sampled settle_secs after the last of its connections finished its \
+pub const USERSPACE_METHOD: &str = "gateway_pss_bytes is Pss from /proc/PID/smaps_rollup \
+(kB x 1024), summed over every pid in gateway_pids and its descendants (an nginx master and its \
+workers; Pss splits shared pages among the processes sharing them, so the sum counts each page \
+once); a process's threads share one address space, so one figure covers all of them. Each step is sampled settle_secs after the last of its connections finished its \
 handshake and echoed one DATA frame. userspace_bytes_per_conn = (gateway_pss_bytes(last step) \
 - gateway_pss_bytes(first step)) / (conns_open(last step) - conns_open(first step)), where \
 conns_open counts the connections the load generator holds open at the sample, so fixed \
@@ -236,8 +237,10 @@ pub struct IdleParameters {
     pub settle_secs: f64,
     /// Per-connection bound on connect + handshake + first echo, and on the final echo.
     pub timeout_secs: f64,
-    /// The gateway process measured.
+    /// The first gateway process measured (kept for readers of older reports).
     pub gateway_pid: u32,
+    /// Every gateway process given; their descendants are measured too.
+    pub gateway_pids: Vec<u32>,
 }
 
 /// Failures of connections, by the stage that failed.
@@ -295,6 +298,8 @@ pub struct IdleResults {
 pub struct IdleReport {
     /// Always "idle".
     pub scenario: &'static str,
+    /// The name of the system measured (`--label`), which `report` groups runs by.
+    pub label: Option<String>,
     /// Parameters as resolved.
     pub parameters: IdleParameters,
     /// The machine.
@@ -324,6 +329,10 @@ pub struct EchoParameters {
     pub duration_secs: f64,
     /// Per-connection bound on connect + handshake, and on the final drain.
     pub timeout_secs: f64,
+    /// Server processes whose CPU time is measured (with their descendants); empty: none.
+    pub server_pids: Vec<u32>,
+    /// CPU cores the server runs on, the divisor of the per-core figures.
+    pub server_cores: u32,
 }
 
 /// The outcome of an echo run.
@@ -355,6 +364,16 @@ pub struct EchoResults {
     /// Latency from each frame's actual write to its echo (service time), in microseconds;
     /// the gap to `latency` is time the client spent behind its timetable.
     pub service_latency: Latency,
+    /// `frames_per_sec / server_cores`.
+    pub frames_per_sec_per_core: f64,
+    /// Server CPU time per echoed frame, in microseconds (`server_cpu.us_per_op`); null
+    /// without `--server-pids`.
+    pub server_cpu_us_per_frame: Option<f64>,
+    /// The server's CPU time over the sending window (see [`CPU_METHOD`]).
+    pub server_cpu: Option<ServerCpu>,
+    /// The load generator's own CPU time over the same window, as a share of one core: near
+    /// 1.0 the client, not the server, was the limit.
+    pub client_cpu_utilization: Option<f64>,
     /// Wall-clock seconds of the whole run, connecting and draining included.
     pub elapsed_secs: f64,
 }
@@ -364,6 +383,8 @@ pub struct EchoResults {
 pub struct EchoReport {
     /// Always "echo".
     pub scenario: &'static str,
+    /// The name of the system measured (`--label`).
+    pub label: Option<String>,
     /// Parameters as given.
     pub parameters: EchoParameters,
     /// The machine.
@@ -372,6 +393,368 @@ pub struct EchoReport {
     pub versions: Versions,
     /// What was measured.
     pub results: EchoResults,
+}
+
+/// How the server CPU figures are obtained; copied into every report that has them.
+pub const CPU_METHOD: &str = "Server CPU time is utime + stime + cutime + cstime from \
+/proc/PID/stat (clock ticks, sysconf(_SC_CLK_TCK) per second) summed over every pid in \
+server_pids and all their descendants, sampled right before and right after the measured \
+window; the difference is cpu_secs. It covers every thread of those processes and the kernel \
+work done in their context (system calls, and the loopback network stack where it runs in \
+their context), and nothing of the load generator or the echo backend. us_per_op = cpu_secs \
+/ ops; capacity_per_core = 1e6 / us_per_op, the operations one fully busy core of the server \
+would complete; utilization = cpu_secs / (wall_secs x cores).";
+
+/// What the server's processes spent over a measured window.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ServerCpu {
+    /// Processes measured: those given and their descendants.
+    pub pids: Vec<u32>,
+    /// Cores the server runs on (`--server-cores`).
+    pub cores: u32,
+    /// CPU seconds the processes used in the window.
+    pub cpu_secs: f64,
+    /// Wall-clock seconds of the window.
+    pub wall_secs: f64,
+    /// `cpu_secs / (wall_secs * cores)`: how busy the server's cores were.
+    pub utilization: f64,
+    /// Operations (handshakes, frames) completed in the window.
+    pub ops: u64,
+    /// `cpu_secs / ops` in microseconds; null when no operation completed.
+    pub us_per_op: Option<f64>,
+    /// `1e6 / us_per_op`: operations per second one fully busy server core would do.
+    pub capacity_per_core: Option<f64>,
+}
+
+/// Server CPU figures from a tick count over a window: `ticks` at `hz` per second, over
+/// `wall_secs`, for `ops` operations on `cores` cores.
+pub fn server_cpu(
+    ticks: u64,
+    hz: u64,
+    wall_secs: f64,
+    ops: u64,
+    cores: u32,
+    pids: Vec<u32>,
+) -> ServerCpu {
+    let cpu_secs = ticks as f64 / hz.max(1) as f64;
+    let us_per_op = (ops > 0).then(|| cpu_secs * 1e6 / ops as f64);
+    ServerCpu {
+        pids,
+        cores,
+        cpu_secs,
+        wall_secs,
+        utilization: if wall_secs > 0.0 {
+            cpu_secs / (wall_secs * cores.max(1) as f64)
+        } else {
+            0.0
+        },
+        ops,
+        us_per_op,
+        capacity_per_core: us_per_op.filter(|&u| u > 0.0).map(|u| 1e6 / u),
+    }
+}
+
+/// `count / secs`, or 0 for an empty window.
+pub fn rate(count: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        count as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+/// Failures of short connections, by the stage that failed.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct StageFailures {
+    /// TCP connect (or bind) failed.
+    pub connect_failed: u64,
+    /// TLS handshake failed or chose another ALPN protocol.
+    pub handshake_failed: u64,
+    /// The DATA frame did not come back intact.
+    pub echo_failed: u64,
+    /// Of the failures above, those that ran into the timeout.
+    pub timed_out: u64,
+}
+
+impl StageFailures {
+    /// All failures.
+    pub fn total(&self) -> u64 {
+        self.connect_failed + self.handshake_failed + self.echo_failed
+    }
+}
+
+/// The parameters of a handshake run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HandshakeParameters {
+    /// Server address.
+    pub target: String,
+    /// TLS server name sent and verified.
+    pub server_name: String,
+    /// Connections in flight at once (closed loops).
+    pub conns_parallel: u64,
+    /// Seconds of the measured window (in-flight connections finish after it).
+    pub duration_secs: f64,
+    /// True: each loop resumes with a ticket from its previous connection.
+    pub resume: bool,
+    /// Payload bytes of the one DATA frame each connection echoes.
+    pub size: usize,
+    /// Source addresses as given, or null where sockets were not bound.
+    pub sources: Option<String>,
+    /// Number of source addresses.
+    pub source_count: usize,
+    /// Bound on each connection (connect, handshake, echo).
+    pub timeout_secs: f64,
+    /// Server processes measured (with descendants).
+    pub server_pids: Vec<u32>,
+    /// Cores the server runs on.
+    pub server_cores: u32,
+}
+
+/// The outcome of a handshake run.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct HandshakeResults {
+    /// True when connections completed and none failed.
+    pub ok: bool,
+    /// Short connections completed in the window (connect, handshake, one echo, close).
+    pub handshakes: u64,
+    /// Of those, full handshakes.
+    pub full: u64,
+    /// Of those, resumed handshakes (a ticket from an earlier connection was accepted).
+    pub resumed: u64,
+    /// Failed attempts, by stage.
+    pub failures: StageFailures,
+    /// Seconds from the window's start until the last connection started in it finished.
+    pub window_secs: f64,
+    /// `handshakes / window_secs`.
+    pub handshakes_per_sec: f64,
+    /// `handshakes_per_sec / server_cores`.
+    pub handshakes_per_sec_per_core: f64,
+    /// Server CPU per short connection in microseconds (`server_cpu.us_per_op`).
+    pub server_cpu_us_per_handshake: Option<f64>,
+    /// The server's CPU time over the window.
+    pub server_cpu: Option<ServerCpu>,
+    /// The load generator's CPU over the window as a share of one core.
+    pub client_cpu_utilization: Option<f64>,
+    /// Duration of each whole short connection (connect to echo received), microseconds.
+    pub latency: Latency,
+    /// TLS cipher suite negotiated (the last connection's).
+    pub cipher_suite: Option<String>,
+    /// Key exchange group negotiated (the last connection's).
+    pub kx_group: Option<String>,
+    /// Wall-clock seconds of the whole run, warm-up included.
+    pub elapsed_secs: f64,
+}
+
+/// The JSON report of `holdfast-bench handshake`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HandshakeReport {
+    /// Always "handshake".
+    pub scenario: &'static str,
+    /// The name of the system measured (`--label`).
+    pub label: Option<String>,
+    /// Parameters as resolved.
+    pub parameters: HandshakeParameters,
+    /// The machine.
+    pub machine: Machine,
+    /// Software versions.
+    pub versions: Versions,
+    /// How the server CPU is measured ([`CPU_METHOD`]).
+    pub method: &'static str,
+    /// What was measured.
+    pub results: HandshakeResults,
+}
+
+/// Where a storm's accept-queue figures come from.
+pub const LISTEN_SCOPE: &str = "listen_overflows and listen_drops are the change of TcpExt \
+ListenOverflows and ListenDrops in /proc/net/netstat over the storm: machine-wide, every \
+listener on the machine together, not only the server's. A connection that overflows the \
+accept queue has its handshake ACK dropped and is retried by the client's kernel after a \
+second or more, which shows as a tail in reconnect_latency.";
+
+/// The parameters of a storm run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StormParameters {
+    /// Server address.
+    pub target: String,
+    /// TLS server name sent and verified.
+    pub server_name: String,
+    /// Clients connected before the storm, all of which drop and reconnect at once.
+    pub conns: u64,
+    /// True: clients reconnect with the session ticket of their first connection.
+    pub resume: bool,
+    /// Payload bytes of the DATA frame each connection echoes.
+    pub size: usize,
+    /// Connections opened per second before the storm.
+    pub connect_rate: f64,
+    /// Source addresses as given, or null where sockets were not bound.
+    pub sources: Option<String>,
+    /// Number of source addresses.
+    pub source_count: usize,
+    /// Seconds every client has to be back after the drop; also each attempt's bound.
+    pub timeout_secs: f64,
+    /// Server processes measured (with descendants).
+    pub server_pids: Vec<u32>,
+    /// Cores the server runs on.
+    pub server_cores: u32,
+}
+
+/// The outcome of a storm run.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct StormResults {
+    /// True when every client connected, came back after the drop and nothing failed.
+    pub ok: bool,
+    /// Clients connected (handshake and one echo) before the storm.
+    pub connected: u64,
+    /// Clients that failed to connect before the storm.
+    pub initial_failures: StageFailures,
+    /// Clients back (reconnected, handshake done, one frame echoed) after the drop.
+    pub back: u64,
+    /// True when every connected client came back.
+    pub all_back: bool,
+    /// Seconds from the drop until the last client was back; null when not all came back.
+    pub recovery_secs: Option<f64>,
+    /// Reconnection attempts that failed (each client retries until its deadline).
+    pub reconnect_failures: StageFailures,
+    /// Reconnections that resumed a TLS session.
+    pub resumed: u64,
+    /// Reconnections with a full handshake.
+    pub full: u64,
+    /// Time from the drop until each client was back, in microseconds.
+    pub reconnect_latency: Latency,
+    /// Change of TcpExt ListenOverflows over the storm (machine-wide, see `listen_scope`).
+    pub listen_overflows: u64,
+    /// Change of TcpExt ListenDrops over the storm (machine-wide).
+    pub listen_drops: u64,
+    /// [`LISTEN_SCOPE`].
+    pub listen_scope: &'static str,
+    /// Server CPU from the drop until the last client was back (or the deadline).
+    pub server_cpu: Option<ServerCpu>,
+    /// Server CPU per client brought back, microseconds.
+    pub server_cpu_us_per_reconnect: Option<f64>,
+    /// Wall-clock seconds of the whole run.
+    pub elapsed_secs: f64,
+}
+
+/// The JSON report of `holdfast-bench storm`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StormReport {
+    /// Always "storm".
+    pub scenario: &'static str,
+    /// The name of the system measured (`--label`).
+    pub label: Option<String>,
+    /// Parameters as resolved.
+    pub parameters: StormParameters,
+    /// The machine.
+    pub machine: Machine,
+    /// Software versions.
+    pub versions: Versions,
+    /// How the server CPU is measured ([`CPU_METHOD`]).
+    pub method: &'static str,
+    /// What was measured.
+    pub results: StormResults,
+}
+
+/// How the ceiling is measured; copied into its report.
+pub const CEILING_METHOD: &str = "rustls alone, in memory, on one thread: a client and a server \
+connection exchange TLS bytes through Vecs, no sockets. server_* figures time only the server's \
+calls (ServerConnection::new, read_tls, process_new_packets, write_tls, reader/writer, drop) \
+with the thread's CPU clock (CLOCK_THREAD_CPUTIME_ID), minus the measured cost of reading that \
+clock; both_sides_* figures are wall-clock rates of the whole loop, client work included. The \
+server is configured as holdfast's is: TLS 1.3 only, ALPN holdfast/1, two session tickets sent \
+after each handshake. Records: the client encrypts a batch of record_size-byte records, the \
+server decrypts them and encrypts each back (one decrypt + one encrypt is what a relay spends on \
+a frame), and the client decrypts the echoes; server_us_per_record_pair is the server's part.";
+
+/// Handshakes of one kind in the ceiling.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CeilingHandshakes {
+    /// Handshakes completed.
+    pub handshakes: u64,
+    /// Of them, resumed (the server accepted the client's ticket).
+    pub resumed: u64,
+    /// Server CPU seconds (server calls only).
+    pub server_cpu_secs: f64,
+    /// Server CPU per handshake, microseconds.
+    pub server_us_per_handshake: Option<f64>,
+    /// `1e6 / server_us_per_handshake`: handshakes per second of one core spent on the
+    /// server side only.
+    pub server_handshakes_per_sec: Option<f64>,
+    /// Handshakes per second of the whole loop (client and server on one core).
+    pub both_sides_handshakes_per_sec: f64,
+    /// Wall-clock seconds.
+    pub wall_secs: f64,
+}
+
+/// Small records in the ceiling.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CeilingRecords {
+    /// Plaintext bytes per record.
+    pub record_size: usize,
+    /// Records relayed (each: client encrypt, server decrypt, server encrypt, client decrypt).
+    pub records: u64,
+    /// Server CPU seconds (decrypt + encrypt of every record).
+    pub server_cpu_secs: f64,
+    /// Server CPU per record decrypted and encrypted again, microseconds.
+    pub server_us_per_record_pair: Option<f64>,
+    /// `1e6 / server_us_per_record_pair`: record encrypt+decrypt pairs per second per core.
+    pub server_record_pairs_per_sec: Option<f64>,
+    /// Records relayed per second by the whole loop (both sides on one core).
+    pub both_sides_records_per_sec: f64,
+    /// Wall-clock seconds.
+    pub wall_secs: f64,
+}
+
+/// The parameters of a ceiling run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CeilingParameters {
+    /// Seconds spent on each part (full handshakes, resumed handshakes, records).
+    pub seconds: f64,
+    /// Plaintext bytes per record.
+    pub record_size: usize,
+    /// Records per batch.
+    pub batch: usize,
+    /// Crypto provider.
+    pub provider: &'static str,
+    /// Server certificate key.
+    pub certificate: &'static str,
+}
+
+/// The outcome of a ceiling run.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CeilingResults {
+    /// Full handshakes (client resumption off).
+    pub full: CeilingHandshakes,
+    /// Resumed handshakes (the client keeps its tickets).
+    pub resumed: CeilingHandshakes,
+    /// Small records.
+    pub records: CeilingRecords,
+    /// Nanoseconds one read of the thread CPU clock costs (subtracted per timed call).
+    pub clock_overhead_ns: f64,
+    /// Cipher suite negotiated.
+    pub cipher_suite: Option<String>,
+    /// Key exchange group negotiated.
+    pub kx_group: Option<String>,
+    /// Wall-clock seconds of the whole run.
+    pub elapsed_secs: f64,
+}
+
+/// The JSON report of `holdfast-bench ceiling`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CeilingReport {
+    /// Always "ceiling".
+    pub scenario: &'static str,
+    /// The name shown for it (`--label`, default "rustls alone").
+    pub label: Option<String>,
+    /// Parameters.
+    pub parameters: CeilingParameters,
+    /// The machine.
+    pub machine: Machine,
+    /// Software versions.
+    pub versions: Versions,
+    /// [`CEILING_METHOD`].
+    pub method: &'static str,
+    /// What was measured.
+    pub results: CeilingResults,
 }
 
 #[cfg(test)]
@@ -498,5 +881,39 @@ mod tests {
         assert_eq!(v["userspace_bytes_per_conn"], 1.5);
         assert!(v["kernel_bytes_per_conn"].is_null());
         assert_eq!(v["steps"][0]["gateway_pss_bytes"], 2);
+    }
+
+    #[test]
+    fn server_cpu_from_ticks() {
+        // 250 ticks at 100 Hz = 2.5 s of CPU over 5 s on 1 core for 25 000 handshakes.
+        let c = server_cpu(250, 100, 5.0, 25_000, 1, vec![7]);
+        assert_eq!(c.cpu_secs, 2.5);
+        assert_eq!(c.utilization, 0.5);
+        assert_eq!(c.us_per_op, Some(100.0));
+        assert_eq!(c.capacity_per_core, Some(10_000.0));
+        // Two cores: utilization is per core; per-operation cost is not.
+        let c = server_cpu(250, 100, 5.0, 25_000, 2, vec![]);
+        assert_eq!(c.utilization, 0.25);
+        assert_eq!(c.us_per_op, Some(100.0));
+        // Nothing done: no per-operation figure rather than infinity.
+        let c = server_cpu(10, 100, 1.0, 0, 1, vec![]);
+        assert_eq!((c.us_per_op, c.capacity_per_core), (None, None));
+        // No CPU used: zero cost, no capacity figure.
+        let c = server_cpu(0, 100, 1.0, 10, 1, vec![]);
+        assert_eq!((c.us_per_op, c.capacity_per_core), (Some(0.0), None));
+        assert_eq!(server_cpu(5, 100, 0.0, 1, 1, vec![]).utilization, 0.0);
+    }
+
+    #[test]
+    fn rates_and_failures() {
+        assert_eq!(rate(500, 2.0), 250.0);
+        assert_eq!(rate(500, 0.0), 0.0);
+        let f = StageFailures {
+            connect_failed: 1,
+            handshake_failed: 2,
+            echo_failed: 3,
+            timed_out: 4,
+        };
+        assert_eq!(f.total(), 6, "timeouts are a subset, not added");
     }
 }

@@ -1,6 +1,6 @@
 //! The few libc calls the load generator needs and the only `unsafe` in this crate:
-//! raising the open-file limit, asking the page size and tightening a thread's timer
-//! slack.
+//! raising the open-file limit, asking the page size and the clock-tick rate, tightening
+//! a thread's timer slack and reading a thread's CPU clock.
 //!
 //! Each call passes plain integers or a pointer to a local it owns for the call's
 //! duration; nothing here keeps a pointer or touches memory the kernel writes later.
@@ -48,5 +48,32 @@ pub fn set_timer_slack_ns(ns: u64) {
     // The argument is passed as c_ulong, the width prctl reads it with.
     unsafe {
         libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong);
+    }
+}
+
+/// The CPU time this thread has used so far (CLOCK_THREAD_CPUTIME_ID), with nanosecond
+/// resolution. Unlike a wall clock it does not advance while the thread is preempted, so
+/// timing a few calls with it measures their own cost on a busy machine.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, properly aligned timespec that clock_gettime only writes into.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Clock ticks per second, the unit of the CPU times in /proc/PID/stat (usually 100).
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf takes an integer name and touches no memory of ours.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as u64
+    } else {
+        100
     }
 }

@@ -337,3 +337,176 @@ fn echo_reports_rate_and_latency() {
     assert!(l["p99_us"].as_u64() <= l["p999_us"].as_u64());
     assert!(l["p999_us"].as_u64() <= l["max_us"].as_u64());
 }
+
+#[test]
+fn handshake_counts_connections_and_server_cpu() {
+    let dir = TempDir::new("handshake");
+    gen_cert(&dir);
+    let (addr, accepted, _rt) = serve(&dir, Mode::Echo);
+    let me = std::process::id().to_string();
+    for resume in [false, true] {
+        let json = dir.join(format!("hs-{resume}.json"));
+        let (target, ca) = (addr.to_string(), dir.join("ca.pem"));
+        let mut args = vec![
+            "handshake",
+            "--target",
+            &target,
+            "--ca",
+            ca.to_str().unwrap(),
+            "--conns-parallel",
+            "4",
+            "--duration",
+            "0.5",
+            "--server-pids",
+            &me,
+            "--server-cores",
+            "2",
+            "--label",
+            "stand-in",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        let out = run_bin(&args, Duration::from_secs(60));
+        assert!(out.status.success());
+        let v = read_json(&json);
+        assert_eq!(v["scenario"], "handshake");
+        assert_eq!(v["label"], "stand-in");
+        assert_eq!(v["parameters"]["resume"], resume);
+        let r = &v["results"];
+        assert_eq!(r["ok"], true);
+        let n = r["handshakes"].as_u64().unwrap();
+        assert!(n > 0);
+        assert_eq!(
+            r["full"].as_u64().unwrap() + r["resumed"].as_u64().unwrap(),
+            n
+        );
+        if resume {
+            // The stand-in keeps rustls' default session cache, so tickets are honoured.
+            assert!(r["resumed"].as_u64().unwrap() > 0, "{r}");
+        } else {
+            assert_eq!(r["resumed"], 0);
+        }
+        let rate = r["handshakes_per_sec"].as_f64().unwrap();
+        let per_core = r["handshakes_per_sec_per_core"].as_f64().unwrap();
+        assert!((rate / 2.0 - per_core).abs() < 1e-6);
+        assert_eq!(r["server_cpu"]["cores"], 2);
+        assert_eq!(r["server_cpu"]["ops"], n);
+        assert!(r["server_cpu"]["pids"][0].as_u64().unwrap() == std::process::id() as u64);
+        assert!(r["server_cpu_us_per_handshake"].is_number());
+        assert_eq!(r["kx_group"], "X25519");
+        assert!(v["method"].as_str().unwrap().contains("/proc/PID/stat"));
+    }
+    assert!(accepted.load(Ordering::Relaxed) > 8);
+}
+
+#[test]
+fn storm_brings_every_client_back() {
+    let dir = TempDir::new("storm");
+    gen_cert(&dir);
+    let (addr, accepted, _rt) = serve(&dir, Mode::Echo);
+    let json = dir.join("storm.json");
+    let out = run_bin(
+        &[
+            "storm",
+            "--target",
+            &addr.to_string(),
+            "--ca",
+            dir.join("ca.pem").to_str().unwrap(),
+            "--conns",
+            "60",
+            "--resume",
+            "--settle",
+            "0.1",
+            "--server-pids",
+            &std::process::id().to_string(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success());
+    let r = &read_json(&json)["results"];
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["connected"], 60);
+    assert_eq!(r["back"], 60);
+    assert_eq!(r["all_back"], true);
+    assert!(r["recovery_secs"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["reconnect_latency"]["count"], 60);
+    assert!(r["resumed"].as_u64().unwrap() > 0);
+    assert!(r["listen_overflows"].is_u64());
+    assert!(r["listen_scope"].as_str().unwrap().contains("machine-wide"));
+    assert_eq!(accepted.load(Ordering::Relaxed), 120);
+}
+
+#[test]
+fn ceiling_report_and_unix_echo() {
+    let dir = TempDir::new("ceiling");
+    let json = dir.join("ceiling.json");
+    let out = run_bin(
+        &[
+            "ceiling",
+            "--seconds",
+            "0.2",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success());
+    let v = read_json(&json);
+    let r = &v["results"];
+    assert!(r["full"]["handshakes"].as_u64().unwrap() > 0);
+    assert_eq!(r["full"]["resumed"], 0);
+    let resumed = &r["resumed"];
+    assert_eq!(resumed["resumed"], resumed["handshakes"]);
+    assert!(r["full"]["server_us_per_handshake"].as_f64().unwrap() > 1.0);
+    assert!(r["records"]["server_us_per_record_pair"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["kx_group"], "X25519");
+
+    // The report renders the ceiling's row, and an SVG chart.
+    let svg = dir.join("chart.svg");
+    let out = run_bin(
+        &[
+            "report",
+            "--svg",
+            svg.to_str().unwrap(),
+            json.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| rustls alone (in memory) |"), "{table}");
+    assert!(std::fs::read_to_string(&svg).unwrap().starts_with("<svg"));
+
+    // unix-echo sends back exactly what it gets.
+    let sock = dir.join("echo.sock");
+    let mut child = Command::new(BIN)
+        .args(["unix-echo", "--socket", sock.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "unix-echo did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    use std::io::{Read, Write};
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut wire = Vec::new();
+    frame::encode(FrameType::Data, b"through a byte echo", &mut wire);
+    stream.write_all(&wire).unwrap();
+    let mut back = vec![0; wire.len()];
+    stream.read_exact(&mut back).unwrap();
+    assert_eq!(back, wire);
+    let _ = child.kill();
+    let _ = child.wait();
+}

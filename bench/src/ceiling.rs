@@ -1,0 +1,377 @@
+//! `holdfast-bench ceiling`: what rustls alone costs, in memory and on one thread, so the
+//! gateway's figures have a floor to be compared with: TLS 1.3 handshakes (ring provider,
+//! X25519, the ECDSA P-256 certificate `gen-cert` makes), full and resumed, and small
+//! records decrypted and encrypted again.
+//!
+//! A client and a server connection pass their bytes through Vecs; nothing touches a
+//! socket. Only the server's calls are timed for the server figures, with the thread's
+//! CPU clock (CLOCK_THREAD_CPUTIME_ID), which does not run while the thread is preempted,
+//! so the figures hold on a busy machine; the cost of reading that clock is measured first
+//! and taken off every timed call.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use clap::Args;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, ConnectionCommon, ServerConfig, ServerConnection};
+
+use crate::certs;
+use crate::procfs;
+use crate::report::{
+    self, CeilingHandshakes, CeilingParameters, CeilingRecords, CeilingReport, CeilingResults,
+    CEILING_METHOD,
+};
+use crate::sys::thread_cpu_time;
+
+/// Arguments of `holdfast-bench ceiling`.
+#[derive(Debug, Args)]
+pub struct CeilingArgs {
+    /// Seconds spent on each part: full handshakes, resumed handshakes, records.
+    #[arg(long, value_name = "S", default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Plaintext bytes per record.
+    #[arg(long, value_name = "BYTES", default_value_t = 64)]
+    pub record_size: usize,
+    /// Records per batch (the client encrypts a batch, the server handles it at once).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub batch: usize,
+    /// Where to write the JSON report.
+    #[arg(long, value_name = "FILE")]
+    pub json: PathBuf,
+    /// Name shown for it in `report` tables.
+    #[arg(long, value_name = "NAME", default_value = "rustls alone (in memory)")]
+    pub label: String,
+}
+
+/// The server's share of the work: CPU time of timed calls, minus the clock's own cost.
+struct ServerClock {
+    spent: Duration,
+    calls: u64,
+}
+
+impl ServerClock {
+    fn new() -> ServerClock {
+        ServerClock {
+            spent: Duration::ZERO,
+            calls: 0,
+        }
+    }
+
+    /// Runs `f` as server work.
+    fn time<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let t = thread_cpu_time();
+        let out = f();
+        self.spent += thread_cpu_time().saturating_sub(t);
+        self.calls += 1;
+        out
+    }
+
+    /// Seconds of server work, with `overhead_ns` taken off per timed call.
+    fn secs(&self, overhead_ns: f64) -> f64 {
+        (self.spent.as_secs_f64() - self.calls as f64 * overhead_ns * 1e-9).max(0.0)
+    }
+}
+
+/// What one reading of the thread CPU clock costs, in nanoseconds: the part of a timed
+/// interval that is the clock and not the work.
+fn clock_overhead_ns() -> f64 {
+    const N: u32 = 20_000;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = thread_cpu_time();
+        for _ in 0..N {
+            std::hint::black_box(thread_cpu_time());
+        }
+        let per = thread_cpu_time().saturating_sub(t).as_secs_f64() * 1e9 / f64::from(N + 1);
+        best = best.min(per);
+    }
+    best
+}
+
+/// Feeds `bytes` to a connection and processes them.
+fn feed<D>(conn: &mut ConnectionCommon<D>, mut bytes: &[u8]) -> anyhow::Result<()> {
+    while !bytes.is_empty() {
+        conn.read_tls(&mut bytes).context("read_tls")?;
+        conn.process_new_packets().context("process_new_packets")?;
+    }
+    Ok(())
+}
+
+/// Everything a connection wants to send.
+fn drain<D>(conn: &mut ConnectionCommon<D>, out: &mut Vec<u8>) -> anyhow::Result<()> {
+    while conn.wants_write() {
+        conn.write_tls(out).context("write_tls")?;
+    }
+    Ok(())
+}
+
+/// Runs a handshake between `client` and `server` to its end, session tickets included,
+/// timing the server's calls on `clock`.
+fn handshake(
+    client: &mut ClientConnection,
+    server: &mut ServerConnection,
+    clock: &mut ServerClock,
+) -> anyhow::Result<()> {
+    let (mut c2s, mut s2c) = (Vec::with_capacity(2048), Vec::with_capacity(4096));
+    for _ in 0..16 {
+        c2s.clear();
+        s2c.clear();
+        drain(client, &mut c2s)?;
+        clock.time(|| -> anyhow::Result<()> {
+            feed(server, &c2s)?;
+            drain(server, &mut s2c)
+        })?;
+        feed(client, &s2c)?;
+        if c2s.is_empty() && s2c.is_empty() && !client.is_handshaking() && !server.is_handshaking()
+        {
+            return Ok(());
+        }
+    }
+    bail!("the handshake did not finish in 16 flights")
+}
+
+struct Setup {
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    name: ServerName<'static>,
+}
+
+fn setup() -> anyhow::Result<Setup> {
+    let g = certs::generate(&["localhost".to_string()])?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(g.cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .context("the generated certificate")?;
+    let key = PrivateKeyDer::from_pem_slice(g.key.as_bytes()).context("the generated key")?;
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    // As holdfast configures its server: ALPN holdfast/1, two tickets after a handshake.
+    server.alpn_protocols = vec![holdfast_wire::frame::ALPN.to_vec()];
+    server.send_tls13_tickets = 2;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(g.ca.as_bytes()) {
+        roots.add(ca.context("the generated CA")?)?;
+    }
+    let mut client = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![holdfast_wire::frame::ALPN.to_vec()];
+    client.resumption = rustls::client::Resumption::disabled();
+    Ok(Setup {
+        server: Arc::new(server),
+        client: Arc::new(client),
+        name: ServerName::try_from("localhost")?,
+    })
+}
+
+/// Handshakes for `seconds` with `client` (resumption on or off).
+fn handshakes(
+    s: &Setup,
+    client_config: &Arc<ClientConfig>,
+    seconds: f64,
+    overhead_ns: f64,
+) -> anyhow::Result<CeilingHandshakes> {
+    let mut clock = ServerClock::new();
+    let (mut n, mut resumed) = (0u64, 0u64);
+    let start = Instant::now();
+    let until = Duration::from_secs_f64(seconds);
+    while start.elapsed() < until {
+        let mut client = ClientConnection::new(client_config.clone(), s.name.clone())?;
+        let mut server = clock.time(|| ServerConnection::new(s.server.clone()))?;
+        handshake(&mut client, &mut server, &mut clock)?;
+        ensure!(
+            server.alpn_protocol() == Some(holdfast_wire::frame::ALPN),
+            "ALPN was not negotiated"
+        );
+        if server.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+            resumed += 1;
+        }
+        clock.time(|| drop(server));
+        n += 1;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let secs = clock.secs(overhead_ns);
+    let us = (n > 0).then(|| secs * 1e6 / n as f64);
+    Ok(CeilingHandshakes {
+        handshakes: n,
+        resumed,
+        server_cpu_secs: secs,
+        server_us_per_handshake: us,
+        server_handshakes_per_sec: us.filter(|&u| u > 0.0).map(|u| 1e6 / u),
+        both_sides_handshakes_per_sec: report::rate(n, wall),
+        wall_secs: wall,
+    })
+}
+
+/// Small records through an established pair for `seconds`.
+fn records(
+    s: &Setup,
+    size: usize,
+    batch: usize,
+    seconds: f64,
+    overhead_ns: f64,
+) -> anyhow::Result<(CeilingRecords, Option<String>, Option<String>)> {
+    let mut client = ClientConnection::new(s.client.clone(), s.name.clone())?;
+    let mut server = ServerConnection::new(s.server.clone())?;
+    handshake(&mut client, &mut server, &mut ServerClock::new())?;
+    let suite = server
+        .negotiated_cipher_suite()
+        .map(|c| format!("{:?}", c.suite()));
+    let kx = server
+        .negotiated_key_exchange_group()
+        .map(|g| format!("{:?}", g.name()));
+    let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
+    let mut plain = vec![0u8; size.max(1)];
+    let mut back = vec![0u8; size * batch + 1];
+    let (mut c2s, mut s2c) = (Vec::new(), Vec::new());
+    let mut clock = ServerClock::new();
+    let mut n = 0u64;
+    let start = Instant::now();
+    let until = Duration::from_secs_f64(seconds);
+    while start.elapsed() < until {
+        c2s.clear();
+        s2c.clear();
+        for _ in 0..batch {
+            client.writer().write_all(&payload)?;
+        }
+        drain(&mut client, &mut c2s)?;
+        clock.time(|| -> anyhow::Result<()> {
+            feed(&mut server, &c2s)?;
+            for _ in 0..batch {
+                server.reader().read_exact(&mut plain[..size])?;
+                server.writer().write_all(&plain[..size])?;
+            }
+            drain(&mut server, &mut s2c)
+        })?;
+        feed(&mut client, &s2c)?;
+        let mut got = 0;
+        while got < size * batch {
+            match client.reader().read(&mut back[got..])? {
+                0 => break,
+                k => got += k,
+            }
+        }
+        ensure!(
+            got == size * batch && back[..size] == payload[..],
+            "the records did not come back intact"
+        );
+        n += batch as u64;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    let secs = clock.secs(overhead_ns);
+    let us = (n > 0).then(|| secs * 1e6 / n as f64);
+    Ok((
+        CeilingRecords {
+            record_size: size,
+            records: n,
+            server_cpu_secs: secs,
+            server_us_per_record_pair: us,
+            server_record_pairs_per_sec: us.filter(|&u| u > 0.0).map(|u| 1e6 / u),
+            both_sides_records_per_sec: report::rate(n, wall),
+            wall_secs: wall,
+        },
+        suite,
+        kx,
+    ))
+}
+
+/// Runs the ceiling benchmark.
+pub fn run(args: CeilingArgs) -> anyhow::Result<ExitCode> {
+    ensure!(
+        args.seconds > 0.0 && args.seconds.is_finite(),
+        "--seconds must be positive"
+    );
+    ensure!(args.batch >= 1, "--batch must be at least 1");
+    ensure!(
+        (1..=16 * 1024).contains(&args.record_size),
+        "--record-size must be 1 to 16384"
+    );
+    ensure!(
+        args.record_size * args.batch <= 16 * 1024,
+        "--record-size x --batch must stay within 16 KiB (rustls' plaintext buffer)"
+    );
+    let started = Instant::now();
+    let s = setup()?;
+    let overhead = clock_overhead_ns();
+    let full = handshakes(&s, &s.client, args.seconds, overhead)?;
+    // One store for the resumed loop: each handshake takes a ticket and leaves two.
+    let resuming = crate::client::resuming(&s.client);
+    let mut seed = ClientConnection::new(resuming.clone(), s.name.clone())?;
+    let mut seed_server = ServerConnection::new(s.server.clone())?;
+    handshake(&mut seed, &mut seed_server, &mut ServerClock::new())?;
+    let resumed = handshakes(&s, &resuming, args.seconds, overhead)?;
+    let (records, cipher_suite, kx_group) =
+        records(&s, args.record_size, args.batch, args.seconds, overhead)?;
+    let report = CeilingReport {
+        scenario: "ceiling",
+        label: Some(args.label.clone()),
+        parameters: CeilingParameters {
+            seconds: args.seconds,
+            record_size: args.record_size,
+            batch: args.batch,
+            provider: "ring",
+            certificate: "ECDSA P-256 (gen-cert)",
+        },
+        machine: procfs::machine(),
+        versions: report::Versions::current(),
+        method: CEILING_METHOD,
+        results: CeilingResults {
+            full,
+            resumed,
+            records,
+            clock_overhead_ns: overhead,
+            cipher_suite,
+            kx_group,
+            elapsed_secs: started.elapsed().as_secs_f64(),
+        },
+    };
+    let json = serde_json::to_string_pretty(&report)? + "\n";
+    std::fs::write(&args.json, json).with_context(|| format!("writing {}", args.json.display()))?;
+    summarize(&report);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn summarize(report: &CeilingReport) {
+    let r = &report.results;
+    let f = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.1}"));
+    let f2 = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.2}"));
+    let f0 = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.0}"));
+    println!(
+        "ceiling: rustls alone in memory, one thread ({} / {}, ECDSA P-256, ring)",
+        r.cipher_suite.as_deref().unwrap_or("?"),
+        r.kx_group.as_deref().unwrap_or("?")
+    );
+    for (name, h) in [("full", &r.full), ("resumed", &r.resumed)] {
+        println!(
+            "  {name} handshakes: server {} us each ({} per second of one core); {:.0}/s \
+             with both sides on one core; {} of {} resumed",
+            f(h.server_us_per_handshake),
+            f0(h.server_handshakes_per_sec),
+            h.both_sides_handshakes_per_sec,
+            h.resumed,
+            h.handshakes
+        );
+    }
+    let rec = &r.records;
+    println!(
+        "  {} B records: server {} us per decrypt+encrypt ({} per second of one core); {:.0}/s \
+         relayed with both sides on one core",
+        rec.record_size,
+        f2(rec.server_us_per_record_pair),
+        f0(rec.server_record_pairs_per_sec),
+        rec.both_sides_records_per_sec
+    );
+    println!(
+        "  clock read costs {:.0} ns (taken off each timed call); {:.1} s in all",
+        r.clock_overhead_ns, r.elapsed_secs
+    );
+}

@@ -1,0 +1,431 @@
+#!/usr/bin/env bash
+# The peer comparison: holdfast against nginx (stream), HAProxy and a plain tokio +
+# tokio-rustls terminator, each terminating TLS in front of an echo backend on a Unix
+# socket, on the same CPUs, in the same run, with the same load generator and scenarios:
+#
+#   idle       memory per idle TLS connection (Pss slope between connection counts)
+#   handshake  short connections (connect, full TLS 1.3 handshake, one echo, close):
+#              server CPU per handshake, handshakes/s per server core
+#   resumed    the same with session resumption
+#   echo       64-byte frames at two fixed open-loop rates: at the higher one, server CPU
+#              per frame and frames/s per core at full load; at the lower one (where the
+#              load generator keeps its timetable easily), p50/p99/p999 latency
+#   storm      N clients drop and reconnect at once: time until all are back
+#
+# plus rustls alone in memory (the ceiling). Every scenario runs RUNS times, the systems
+# taking turns within each round so that noise from other work on the machine spreads
+# over all of them; the table shows the median of the runs with the spread (min–max).
+# The server runs pinned to SERVER_CPUS with taskset, the load generator and the echo
+# backend to LOADGEN_CPUS; on a 2-core machine that is CPU 0 for the server and CPU 1 for
+# everything else. Each system is started fresh for every round, so every idle
+# measurement starts from a clean heap.
+#
+# nginx and HAProxy come from the distribution (Debian: nginx-light or nginx with
+# libnginx-mod-stream, haproxy) and are installed with apt-get when missing and the
+# script runs as root (NO_INSTALL=1 skips that; a peer that cannot be run is left out).
+# Backends: nginx, HAProxy and the baseline open one backend connection per client, to
+# `holdfast-bench unix-echo` (a byte echo: native frames come back unchanged);
+# holdfast multiplexes every client over one link per core to `holdfast-worker echo`.
+#
+# It prints ONE markdown table at the end and keeps every JSON report, the table and an
+# SVG chart in OUT_DIR. Everything it starts is stopped by pid when it exits, and every
+# step has a time limit.
+#
+# Environment (all optional):
+#   QUICK=1          about 2-3 minutes: 2 rounds, fewer connections, shorter windows
+#   RUNS             rounds (default 3; QUICK 2)
+#   PEERS            systems to run (default "holdfast baseline nginx haproxy")
+#   SERVER_CPUS      CPUs of the server, taskset list (default 0)
+#   LOADGEN_CPUS     CPUs of the load generator and backend (default: every other CPU)
+#   IDLE_STEPS       idle connection counts (default 2000,4000,6000; QUICK 2000,3000)
+#   IDLE_RATE        idle connections opened per second (default 1500)
+#   HS_SECS          seconds per handshake window (default 4; QUICK 1)
+#   HS_PARALLEL      short-connection loops in flight (default 32)
+#   ECHO_CONNS       echo connections (default 100)
+#   ECHO_RATE        echo frames per second of the latency run, open loop (default 5000)
+#   ECHO_LOAD_RATE   echo frames per second of the CPU run (default 25000)
+#   ECHO_SECS        seconds of each echo run (default 4; QUICK 1)
+#   STORM_CONNS      clients in the storm (default 2000; QUICK 500)
+#   CEILING_SECS     seconds per part of the rustls ceiling (default 2; QUICK 0.5)
+#   OUT_DIR          where reports go (default target/compare-peers/DATE-TIME)
+#   NO_BUILD=1       use the binaries in BIN_DIR as they are
+#   BIN_DIR          the binaries (default target/release)
+#   NO_INSTALL=1     never run apt-get
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD
+bin=${BIN_DIR:-$root/target/release}
+quick=${QUICK:-0}
+if [[ $quick == 1 ]]; then
+    runs=${RUNS:-2}
+    idle_steps=${IDLE_STEPS:-2000,3000}
+    hs_secs=${HS_SECS:-1}
+    echo_secs=${ECHO_SECS:-1}
+    storm_conns=${STORM_CONNS:-500}
+    ceiling_secs=${CEILING_SECS:-0.5}
+else
+    runs=${RUNS:-3}
+    idle_steps=${IDLE_STEPS:-2000,4000,6000}
+    hs_secs=${HS_SECS:-4}
+    echo_secs=${ECHO_SECS:-4}
+    storm_conns=${STORM_CONNS:-2000}
+    ceiling_secs=${CEILING_SECS:-2}
+fi
+peers=${PEERS:-holdfast baseline nginx haproxy}
+idle_rate=${IDLE_RATE:-1500}
+hs_parallel=${HS_PARALLEL:-32}
+echo_conns=${ECHO_CONNS:-100}
+echo_rate=${ECHO_RATE:-5000}
+echo_load_rate=${ECHO_LOAD_RATE:-25000}
+ncpu=$(nproc)
+server_cpus=${SERVER_CPUS:-0}
+if [[ -z ${LOADGEN_CPUS:-} ]]; then
+    if ((ncpu > 1)); then LOADGEN_CPUS="1-$((ncpu - 1))"; else LOADGEN_CPUS=0; fi
+fi
+loadgen_cpus=$LOADGEN_CPUS
+out=${OUT_DIR:-$root/target/compare-peers/$(date +%Y%m%d-%H%M%S)}
+idle_conns=${idle_steps##*,}
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-peers.XXXXXX")
+chmod 755 "$work"
+pids=()
+
+# stop PID...: SIGTERM, a few seconds to exit, then SIGKILL; always reaped.
+stop() {
+    local pid
+    for pid in "$@"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "$@"; do
+        for _ in {1..50}; do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+}
+
+# shellcheck disable=SC2317 # only ever invoked by the EXIT trap
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    stop ${pids[@]+"${pids[@]}"}
+    rm -rf "$work"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+say() { printf '\n==> %s\n' "$*" >&2; }
+warn() { printf 'compare-peers: warning: %s\n' "$*" >&2; }
+die() {
+    printf 'compare-peers: %s\n' "$*" >&2
+    exit 1
+}
+
+# count_cpus LIST: how many CPUs a taskset list like 0-3,8 names.
+count_cpus() {
+    local n=0 part a b
+    IFS=, read -ra parts <<<"$1"
+    for part in "${parts[@]}"; do
+        if [[ $part == *-* ]]; then
+            a=${part%-*} b=${part#*-}
+            n=$((n + b - a + 1))
+        else
+            n=$((n + 1))
+        fi
+    done
+    echo "$n"
+}
+
+# wait_line FILE PREFIX SECS PID: prints the first line of FILE starting with PREFIX,
+# waiting at most SECS seconds, and fails early if process PID exits first.
+wait_line() {
+    local file=$1 prefix=$2 secs=$3 pid=$4 line
+    local deadline=$((SECONDS + secs))
+    while ((SECONDS < deadline)); do
+        line=$(grep -m1 "^$prefix" "$file" 2>/dev/null || true)
+        if [[ -n $line ]]; then
+            printf '%s\n' "$line"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+# listening PORT: true when something accepts on 127.0.0.1:PORT.
+listening() { (: <>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# free_port FROM: the first port from FROM up that nothing listens on.
+free_port() {
+    local p=$1
+    while listening "$p"; do
+        p=$((p + 1))
+        ((p < $1 + 200)) || die "no free port near $1"
+    done
+    echo "$p"
+}
+
+# wait_port PORT SECS PID: waits until PORT accepts, failing early if PID exits.
+wait_port() {
+    local deadline=$((SECONDS + $2))
+    while ((SECONDS < deadline)); do
+        listening "$1" && return 0
+        kill -0 "$3" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+# field LINE KEY: the value of KEY=VALUE in a ready line.
+field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<"$1"; }
+
+nginx_stream_module() {
+    # Prints the load_module line nginx needs for the stream module ("" when built in);
+    # fails when nginx has no stream module at all.
+    local v
+    v=$(nginx -V 2>&1)
+    if grep -q -- '--with-stream=dynamic' <<<"$v"; then
+        local m
+        for m in /usr/lib/nginx/modules/ngx_stream_module.so /usr/share/nginx/modules/ngx_stream_module.so; do
+            if [[ -f $m ]]; then
+                echo "load_module $m;"
+                return 0
+            fi
+        done
+        return 1
+    fi
+    grep -q -- '--with-stream\b' <<<"$v"
+}
+
+install_peers() {
+    local want=() p
+    for p in $peers; do
+        case $p in
+            nginx) { command -v nginx >/dev/null && nginx_stream_module >/dev/null; } || want+=(nginx) ;;
+            haproxy) command -v haproxy >/dev/null || want+=(haproxy) ;;
+        esac
+    done
+    ((${#want[@]} > 0)) || return 0
+    if [[ ${NO_INSTALL:-0} == 1 ]] || ((EUID != 0)) || ! command -v apt-get >/dev/null; then
+        warn "not installing ${want[*]} (needs root and apt-get; NO_INSTALL=${NO_INSTALL:-0}); those peers are left out"
+        return 0
+    fi
+    local pkgs=()
+    for p in "${want[@]}"; do
+        case $p in
+            nginx) pkgs+=(nginx-light libnginx-mod-stream) ;;
+            haproxy) pkgs+=(haproxy) ;;
+        esac
+    done
+    say "installing ${pkgs[*]} from the distribution"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! timeout 600 apt-get install -y "${pkgs[@]}" >"$work/apt.log" 2>&1; then
+        # nginx-light is a transitional package on newer releases; the plain one will do.
+        timeout 300 apt-get update >>"$work/apt.log" 2>&1 || true
+        pkgs=("${pkgs[@]/nginx-light/nginx}")
+        timeout 600 apt-get install -y "${pkgs[@]}" >>"$work/apt.log" 2>&1 ||
+            warn "apt-get install ${pkgs[*]} failed (see below); missing peers are left out
+$(tail -n 5 "$work/apt.log")"
+    fi
+}
+
+# available PEER: whether PEER can be run here.
+available() {
+    case $1 in
+        holdfast) [[ -x $bin/holdfast && -x $bin/holdfast-worker ]] ;;
+        baseline) [[ -x $bin/holdfast-baseline ]] ;;
+        nginx) command -v nginx >/dev/null && nginx_stream_module >/dev/null ;;
+        haproxy) command -v haproxy >/dev/null ;;
+        *) return 1 ;;
+    esac
+}
+
+label_of() {
+    case $1 in
+        holdfast) echo "holdfast" ;;
+        baseline) echo "tokio-rustls baseline" ;;
+        nginx) echo "nginx $(nginx -v 2>&1 | sed -n 's|.*nginx/\([^ ]*\).*|\1|p')" ;;
+        haproxy) echo "HAProxy $(haproxy -v 2>/dev/null | sed -n '1s/.*version \([^ ]*\).*/\1/p')" ;;
+    esac
+}
+
+# start PEER DIR: starts PEER's backend and server with their files in DIR; sets
+# server_pid, backend_pid and target, or returns non-zero.
+start() {
+    local peer=$1 dir=$2 ready port
+    mkdir -p "$dir"
+    chmod 755 "$dir"
+    server_pid='' backend_pid='' target=''
+    if [[ $peer == holdfast ]]; then
+        taskset -c "$loadgen_cpus" "$bin/holdfast-worker" --log warn echo --socket "$dir/backend.sock" \
+            >"$dir/backend.out" 2>"$dir/backend.log" &
+        backend_pid=$!
+        pids+=("$backend_pid")
+        wait_line "$dir/backend.out" "holdfast-worker: listening on" 10 "$backend_pid" >/dev/null ||
+            { warn "holdfast-worker did not start: $(tail -n 3 "$dir/backend.log")"; return 1; }
+    else
+        taskset -c "$loadgen_cpus" "$bin/holdfast-bench" unix-echo --socket "$dir/backend.sock" \
+            >"$dir/backend.out" 2>"$dir/backend.log" &
+        backend_pid=$!
+        pids+=("$backend_pid")
+        wait_line "$dir/backend.out" "holdfast-bench unix-echo: listening on" 10 "$backend_pid" >/dev/null ||
+            { warn "unix-echo did not start: $(tail -n 3 "$dir/backend.log")"; return 1; }
+        chmod 666 "$dir/backend.sock"
+    fi
+    case $peer in
+        holdfast)
+            RUST_LOG=warn taskset -c "$server_cpus" "$bin/holdfast" run --listen 127.0.0.1:0 \
+                --cert "$work/cert.pem" --key "$work/key.pem" --worker "$dir/backend.sock" \
+                --cores "$server_cores" --admin 127.0.0.1:0 --drain-grace 1 \
+                >"$dir/server.out" 2>"$dir/server.log" &
+            server_pid=$!
+            pids+=("$server_pid")
+            ready=$(wait_line "$dir/server.out" "holdfast ready" 30 "$server_pid") ||
+                { warn "holdfast did not start: $(tail -n 5 "$dir/server.log")"; return 1; }
+            target=$(field "$ready" listen)
+            ;;
+        baseline)
+            taskset -c "$server_cpus" "$bin/holdfast-baseline" --listen 127.0.0.1:0 \
+                --cert "$work/cert.pem" --key "$work/key.pem" --backend "$dir/backend.sock" \
+                --threads "$server_cores" >"$dir/server.out" 2>"$dir/server.log" &
+            server_pid=$!
+            pids+=("$server_pid")
+            ready=$(wait_line "$dir/server.out" "holdfast-baseline ready" 30 "$server_pid") ||
+                { warn "the baseline did not start: $(tail -n 5 "$dir/server.log")"; return 1; }
+            target=$(field "$ready" listen)
+            ;;
+        nginx)
+            port=$(free_port 18443)
+            sed -e "s|@LOAD_MODULES@|$(nginx_stream_module)|" -e "s|@WORKERS@|$server_cores|" \
+                -e "s|@NOFILE@|$(ulimit -Hn)|g" \
+                -e "s|@WORK@|$dir|g" -e "s|@USER@|$(id -un)|" -e "s|@PORT@|$port|" \
+                -e "s|@CERT@|$work/cert.pem|" -e "s|@KEY@|$work/key.pem|" \
+                -e "s|@BACKEND@|$dir/backend.sock|" "$root/bench/peers/nginx.conf" >"$dir/nginx.conf"
+            taskset -c "$server_cpus" nginx -p "$dir" -e "$dir/nginx-error.log" -c "$dir/nginx.conf" \
+                >"$dir/server.out" 2>"$dir/server.log" &
+            server_pid=$!
+            pids+=("$server_pid")
+            wait_port "$port" 15 "$server_pid" ||
+                { warn "nginx did not start: $(tail -n 5 "$dir/server.log" "$dir/nginx-error.log" 2>/dev/null)"; return 1; }
+            target=127.0.0.1:$port
+            ;;
+        haproxy)
+            port=$(free_port 19443)
+            cat "$work/cert.pem" "$work/key.pem" >"$dir/haproxy.pem"
+            sed -e "s|@THREADS@|$server_cores|" -e "s|@MAXCONN@|$((($(ulimit -Hn) - 100) / 2))|" \
+                -e "s|@WORK@|$dir|g" -e "s|@PORT@|$port|" \
+                -e "s|@PEM@|$dir/haproxy.pem|" -e "s|@BACKEND@|$dir/backend.sock|" \
+                "$root/bench/peers/haproxy.cfg" >"$dir/haproxy.cfg"
+            taskset -c "$server_cpus" haproxy -db -f "$dir/haproxy.cfg" >"$dir/server.out" 2>"$dir/server.log" &
+            server_pid=$!
+            pids+=("$server_pid")
+            wait_port "$port" 15 "$server_pid" ||
+                { warn "HAProxy did not start: $(tail -n 5 "$dir/server.log")"; return 1; }
+            target=127.0.0.1:$port
+            ;;
+    esac
+}
+
+# bench SECS ARGS...: the load generator on the load generator's CPUs, bounded by SECS.
+# A failed scenario is noted, not fatal: its report says what failed.
+bench() {
+    local secs=$1
+    shift
+    if ! timeout "$secs" taskset -c "$loadgen_cpus" "$bin/holdfast-bench" "$@" >>"$log" 2>&1; then
+        warn "holdfast-bench $1 ($peer, round $round) reported failures or did not finish; see $log"
+        failures=$((failures + 1))
+    fi
+}
+
+say "checking the host"
+ulimit -n "$(ulimit -Hn)"
+(($(ulimit -n) >= 2 * idle_conns + 1000)) ||
+    warn "open-file limit $(ulimit -n) is tight for peers holding $idle_conns clients (each also holds a backend connection)"
+server_cores=$(count_cpus "$server_cpus")
+if ((ncpu < 2)); then
+    warn "one CPU: the server and the load generator share it"
+fi
+echo "CPUs: $ncpu; server on $server_cpus ($server_cores core(s)); load generator and backends on $loadgen_cpus" >&2
+
+if [[ ${NO_BUILD:-0} != 1 ]]; then
+    say "building (release)"
+    cargo build --release -p holdfast -p holdfast-worker -p holdfast-bench --bins >&2
+fi
+[[ -x $bin/holdfast-bench ]] || die "no $bin/holdfast-bench; build it or set BIN_DIR"
+install_peers
+
+running=()
+for p in $peers; do
+    if available "$p"; then
+        running+=("$p")
+    else
+        warn "$p is not available here; left out"
+    fi
+done
+((${#running[@]} > 0)) || die "no system to compare"
+
+mkdir -p "$out"
+log=$out/bench.log
+: >"$log"
+"$bin/holdfast-bench" gen-cert --out "$work" >/dev/null
+failures=0
+started=$SECONDS
+say "${#running[@]} systems (${running[*]}), $runs rounds; reports in $out"
+
+for round in $(seq 1 "$runs"); do
+    peer=ceiling
+    say "round $round/$runs: rustls alone in memory (the ceiling)"
+    timeout 120 taskset -c "${server_cpus%%[,-]*}" "$bin/holdfast-bench" ceiling \
+        --seconds "$ceiling_secs" --json "$out/ceiling-$round.json" >>"$log" 2>&1 ||
+        { warn "the ceiling run failed; see $log"; failures=$((failures + 1)); }
+    for peer in "${running[@]}"; do
+        label=$(label_of "$peer")
+        say "round $round/$runs: $label"
+        if ! start "$peer" "$work/$peer-$round"; then
+            failures=$((failures + 1))
+            stop ${server_pid:+"$server_pid"} ${backend_pid:+"$backend_pid"}
+            continue
+        fi
+        common=(--target "$target" --ca "$work/ca.pem" --label "$label")
+        cpu=(--server-pids "$server_pid" --server-cores "$server_cores")
+        echo "  idle: $idle_steps connections" >&2
+        bench 300 idle "${common[@]}" --conns "$idle_conns" --steps "$idle_steps" \
+            --rate "$idle_rate" --settle 2 --gateway-pid "$server_pid" --json "$out/$peer-idle-$round.json"
+        echo "  handshakes: $hs_parallel loops for $hs_secs s, full then resumed" >&2
+        bench 120 handshake "${common[@]}" "${cpu[@]}" --conns-parallel "$hs_parallel" \
+            --duration "$hs_secs" --json "$out/$peer-handshake-$round.json"
+        bench 120 handshake "${common[@]}" "${cpu[@]}" --conns-parallel "$hs_parallel" \
+            --duration "$hs_secs" --resume --json "$out/$peer-resumed-$round.json"
+        echo "  echo: $echo_conns connections, 64 B frames at $echo_load_rate/s, then $echo_rate/s, $echo_secs s each" >&2
+        bench 120 echo "${common[@]}" "${cpu[@]}" --conns "$echo_conns" --size 64 \
+            --rate "$echo_load_rate" --duration "$echo_secs" --json "$out/$peer-echoload-$round.json"
+        bench 120 echo "${common[@]}" "${cpu[@]}" --conns "$echo_conns" --size 64 \
+            --rate "$echo_rate" --duration "$echo_secs" --json "$out/$peer-echo-$round.json"
+        echo "  storm: $storm_conns clients drop and reconnect (with their session tickets)" >&2
+        bench 180 storm "${common[@]}" "${cpu[@]}" --conns "$storm_conns" --resume \
+            --json "$out/$peer-storm-$round.json"
+        stop "$server_pid" "$backend_pid"
+        for f in "$work/$peer-$round"/*.log; do
+            if [[ -s $f ]]; then cp "$f" "$out/$peer-$round-$(basename "$f")"; fi
+        done
+    done
+done
+
+say "done in $((SECONDS - started)) s; $failures scenario run(s) reported failures"
+"$bin/holdfast-bench" report --reference holdfast --md "$out/summary.md" --svg "$out/summary.svg" \
+    "$out"/*.json >"$out/summary.txt"
+{
+    echo
+    echo "Server on CPU(s) $server_cpus ($server_cores core(s)), load generator and backends on $loadgen_cpus;" \
+        "$runs rounds. Backends: holdfast multiplexes all clients over one link per core to" \
+        "holdfast-worker echo; nginx, HAProxy and the baseline open one Unix-socket connection per" \
+        "client to holdfast-bench unix-echo. Storm overflows are machine-wide." \
+        "Reports, chart and logs: $out"
+} >>"$out/summary.md"
+echo
+cat "$out/summary.md"
