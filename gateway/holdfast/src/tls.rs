@@ -144,8 +144,12 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsSetupError
     if config.websocket.enabled {
         sc.alpn_protocols.push(b"http/1.1".to_vec());
     }
-    // Session tickets let a reconnect storm resume instead of paying full handshakes.
-    sc.send_tls13_tickets = 2;
+    // Session tickets let a reconnect storm resume instead of paying full handshakes. They
+    // are stateless (encrypted with a rotating key): the default server-side session cache
+    // holds 256 sessions, which a storm of thousands of clients would overrun, and a cache
+    // sized for millions would cost memory per connection.
+    sc.ticketer = provider::Ticketer::new()?;
+    sc.send_tls13_tickets = 1;
     Ok(Arc::new(sc))
 }
 
