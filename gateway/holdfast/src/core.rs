@@ -246,6 +246,10 @@ pub struct Core {
     open: u64,
     wheel: TimerWheel,
     start: Instant,
+    /// The clock as of the last wake-up, and milliseconds since `start` then: read once per
+    /// loop pass, not per completion.
+    now: Instant,
+    now_ms: u64,
     links: Vec<Link>,
     live_mask: u64,
     rearm: Vec<u32>,
@@ -329,6 +333,8 @@ impl Core {
             open: 0,
             wheel: TimerWheel::new(table, 1024),
             start: Instant::now(),
+            now: Instant::now(),
+            now_ms: 0,
             links,
             live_mask: 0,
             rearm: Vec::new(),
@@ -365,8 +371,9 @@ impl Core {
         ))
     }
 
+    /// Seconds since the core started, as of the last wake-up (one clock read per pass).
     fn tick(&self) -> u64 {
-        self.start.elapsed().as_secs()
+        self.now_ms / 1000
     }
 
     /// Queues a submission, submitting first if the queue is full.
@@ -392,10 +399,11 @@ impl Core {
 
     /// Runs until drained. Returns when SIGTERM's grace period ends or every client is gone.
     pub fn run(mut self) -> anyhow::Result<()> {
-        self.arm_accept();
+        // Dial the workers before accepting, so accept can wait for their HELLOs.
         for w in 0..self.links.len() {
             self.try_connect(w);
         }
+        self.arm_accept();
         let mut ts = types::Timespec::new();
         let mut busy_since = Instant::now();
         self.metrics
@@ -417,6 +425,8 @@ impl Core {
             );
             let wait_result = self.ring.submitter().submit_with_args(1, &args);
             let resumed = Instant::now();
+            self.now = resumed;
+            self.now_ms = (resumed - self.start).as_millis() as u64;
             CoreMetrics::add(
                 &self.metrics.loop_wait_ns,
                 (resumed - waited).as_nanos() as u64,
@@ -457,7 +467,7 @@ impl Core {
                 self.begin_drain();
             }
             if let Some(deadline) = self.drain_deadline {
-                if self.open == 0 || Instant::now() >= deadline {
+                if self.open == 0 || self.now >= deadline {
                     if self.open > 0 {
                         warn!(
                             core = self.idx,
@@ -596,7 +606,7 @@ impl Core {
             worker: None,
             seq: 0,
             last_active: now as u32,
-            born_ms: self.start.elapsed().as_millis() as u32,
+            born_ms: self.now_ms as u32,
             peer: None,
             tls,
             staging: Vec::new(),
@@ -766,7 +776,7 @@ impl Core {
                 None => Proto::Native,
             };
             CoreMetrics::inc(&self.metrics.handshakes_ok);
-            let now_ms = self.start.elapsed().as_millis() as u32;
+            let now_ms = self.now_ms as u32;
             self.metrics
                 .observe_handshake(now_ms.wrapping_sub(conn.born_ms));
             self.schedule_idle(slot);
@@ -1448,7 +1458,7 @@ impl Core {
     // ---- worker links ------------------------------------------------------------------
 
     fn maintain_links(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         let interval = Duration::from_millis(self.cfg.runtime.heartbeat_interval_ms);
         let timeout = Duration::from_millis(self.cfg.runtime.heartbeat_timeout_ms);
         for w in 0..self.links.len() {
@@ -1592,7 +1602,7 @@ impl Core {
             return;
         }
         link.rlen += res as usize;
-        link.last_rx = Instant::now();
+        link.last_rx = self.now;
         let mut rbuf = std::mem::take(&mut self.links[w].rbuf);
         let rlen = self.links[w].rlen;
         let mut off = 0;
