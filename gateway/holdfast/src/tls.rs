@@ -148,8 +148,12 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsSetupError
     // are stateless (encrypted with a rotating key): the default server-side session cache
     // holds 256 sessions, which a storm of thousands of clients would overrun, and a cache
     // sized for millions would cost memory per connection.
-    sc.ticketer = provider::Ticketer::new()?;
-    sc.send_tls13_tickets = 1;
+    if config.tls.session_tickets {
+        sc.ticketer = provider::Ticketer::new()?;
+        sc.send_tls13_tickets = 1;
+    } else {
+        sc.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(sc))
 }
 
