@@ -154,6 +154,8 @@ struct Conn {
     /// WebSocket: message assembly state (2 bytes) and whether our ping awaits its pong.
     ws: ws::MessageAssembler,
     ping_outstanding: bool,
+    /// Tick at which the outstanding ping went out.
+    ping_sent: u32,
     close_submitted: bool,
     dirty: bool,
     /// The worker that was sent OPEN for this connection, if any.
@@ -260,6 +262,12 @@ pub struct Core {
     reply: Vec<u8>,
     scratch: Vec<u8>,
     drain_deadline: Option<Instant>,
+    /// Drain progress: connections open when it began, how many were told, where the
+    /// walk over the table is, and when it began.
+    drain_total: u64,
+    drain_told: u64,
+    drain_cursor: usize,
+    drain_started: Instant,
     /// Submissions pushed since the last metrics publish (kept local: one add per pass).
     submissions: u64,
     /// Back-pressure: a worker link is full, so receives are not re-armed and receive
@@ -345,6 +353,10 @@ impl Core {
             reply: Vec::new(),
             scratch: Vec::new(),
             drain_deadline: None,
+            drain_total: 0,
+            drain_told: 0,
+            drain_cursor: 0,
+            drain_started: Instant::now(),
             submissions: 0,
             paused: false,
             withheld: Vec::new(),
@@ -465,6 +477,9 @@ impl Core {
             CoreMetrics::inc(&self.metrics.loop_iterations);
             if self.shutdown.load(Ordering::Relaxed) && self.drain_deadline.is_none() {
                 self.begin_drain();
+            }
+            if self.drain_deadline.is_some() {
+                self.drain_step();
             }
             if let Some(deadline) = self.drain_deadline {
                 if self.open == 0 || self.now >= deadline {
@@ -601,6 +616,7 @@ impl Core {
             proto: Proto::Sniff,
             ws: ws::MessageAssembler::new(),
             ping_outstanding: false,
+            ping_sent: 0,
             close_submitted: false,
             dirty: false,
             worker: None,
@@ -823,11 +839,13 @@ impl Core {
 
     /// WebSocket connections are kept alive by the gateway's pings instead of the idle timeout.
     fn schedule_keepalive(&mut self, slot: u32) {
-        match self.cfg.websocket.ping_interval_secs {
-            0 => {
+        let every = self.cfg.websocket.ping_interval_secs;
+        let idle = self.cfg.limits.idle_timeout_secs;
+        match [every, idle].into_iter().filter(|&t| t > 0).min() {
+            None => {
                 self.wheel.cancel(slot);
             }
-            every => self.wheel.schedule(slot, self.tick() + every + 1),
+            Some(t) => self.wheel.schedule(slot, self.tick() + t + 1),
         }
     }
 
@@ -835,28 +853,42 @@ impl Core {
     /// the last ping went unanswered.
     fn ws_keepalive(&mut self, conn: &mut Conn, slot: u32, now: u64) {
         let every = self.cfg.websocket.ping_interval_secs;
-        if every == 0 {
+        let idle = self.cfg.limits.idle_timeout_secs;
+        let last = u64::from(conn.last_active);
+        if idle > 0 && last + idle <= now {
+            let why = "idle timeout";
+            let close = Some((close_code::GOING_AWAY, why));
+            self.begin_close(conn, slot, CloseReason::IdleTimeout, close);
             return;
         }
-        let last = u64::from(conn.last_active);
-        if conn.ping_outstanding {
-            let why = "no pong";
-            self.begin_close(
-                conn,
-                slot,
-                CloseReason::IdleTimeout,
-                Some((close_code::GOING_AWAY, why)),
-            );
-        } else if last + every > now {
-            self.wheel.schedule(slot, last + every + 1);
-        } else {
-            let mut f = std::mem::take(&mut self.scratch);
-            f.clear();
-            ws::encode_ping(b"holdfast", &mut f);
-            self.send_plain(conn, slot, &f);
-            self.scratch = f;
-            conn.ping_outstanding = true;
-            self.wheel.schedule(slot, now + every);
+        // Any traffic from the client answers a ping as well as a pong does.
+        if conn.ping_outstanding && last >= u64::from(conn.ping_sent) {
+            conn.ping_outstanding = false;
+        }
+        let mut next = if idle > 0 { last + idle } else { u64::MAX };
+        if every > 0 {
+            if conn.ping_outstanding {
+                if now >= u64::from(conn.ping_sent) + every {
+                    let close = Some((close_code::GOING_AWAY, "no pong"));
+                    self.begin_close(conn, slot, CloseReason::IdleTimeout, close);
+                    return;
+                }
+                next = next.min(u64::from(conn.ping_sent) + every);
+            } else if last + every <= now {
+                let mut f = std::mem::take(&mut self.scratch);
+                f.clear();
+                ws::encode_ping(b"holdfast", &mut f);
+                self.send_plain(conn, slot, &f);
+                self.scratch = f;
+                conn.ping_outstanding = true;
+                conn.ping_sent = now as u32;
+                next = next.min(now + every);
+            } else {
+                next = next.min(last + every);
+            }
+        }
+        if next != u64::MAX {
+            self.wheel.schedule(slot, next + 1);
         }
     }
 
@@ -946,7 +978,7 @@ impl Core {
                 Ok(Some(ws::Event::Pong(_))) => conn.ping_outstanding = false,
                 Ok(Some(ws::Event::Close { code, .. })) => {
                     self.reply_frame(conn, slot);
-                    let code = code.unwrap_or(close_code::NORMAL);
+                    let code = code.unwrap_or(NO_STATUS);
                     self.begin_close(conn, slot, CloseReason::PeerClosed, Some((code, "")));
                     stop = true;
                 }
@@ -1433,24 +1465,48 @@ impl Core {
             .user_data(ud(OP_CANCEL, 0, 0));
         // SAFETY: a cancel names only a user_data value.
         unsafe { self.push(e) };
+        self.drain_total = self.open;
+        self.drain_started = self.now;
+        self.drain_step();
+    }
+
+    /// Tells clients to go away spread over the first half of the grace period, so they do
+    /// not all reconnect (elsewhere) at the same instant; each pass closes the share that
+    /// is due by now.
+    fn drain_step(&mut self) {
+        if self.drain_cursor >= self.conns.len() {
+            return;
+        }
+        let spread = Duration::from_secs(self.cfg.limits.drain_grace_secs) / 2;
+        let elapsed = self.now.saturating_duration_since(self.drain_started);
+        let due = if spread.is_zero() || elapsed >= spread {
+            u64::MAX
+        } else {
+            (self.drain_total as f64 * elapsed.as_secs_f64() / spread.as_secs_f64()).ceil() as u64
+        };
         let mut goaway = Vec::new();
         frame::encode(FrameType::GoAway, b"draining", &mut goaway);
-        for slot in 0..self.conns.len() as u32 {
+        while self.drain_told < due && self.drain_cursor < self.conns.len() {
+            let slot = self.drain_cursor as u32;
+            self.drain_cursor += 1;
             let Some(mut conn) = self.conns[slot as usize].take() else {
                 continue;
             };
-            let mut frame_out = None;
-            match (conn.phase, conn.proto) {
-                (Phase::Open, Proto::WebSocket) => {
-                    frame_out = Some((close_code::GOING_AWAY, "draining"))
+            if conn.phase != Phase::Closing {
+                self.drain_told += 1;
+                let mut frame_out = None;
+                match (conn.phase, conn.proto) {
+                    (Phase::Open, Proto::WebSocket) => {
+                        frame_out = Some((close_code::GOING_AWAY, "draining"))
+                    }
+                    (Phase::Open, Proto::Native | Proto::Sniff) => {
+                        self.send_plain(&mut conn, slot, &goaway)
+                    }
+                    _ => {}
                 }
-                (Phase::Open, Proto::Native | Proto::Sniff) => {
-                    self.send_plain(&mut conn, slot, &goaway)
-                }
-                _ => {}
+                self.begin_close(&mut conn, slot, CloseReason::Drain, frame_out);
+                self.progress_close(&mut conn, slot, false);
             }
-            self.begin_close(&mut conn, slot, CloseReason::Drain, frame_out);
-            self.progress_close(&mut conn, slot, false);
             self.put(slot, conn);
         }
     }
@@ -2081,16 +2137,19 @@ impl Core {
 /// The close message of a connection's protocol: a native CLOSE frame, a WebSocket close
 /// frame (codes WebSocket does not allow become 1001 for our idle close, else 1011), or
 /// nothing before a protocol is spoken.
+/// RFC 6455's "no status code" (1005): never sent on the wire; here it marks an empty close.
+const NO_STATUS: u16 = 1005;
+
 fn encode_close_for(proto: Proto, code: u16, why: &str, out: &mut Vec<u8>) {
     match proto {
         Proto::Native | Proto::Sniff => frame::encode_close(code, why, out),
         Proto::WebSocket => {
-            let code = match code {
-                c if ws::is_valid_close_code(c) && c != close_code::IDLE_TIMEOUT => c,
-                close_code::IDLE_TIMEOUT => close_code::GOING_AWAY,
-                _ => close_code::INTERNAL,
-            };
-            ws::encode_close(code, why, out)
+            match code {
+                // The client closed without a code: answer likewise (RFC 6455 5.5.1).
+                NO_STATUS => ws::encode_frame(ws::Opcode::Close, true, &[], out),
+                c if ws::is_valid_close_code(c) => ws::encode_close(c, why, out),
+                _ => ws::encode_close(close_code::INTERNAL, why, out),
+            }
         }
         Proto::Http => {}
     }

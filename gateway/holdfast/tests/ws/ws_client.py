@@ -12,14 +12,21 @@ correct handshake, send one broken frame and report the close code the gateway s
   unmasked, rsv, bad-utf8, big-control, fragmented-ping, too-big, bad-close,
   orphan-continuation
 and bad-handshake sends broken upgrade requests and reports the HTTP statuses.
+A raw good case checks what the library cases cannot control, fragmentation:
+  fragmented   a text message in two fragments with a ping between them (expects the
+               pong, then the reassembled echo), a binary message in three fragments,
+               and a text message with a code point split across two fragments
 
 Usage:
   ws_client.py text --url wss://localhost:7443/ws --cafile cert.pem
   ws_client.py too-big --host 127.0.0.1 --port 7443 --server-name localhost --limit 65536
   ws_client.py bad-handshake --url wss://localhost:7443/ws --cafile cert.pem
+  ws_client.py fragmented --url wss://localhost:7443/ws --cafile cert.pem
+  ws_client.py text --no-alpn --url wss://localhost:7443/ws --cafile cert.pem
 
 Browsers (and these clients) offer ALPN "http/1.1", which makes the gateway answer the
-Upgrade instead of speaking its native protocol.
+Upgrade instead of speaking its native protocol; with --no-alpn the gateway goes by the
+request's first byte ('G') instead.
 """
 
 import argparse
@@ -65,6 +72,7 @@ class Target:
         self.origin = args.origin
         self.timeout = args.timeout
         self.subprotocols = args.subprotocol or []
+        self.alpn = not args.no_alpn
 
     @property
     def host_header(self):
@@ -87,7 +95,8 @@ class Target:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        ctx.set_alpn_protocols(["http/1.1"])
+        if self.alpn:
+            ctx.set_alpn_protocols(["http/1.1"])
         return ctx
 
 
@@ -381,6 +390,78 @@ def raw_case(t, args):
         conn.close()
 
 
+def fragmented_case(t, args):
+    """Fragmented messages, with a ping between fragments; each echo must come back whole."""
+    conn = RawConn(t)
+    try:
+        status, headers, accept_ok = conn.handshake()
+        out = {"alpn": conn.alpn, "handshake_status": status, "accept_ok": accept_ok}
+        if status != 101 or not accept_ok:
+            out["ok"] = False
+            out["error"] = "upgrade refused"
+            return out
+
+        def collect(want):
+            """Server frames until every (opcode, payload) in `want` has come (any order)."""
+            want = list(want)
+            seen = []
+            while want:
+                try:
+                    f = conn.read_frame()
+                except TimeoutError:
+                    return seen, "timed out"
+                if f is None:
+                    return seen, "connection ended"
+                fin, op, payload, masked = f
+                seen.append({"opcode": op, "fin": fin, "len": len(payload), "masked": masked})
+                if op == OP_CLOSE:
+                    code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
+                    return seen, f"closed with {code} {payload[2:].decode('utf-8', 'replace')}"
+                if not fin or masked:
+                    return seen, "server frame fragmented or masked"
+                if (op, payload) in want:
+                    want.remove((op, payload))
+                else:
+                    return seen, f"unexpected frame: opcode {op}, payload {payload[:40]!r}"
+            return seen, None
+
+        checks = {}
+        # Text in two fragments, a ping in between; each frame in its own TLS write so
+        # the gateway reassembles across receives.
+        conn.deadline = time.monotonic() + t.timeout
+        for data in (frame(OP_TEXT, b"Hel", fin=False), frame(OP_PING, b"p"),
+                     frame(OP_CONT, b"lo", fin=True)):
+            conn.send(data)
+            time.sleep(0.02)
+        seen, err = collect([(OP_PONG, b"p"), (OP_TEXT, b"Hello")])
+        checks["text_with_ping"] = {"ok": err is None, "frames": seen, "error": err}
+
+        # Binary in three fragments, all in one write.
+        conn.deadline = time.monotonic() + t.timeout
+        parts = [bytes(range(0, 100)), bytes(range(100, 200)), bytes(range(200, 256))]
+        conn.send(frame(OP_BINARY, parts[0], fin=False) + frame(OP_CONT, parts[1], fin=False)
+                  + frame(OP_CONT, parts[2], fin=True))
+        seen, err = collect([(OP_BINARY, b"".join(parts))])
+        checks["binary_3_fragments"] = {"ok": err is None, "frames": seen, "error": err}
+
+        # "café" with the two bytes of "é" in different fragments: valid UTF-8 overall.
+        conn.deadline = time.monotonic() + t.timeout
+        conn.send(frame(OP_TEXT, b"caf\xc3", fin=False) + frame(OP_CONT, b"\xa9", fin=True))
+        seen, err = collect([(OP_TEXT, "café".encode())])
+        checks["split_code_point"] = {"ok": err is None, "frames": seen, "error": err}
+
+        # Leave cleanly.
+        conn.deadline = time.monotonic() + t.timeout
+        conn.send(frame(OP_CLOSE, struct.pack(">H", 1000)))
+        res = conn.wait_close()
+        checks["close"] = {"ok": res.get("close_code") == 1000, "close_code": res.get("close_code")}
+        out["checks"] = checks
+        out["ok"] = all(c["ok"] for c in checks.values())
+        return out
+    finally:
+        conn.close()
+
+
 def bad_handshake(t, args):
     """Each variant on a fresh connection; reports the HTTP status of each."""
     key = base64.b64encode(os.urandom(16)).decode()
@@ -414,13 +495,17 @@ def bad_handshake(t, args):
         "no-host": (req(headers={"Host": None}), 400),
         "garbage": (b"\x16\x03\x01\x00\xff garbage\r\n\r\n", 400),
         "too-large": (b"GET " + t.path.encode() + b" HTTP/1.1\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n", 431),
-        # Needs an allow-list on the gateway; ask for it with --variants origin.
+        # Need an allow-list on the gateway; ask for them with --variants origin,no-origin.
         "origin": (req().replace(b"\r\n\r\n", b"\r\nOrigin: https://not-allowed.invalid\r\n\r\n")
                    if not t.origin else
                    req().replace(f"Origin: {t.origin}".encode(), b"Origin: https://not-allowed.invalid"),
                    403),
+        "no-origin": (req() if not t.origin else req().replace(f"Origin: {t.origin}\r\n".encode(), b""),
+                      403),
     }
-    names = args.variants.split(",") if args.variants else [v for v in variants if v != "origin"]
+    needs_allow_list = ("origin", "no-origin")
+    names = (args.variants.split(",") if args.variants
+             else [v for v in variants if v not in needs_allow_list])
     results = {}
     ok = True
     for name in names:
@@ -459,16 +544,19 @@ def bad_handshake(t, args):
 LIBRARY_CASES = ["text", "binary", "large", "ping", "close"]
 RAW_CASES = ["unmasked", "rsv", "bad-utf8", "big-control", "fragmented-ping", "too-big",
              "bad-close", "orphan-continuation"]
+RAW_GOOD_CASES = ["fragmented"]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("case", choices=LIBRARY_CASES + RAW_CASES + ["bad-handshake"])
+    p.add_argument("case", choices=LIBRARY_CASES + RAW_GOOD_CASES + RAW_CASES + ["bad-handshake"])
     p.add_argument("--url", help="wss://host:port/path (overrides --host/--port/--path)")
     p.add_argument("--host", default="localhost")
     p.add_argument("--port", type=int, default=7443)
     p.add_argument("--path", default="/ws")
     p.add_argument("--no-tls", action="store_true", help="plain TCP (ws://)")
+    p.add_argument("--no-alpn", action="store_true",
+                   help="offer no ALPN (the gateway then tells HTTP from its native protocol by the first byte)")
     p.add_argument("--cafile", help="CA certificate to verify the gateway with (else: not verified)")
     p.add_argument("--server-name", help="TLS server name (SNI, verification); default: the host")
     p.add_argument("--origin", help="Origin header to send")
@@ -479,7 +567,8 @@ def main():
     p.add_argument("--limit", type=int, default=65536, help="the gateway's message limit (too-big sends limit+1)")
     p.add_argument("--code", type=int, default=1000, help="close code for the close case")
     p.add_argument("--reason", default="bye", help="close reason for the close case")
-    p.add_argument("--variants", help="bad-handshake variants, comma-separated (default: all but origin)")
+    p.add_argument("--variants",
+                   help="bad-handshake variants, comma-separated (default: all but origin and no-origin)")
     args = p.parse_args()
 
     t = Target(args)
@@ -488,6 +577,8 @@ def main():
     try:
         if args.case in LIBRARY_CASES:
             result.update(library_case(t, args))
+        elif args.case in RAW_GOOD_CASES:
+            result.update(fragmented_case(t, args))
         elif args.case in RAW_CASES:
             result.update(raw_case(t, args))
         else:
