@@ -27,7 +27,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod async_link;
 mod link;
+pub mod nats;
 
 pub mod echo;
 

@@ -279,82 +279,10 @@ impl Link {
     pub fn try_recv(&mut self) -> Result<Option<Event>, LinkError> {
         loop {
             let buf = &self.rbuf[self.rstart..self.rend];
-            let Some((msg, used)) = envelope::decode(buf, self.max_payload)? else {
+            let Some((event, used)) =
+                decode_event(buf, self.max_payload, &mut self.peer, &mut self.wbuf)?
+            else {
                 return Ok(None);
-            };
-            let event = match msg {
-                Message::Hello(h) => {
-                    if self.peer.is_some() {
-                        return Err(unexpected(Kind::Hello, "twice"));
-                    }
-                    if h.role != Role::Gateway {
-                        return Err(unexpected(Kind::Hello, "with the worker role"));
-                    }
-                    if h.version != envelope::VERSION {
-                        return Err(LinkError::Version {
-                            ours: envelope::VERSION,
-                            theirs: h.version,
-                        });
-                    }
-                    self.peer = Some(PeerHello {
-                        version: h.version,
-                        core: h.core,
-                        cores: h.cores,
-                        name: h.name.to_owned(),
-                    });
-                    None
-                }
-                _ if self.peer.is_none() => return Err(unexpected(msg.kind(), "before HELLO")),
-                Message::Heartbeat { nonce, reply } => {
-                    if !reply {
-                        envelope::encode(
-                            &Message::Heartbeat { nonce, reply: true },
-                            &mut self.wbuf,
-                        );
-                    }
-                    None
-                }
-                Message::Open(o) => Some(Event::Open {
-                    conn: o.conn,
-                    link_seq: o.link_seq,
-                    peer: o.peer,
-                    sni: o.sni.map(str::to_owned),
-                    alpn: o.alpn.map(<[u8]>::to_vec),
-                    client_identity: o.client_identity.map(<[u8]>::to_vec),
-                }),
-                Message::Frame {
-                    conn,
-                    seq,
-                    link_seq,
-                    flags,
-                    payload,
-                } => Some(Event::Frame {
-                    conn,
-                    seq,
-                    link_seq,
-                    text: flags & envelope::flags::TEXT != 0,
-                    payload: payload.to_vec(),
-                }),
-                Message::Close {
-                    conn,
-                    seq,
-                    link_seq,
-                    code,
-                    reason,
-                } => Some(Event::Close {
-                    conn,
-                    seq,
-                    link_seq,
-                    code,
-                    reason: reason.to_owned(),
-                }),
-                Message::Ack { .. }
-                | Message::Send { .. }
-                | Message::Subscribe { .. }
-                | Message::Unsubscribe { .. }
-                | Message::Publish { .. } => {
-                    return Err(unexpected(msg.kind(), "which only workers send"))
-                }
             };
             self.rstart += used;
             if let Some(event) = event {
@@ -463,11 +391,96 @@ impl Link {
     }
 }
 
+/// Decodes one envelope from the front of `buf`: `Ok(None)` when `buf` holds no whole
+/// envelope, else the event it carries (`None` for HELLO and heartbeats, which are handled
+/// here: the HELLO is checked and stored in `peer`, a heartbeat's reply is queued on
+/// `wbuf`) and how many bytes it took. Shared by the blocking and the async link.
+pub(crate) fn decode_event(
+    buf: &[u8],
+    max_payload: usize,
+    peer: &mut Option<PeerHello>,
+    wbuf: &mut Vec<u8>,
+) -> Result<Option<(Option<Event>, usize)>, LinkError> {
+    let Some((msg, used)) = envelope::decode(buf, max_payload)? else {
+        return Ok(None);
+    };
+    let event = match msg {
+        Message::Hello(h) => {
+            if peer.is_some() {
+                return Err(unexpected(Kind::Hello, "twice"));
+            }
+            if h.role != Role::Gateway {
+                return Err(unexpected(Kind::Hello, "with the worker role"));
+            }
+            if h.version != envelope::VERSION {
+                return Err(LinkError::Version {
+                    ours: envelope::VERSION,
+                    theirs: h.version,
+                });
+            }
+            *peer = Some(PeerHello {
+                version: h.version,
+                core: h.core,
+                cores: h.cores,
+                name: h.name.to_owned(),
+            });
+            None
+        }
+        _ if peer.is_none() => return Err(unexpected(msg.kind(), "before HELLO")),
+        Message::Heartbeat { nonce, reply } => {
+            if !reply {
+                envelope::encode(&Message::Heartbeat { nonce, reply: true }, wbuf);
+            }
+            None
+        }
+        Message::Open(o) => Some(Event::Open {
+            conn: o.conn,
+            link_seq: o.link_seq,
+            peer: o.peer,
+            sni: o.sni.map(str::to_owned),
+            alpn: o.alpn.map(<[u8]>::to_vec),
+            client_identity: o.client_identity.map(<[u8]>::to_vec),
+        }),
+        Message::Frame {
+            conn,
+            seq,
+            link_seq,
+            flags,
+            payload,
+        } => Some(Event::Frame {
+            conn,
+            seq,
+            link_seq,
+            text: flags & envelope::flags::TEXT != 0,
+            payload: payload.to_vec(),
+        }),
+        Message::Close {
+            conn,
+            seq,
+            link_seq,
+            code,
+            reason,
+        } => Some(Event::Close {
+            conn,
+            seq,
+            link_seq,
+            code,
+            reason: reason.to_owned(),
+        }),
+        Message::Ack { .. }
+        | Message::Send { .. }
+        | Message::Subscribe { .. }
+        | Message::Unsubscribe { .. }
+        | Message::Publish { .. } => return Err(unexpected(msg.kind(), "which only workers send")),
+    };
+    Ok(Some((event, used)))
+}
+
 fn unexpected(kind: Kind, what: &'static str) -> LinkError {
     LinkError::Unexpected { kind, what }
 }
 
-fn text_flag(text: bool) -> u8 {
+pub(crate) fn text_flag(text: bool) -> u8 {
     if text {
         envelope::flags::TEXT
     } else {

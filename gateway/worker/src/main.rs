@@ -49,6 +49,30 @@ enum Command {
         #[arg(long, value_name = "MS", default_value_t = 0)]
         ack_delay_ms: u64,
     },
+    /// Bridge the gateway to NATS (subjects and headers: docs/nats.md).
+    Nats {
+        /// Unix socket to listen on (a stale socket file there is replaced).
+        #[arg(long)]
+        socket: PathBuf,
+        /// NATS server URL.
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// This gateway's name: the Holdfast-Gateway header and the default subjects.
+        #[arg(long)]
+        gateway: String,
+        /// Subject client events are published to [default: holdfast.in.GATEWAY].
+        #[arg(long)]
+        subject: Option<String>,
+        /// Subject this gateway's commands arrive on [default: holdfast.out.GATEWAY].
+        #[arg(long)]
+        commands: Option<String>,
+        /// Topic subjects are PREFIX.TOPIC.
+        #[arg(long, value_name = "PREFIX", default_value = "holdfast.topic")]
+        topic_prefix: String,
+        /// Name sent to the gateway in HELLO and to NATS.
+        #[arg(long, default_value = "holdfast-nats-bridge")]
+        name: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +100,31 @@ fn main() -> anyhow::Result<()> {
                 ack_delay: Duration::from_millis(ack_delay_ms),
             };
             run_echo(&socket, &name, options)
+        }
+        Command::Nats {
+            socket,
+            nats,
+            gateway,
+            subject,
+            commands,
+            topic_prefix,
+            name,
+        } => {
+            let options = holdfast_worker::nats::Options {
+                subject: subject.unwrap_or_else(|| format!("holdfast.in.{gateway}")),
+                commands: commands.unwrap_or_else(|| format!("holdfast.out.{gateway}")),
+                socket,
+                nats,
+                gateway,
+                topic_prefix,
+                name,
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?
+                .block_on(holdfast_worker::nats::run(options))
         }
     }
 }

@@ -1,0 +1,285 @@
+//! The async (tokio) worker side of the links: the same events, the same queued
+//! messages and the same HELLO and heartbeat handling as the blocking [`crate::Link`],
+//! over [`tokio::net::UnixListener`] and [`tokio::net::UnixStream`].
+//!
+//! [`AsyncLink::recv`] is cancel-safe: it may lose a `tokio::select!` race without losing
+//! a byte, so one task can wait on its link and on anything else at once. Messages a
+//! worker queues ([`AsyncLink::send`], [`AsyncLink::ack`], ...) leave when the link is
+//! flushed ([`AsyncLink::flush`]) or before `recv` waits for input.
+//!
+//! ```no_run
+//! use holdfast_worker::async_link::AsyncWorkerListener;
+//! use holdfast_worker::Event;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let listener = AsyncWorkerListener::bind("/run/holdfast/echo.sock")?;
+//! loop {
+//!     let mut link = listener.accept().await?; // one link per gateway core
+//!     tokio::spawn(async move {
+//!         while let Ok(Some(event)) = link.recv().await {
+//!             if let Event::Frame { conn, text, payload, .. } = &event {
+//!                 link.send(*conn, *text, payload);
+//!             }
+//!             link.ack(event.link_seq());
+//!         }
+//!     });
+//! }
+//! # }
+//! ```
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use holdfast_wire::envelope::{self, Hello, Message, Role};
+use holdfast_wire::ConnId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::link::{decode_event, text_flag};
+use crate::{Event, LinkError, PeerHello, DEFAULT_NAME};
+
+const MIN_READ: usize = 64 * 1024;
+
+/// A listening worker socket, async flavour of [`crate::WorkerListener`].
+#[derive(Debug)]
+pub struct AsyncWorkerListener {
+    listener: UnixListener,
+    path: PathBuf,
+    name: String,
+}
+
+impl AsyncWorkerListener {
+    /// Binds a Unix socket at `path` (inside a tokio runtime). A socket file left there by
+    /// an earlier run is removed first; any other kind of file is left alone and binding
+    /// fails.
+    pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
+        let path = path.as_ref();
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} exists and is not a socket; not removing it",
+                        path.display()
+                    ),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(AsyncWorkerListener {
+            listener: UnixListener::bind(path)?,
+            path: path.to_owned(),
+            name: DEFAULT_NAME.to_owned(),
+        })
+    }
+
+    /// Sets the name sent in each link's HELLO (default [`DEFAULT_NAME`]).
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.name = name.to_owned();
+        self
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the next gateway core to connect and sends it our HELLO.
+    pub async fn accept(&self) -> io::Result<AsyncLink> {
+        let (stream, _) = self.listener.accept().await?;
+        AsyncLink::from_stream(stream, &self.name).await
+    }
+}
+
+/// One gateway core's link, async flavour of [`crate::Link`].
+#[derive(Debug)]
+pub struct AsyncLink {
+    stream: UnixStream,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    wbuf: Vec<u8>,
+    peer: Option<PeerHello>,
+    max_payload: usize,
+}
+
+impl AsyncLink {
+    /// Wraps a connected stream and sends our HELLO (role worker) on it.
+    pub async fn from_stream(stream: UnixStream, name: &str) -> io::Result<AsyncLink> {
+        let mut link = AsyncLink {
+            stream,
+            rbuf: vec![0; MIN_READ],
+            rstart: 0,
+            rend: 0,
+            wbuf: Vec::with_capacity(MIN_READ),
+            peer: None,
+            max_payload: envelope::DEFAULT_MAX_PAYLOAD,
+        };
+        link.queue(&Message::Hello(Hello {
+            version: envelope::VERSION,
+            role: Role::Worker,
+            core: 0,
+            cores: 0,
+            name,
+        }));
+        link.flush().await?;
+        Ok(link)
+    }
+
+    /// Sets the largest envelope payload accepted from the gateway.
+    pub fn set_max_payload(&mut self, max: usize) {
+        self.max_payload = max;
+    }
+
+    /// The gateway's HELLO, once it has arrived.
+    pub fn peer(&self) -> Option<&PeerHello> {
+        self.peer.as_ref()
+    }
+
+    /// Waits for the gateway's HELLO (it comes first on every link) without taking any
+    /// event off the link.
+    pub async fn hello(&mut self) -> Result<&PeerHello, LinkError> {
+        while self.peer.is_none() {
+            let buf = &self.rbuf[self.rstart..self.rend];
+            match decode_event(buf, self.max_payload, &mut self.peer, &mut self.wbuf)? {
+                // Anything but HELLO before HELLO is refused by the decoder.
+                Some((_, used)) => self.rstart += used,
+                None => {
+                    self.flush().await?;
+                    if !self.fill().await? {
+                        return Err(LinkError::Truncated {
+                            buffered: self.rend - self.rstart,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(self.peer.as_ref().expect("set above"))
+    }
+
+    /// Waits for the next event; pending writes are flushed first. `Ok(None)` when the
+    /// gateway closed the link cleanly between envelopes. Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Option<Event>, LinkError> {
+        loop {
+            if let Some(event) = self.try_recv()? {
+                return Ok(Some(event));
+            }
+            self.flush().await?;
+            if !self.fill().await? {
+                let buffered = self.rend - self.rstart;
+                return if buffered == 0 {
+                    Ok(None)
+                } else {
+                    Err(LinkError::Truncated { buffered })
+                };
+            }
+        }
+    }
+
+    /// The next event already buffered, without waiting; `Ok(None)` when the buffer holds
+    /// no whole event.
+    pub fn try_recv(&mut self) -> Result<Option<Event>, LinkError> {
+        loop {
+            let buf = &self.rbuf[self.rstart..self.rend];
+            let Some((event, used)) =
+                decode_event(buf, self.max_payload, &mut self.peer, &mut self.wbuf)?
+            else {
+                return Ok(None);
+            };
+            self.rstart += used;
+            if let Some(event) = event {
+                return Ok(Some(event));
+            }
+        }
+    }
+
+    /// Queues a message for one connection.
+    pub fn send(&mut self, conn: ConnId, text: bool, payload: &[u8]) {
+        self.queue(&Message::Send {
+            conn,
+            flags: text_flag(text),
+            payload,
+        });
+    }
+
+    /// Queues a request that the gateway close a connection.
+    pub fn close(&mut self, conn: ConnId, code: u16, reason: &str) {
+        self.queue(&Message::Close {
+            conn,
+            seq: 0,
+            link_seq: 0,
+            code,
+            reason,
+        });
+    }
+
+    /// Queues a cumulative acknowledgement up to and including `link_seq`.
+    pub fn ack(&mut self, link_seq: u64) {
+        self.queue(&Message::Ack { link_seq });
+    }
+
+    /// Queues a subscription of `conn` to `topic` (at most 65 535 bytes).
+    pub fn subscribe(&mut self, conn: ConnId, topic: &[u8]) {
+        self.queue(&Message::Subscribe { conn, topic });
+    }
+
+    /// Queues the removal of `conn` from `topic`.
+    pub fn unsubscribe(&mut self, conn: ConnId, topic: &[u8]) {
+        self.queue(&Message::Unsubscribe { conn, topic });
+    }
+
+    /// Queues a message for every subscriber of `topic` on every core of the gateway.
+    pub fn publish(&mut self, topic: &[u8], text: bool, payload: &[u8]) {
+        self.queue(&Message::Publish {
+            flags: text_flag(text),
+            topic,
+            payload,
+        });
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.wbuf.len()
+    }
+
+    /// Writes out everything queued. Cancel-safe: what was written is dropped from the
+    /// queue after each write, the rest stays queued.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        while !self.wbuf.is_empty() {
+            let n = self.stream.write(&self.wbuf).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.wbuf.drain(..n);
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, msg: &Message<'_>) {
+        envelope::encode(msg, &mut self.wbuf);
+    }
+
+    async fn fill(&mut self) -> io::Result<bool> {
+        if self.rstart == self.rend {
+            self.rstart = 0;
+            self.rend = 0;
+        }
+        let want = envelope::peek_len(&self.rbuf[self.rstart..self.rend])
+            .unwrap_or(0)
+            .max(self.rend - self.rstart + MIN_READ);
+        if self.rbuf.len() - self.rstart < want {
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+            if self.rbuf.len() < want {
+                self.rbuf.resize(want, 0);
+            }
+        }
+        let n = self.stream.read(&mut self.rbuf[self.rend..]).await?;
+        self.rend += n;
+        Ok(n > 0)
+    }
+}
