@@ -26,8 +26,7 @@ trap cleanup EXIT INT TERM
 
 # Waits (at most 20 s) for a line starting with $2 in file $1 and prints it.
 wait_line() {
-    local i
-    for i in $(seq 200); do
+    for _ in $(seq 200); do
         if grep -m1 "^$2" "$1" 2>/dev/null; then return 0; fi
         sleep 0.1
     done
@@ -36,7 +35,7 @@ wait_line() {
 
 port=${NATS_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
 "$nats_bin" -a 127.0.0.1 -p "$port" >"$work/nats.log" 2>&1 & pids+=($!)
-for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
 url=nats://127.0.0.1:$port
 "$bin/examples/nats_demo" certs "$work"
 

@@ -3,8 +3,9 @@
 //! measuring what each costs the gateway and the kernel, relays frames at a fixed
 //! open-loop rate to measure latency and CPU per frame, makes short connections as fast
 //! as it can to measure CPU per handshake, drives reconnect storms, measures rustls alone
-//! in memory as the ceiling, serves the byte-echo backend the peers forward to, and turns
-//! the JSON reports into a markdown table and an SVG chart.
+//! in memory as the ceiling, times topic PUBLISH fan-out to many subscribers as the
+//! gateway's own routing worker, serves the byte-echo backend the peers forward to, and
+//! turns the JSON reports into a markdown table and an SVG chart.
 //!
 //! It is a client on tokio and tokio-rustls, deliberately outside the gateway's io_uring
 //! data plane, so what it measures is the gateway and not a shared runtime. Reports are
@@ -17,9 +18,11 @@ mod certs;
 mod client;
 mod cpu;
 mod echo;
+mod fanout;
 mod handshake;
 mod idle;
 mod idle_worker;
+mod nats_echo;
 mod plan;
 mod procfs;
 mod proto;
@@ -52,6 +55,9 @@ enum Cmd {
     Idle(idle::IdleArgs),
     /// Relay frames at a fixed open-loop rate and measure latency and server CPU per frame.
     Echo(echo::EchoArgs),
+    /// Subscribe N clients to a topic through the bench's own routing worker and time
+    /// PUBLISH fan-out to all of them.
+    Fanout(fanout::FanoutArgs),
     /// Short connections (handshake, one echo, close) as fast as C loops make them; server
     /// CPU per handshake.
     Handshake(handshake::HandshakeArgs),
@@ -63,6 +69,9 @@ enum Cmd {
     Report(render::ReportArgs),
     /// A plain byte echo on a Unix socket: the backend nginx, HAProxy and the baseline use.
     UnixEcho(unix_echo::UnixEchoArgs),
+    /// Echo backend on NATS for the bridge relay bench (answers each frame with a send).
+    #[command(hide = true)]
+    NatsEcho(nats_echo::NatsEchoArgs),
     /// One child process of `idle` (started by `idle` itself).
     #[command(hide = true)]
     IdleWorker(idle_worker::WorkerArgs),
@@ -74,11 +83,13 @@ fn main() -> ExitCode {
         Cmd::GenCert(args) => certs::run(args).map(|()| ExitCode::SUCCESS),
         Cmd::Idle(args) => idle::run(args),
         Cmd::Echo(args) => echo::run(args),
+        Cmd::Fanout(args) => fanout::run(args),
         Cmd::Handshake(args) => handshake::run(args),
         Cmd::Storm(args) => storm::run(args),
         Cmd::Ceiling(args) => ceiling::run(args),
         Cmd::Report(args) => render::run(args).map(|()| ExitCode::SUCCESS),
         Cmd::UnixEcho(args) => unix_echo::run(args).map(|()| ExitCode::SUCCESS),
+        Cmd::NatsEcho(args) => nats_echo::run(args).map(|()| ExitCode::SUCCESS),
         Cmd::IdleWorker(args) => idle_worker::run(args).map(|()| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {

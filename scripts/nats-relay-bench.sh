@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# NATS relay bench: how many client frames per second one gateway core relays through the
+# NATS bridge and back, and at what latency.
+#
+# Starts (loopback only) one nats-server, one gateway (--cores 1), one `holdfast-worker
+# nats` bridge and an echo backend on NATS (`holdfast-bench nats-echo`, hidden: it answers
+# every `frame` event with a `send` command to the same connection). Then runs
+#   holdfast-bench echo --conns 20 --size 64 --rate R --duration D --server-pids GATEWAY_PID
+# so each frame goes client -> gateway -> bridge -> NATS -> backend -> NATS -> bridge ->
+# gateway -> client. Prints frames/s achieved, latency percentiles and the gateway's CPU
+# per frame (the bridge, nats-server and the backend are not counted in that figure; their
+# CPU over the run is printed beside it). Everything started here is stopped on exit by
+# PID; every wait is bounded.
+#
+# Environment: RATE (frames/s, default 2000), DURATION (s, default 10), CONNS (default 20),
+# SIZE (default 64), NATS_PORT (default: a free port), OUT (JSON report path, default
+# target/nats-relay-bench.json).
+# Needs nats-server (Debian: apt-get install nats-server) at /usr/sbin/nats-server or on PATH.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+rate=${RATE:-2000}
+duration=${DURATION:-10}
+conns=${CONNS:-20}
+size=${SIZE:-64}
+out=${OUT:-$PWD/target/nats-relay-bench.json}
+
+nats_bin=$(command -v nats-server || true)
+if [ -z "$nats_bin" ]; then
+    for p in /usr/sbin/nats-server /usr/bin/nats-server; do
+        if [ -x "$p" ]; then nats_bin=$p; fi
+    done
+fi
+[ -n "$nats_bin" ] || { echo "nats-server not found (apt-get install nats-server)" >&2; exit 1; }
+
+cargo build -q --release -p holdfast -p holdfast-worker -p holdfast-bench --bins
+bin=$PWD/target/release
+work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-nats-relay.XXXXXX")
+pids=()
+# shellcheck disable=SC2317  # invoked by the trap below
+cleanup() {
+    local pid
+    for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
+    for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+# Waits (at most 20 s) for a line starting with $2 in file $1 and prints it.
+wait_line() {
+    local _
+    for _ in $(seq 200); do
+        if grep -m1 "^$2" "$1" 2>/dev/null; then return 0; fi
+        sleep 0.1
+    done
+    echo "timed out waiting for '$2' in $1" >&2
+    cat "$work"/*.err >&2 || true
+    return 1
+}
+
+# CPU seconds (utime + stime) of one process so far.
+cpu_secs() {
+    local hz
+    hz=$(getconf CLK_TCK)
+    awk -v hz="$hz" '{ sub(/^.*\) /, ""); printf "%.2f\n", ($12 + $13) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+port=${NATS_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+"$nats_bin" -a 127.0.0.1 -p "$port" >"$work/nats.log" 2>"$work/nats.err" &
+nats_pid=$!
+pids+=("$nats_pid")
+up=0
+for _ in $(seq 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then up=1; break; fi
+    sleep 0.1
+done
+[ "$up" = 1 ] || { echo "nats-server did not start on port $port" >&2; cat "$work/nats.err" >&2; exit 1; }
+url=nats://127.0.0.1:$port
+
+"$bin/holdfast-bench" gen-cert --out "$work/certs" >/dev/null
+
+"$bin/holdfast-bench" nats-echo --nats "$url" --max-secs $((duration + 120)) \
+    >"$work/echo.out" 2>"$work/echo.err" &
+echo_pid=$!
+pids+=("$echo_pid")
+wait_line "$work/echo.out" "nats-echo: ready" >/dev/null
+
+"$bin/holdfast-worker" nats --socket "$work/bridge.sock" --nats "$url" --gateway gw1 \
+    --name gw1-bridge >"$work/bridge.out" 2>"$work/bridge.err" &
+bridge_pid=$!
+pids+=("$bridge_pid")
+wait_line "$work/bridge.out" "holdfast-worker: listening" >/dev/null
+
+"$bin/holdfast" run --listen 127.0.0.1:0 --admin 127.0.0.1:0 --cores 1 \
+    --cert "$work/certs/cert.pem" --key "$work/certs/key.pem" --worker "$work/bridge.sock" \
+    >"$work/gw.out" 2>"$work/gw.err" &
+gw_pid=$!
+pids+=("$gw_pid")
+line=$(wait_line "$work/gw.out" "holdfast ready")
+addr=$(tr ' ' '\n' <<<"$line" | sed -n 's/^listen=//p')
+echo "nats-server $url (pid $nats_pid), bridge pid $bridge_pid, backend pid $echo_pid"
+echo "gateway $addr (pid $gw_pid, 1 core)"
+sleep 0.5
+
+before_other=$(for p in "$nats_pid" "$bridge_pid" "$echo_pid"; do cpu_secs "$p"; done)
+echo "holdfast-bench echo --conns $conns --size $size --rate $rate --duration $duration --server-pids $gw_pid"
+status=0
+timeout $((duration + 120)) "$bin/holdfast-bench" echo --target "$addr" --ca "$work/certs/ca.pem" \
+    --conns "$conns" --size "$size" --rate "$rate" --duration "$duration" \
+    --server-pids "$gw_pid" --server-cores 1 --label nats-relay --json "$out" || status=$?
+after_other=$(for p in "$nats_pid" "$bridge_pid" "$echo_pid"; do cpu_secs "$p"; done)
+
+paste <(printf 'nats-server\nbridge\nbackend\n') <(echo "$before_other") <(echo "$after_other") |
+    awk '{ printf "  %s CPU during the run: %.2f s\n", $1, $3 - $2 }'
+python3 - "$out" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))["results"]
+lat, svc = r["latency"], r["service_latency"]
+print("relay through NATS, 1 gateway core:")
+print(f"  frames: {r['frames_received']} of {r['frames_scheduled']} back, {r['frames_lost']} lost, "
+      f"{r['frames_corrupt']} corrupt; {r['frames_per_sec']:.0f} frames/s achieved")
+print(f"  latency from schedule: p50 {lat['p50_us']} us, p99 {lat['p99_us']} us, "
+      f"p99.9 {lat['p999_us']} us, max {lat['max_us']} us (service p50 {svc['p50_us']} us)")
+us = r.get("server_cpu_us_per_frame")
+if us:
+    print(f"  gateway CPU per frame: {us:.1f} us -> about {1e6 / us:.0f} frames/s per fully "
+          "busy gateway core (gateway only; bridge, NATS and backend CPU above)")
+EOF
+echo "report: $out"
+exit "$status"
