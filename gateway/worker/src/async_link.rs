@@ -31,15 +31,12 @@ use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use holdfast_wire::envelope::{self, Hello, Message, Role};
 use holdfast_wire::ConnId;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::link::{decode_event, text_flag};
+use crate::link_state::LinkState;
 use crate::{Event, LinkError, PeerHello, DEFAULT_NAME};
-
-const MIN_READ: usize = 64 * 1024;
 
 /// A listening worker socket, async flavour of [`crate::WorkerListener`].
 #[derive(Debug)]
@@ -98,12 +95,7 @@ impl AsyncWorkerListener {
 #[derive(Debug)]
 pub struct AsyncLink {
     stream: UnixStream,
-    rbuf: Vec<u8>,
-    rstart: usize,
-    rend: usize,
-    wbuf: Vec<u8>,
-    peer: Option<PeerHello>,
-    max_payload: usize,
+    state: LinkState,
 }
 
 impl AsyncLink {
@@ -111,53 +103,38 @@ impl AsyncLink {
     pub async fn from_stream(stream: UnixStream, name: &str) -> io::Result<AsyncLink> {
         let mut link = AsyncLink {
             stream,
-            rbuf: vec![0; MIN_READ],
-            rstart: 0,
-            rend: 0,
-            wbuf: Vec::with_capacity(MIN_READ),
-            peer: None,
-            max_payload: envelope::DEFAULT_MAX_PAYLOAD,
+            state: LinkState::new(name),
         };
-        link.queue(&Message::Hello(Hello {
-            version: envelope::VERSION,
-            role: Role::Worker,
-            core: 0,
-            cores: 0,
-            name,
-        }));
         link.flush().await?;
         Ok(link)
     }
 
     /// Sets the largest envelope payload accepted from the gateway.
     pub fn set_max_payload(&mut self, max: usize) {
-        self.max_payload = max;
+        self.state.set_max_payload(max);
     }
 
     /// The gateway's HELLO, once it has arrived.
     pub fn peer(&self) -> Option<&PeerHello> {
-        self.peer.as_ref()
+        self.state.peer()
     }
 
     /// Waits for the gateway's HELLO (it comes first on every link) without taking any
     /// event off the link.
     pub async fn hello(&mut self) -> Result<&PeerHello, LinkError> {
-        while self.peer.is_none() {
-            let buf = &self.rbuf[self.rstart..self.rend];
-            match decode_event(buf, self.max_payload, &mut self.peer, &mut self.wbuf)? {
-                // Anything but HELLO before HELLO is refused by the decoder.
-                Some((_, used)) => self.rstart += used,
-                None => {
-                    self.flush().await?;
-                    if !self.fill().await? {
-                        return Err(LinkError::Truncated {
-                            buffered: self.rend - self.rstart,
-                        });
-                    }
+        while self.state.peer().is_none() {
+            // Anything but HELLO before HELLO is refused by the decoder, so this takes
+            // no event off the link.
+            if self.state.decode_one()?.is_none() {
+                self.flush().await?;
+                if !self.fill().await? {
+                    return Err(LinkError::Truncated {
+                        buffered: self.state.buffered(),
+                    });
                 }
             }
         }
-        Ok(self.peer.as_ref().expect("set above"))
+        Ok(self.state.peer().expect("set above"))
     }
 
     /// Waits for the next event; pending writes are flushed first. `Ok(None)` when the
@@ -169,12 +146,7 @@ impl AsyncLink {
             }
             self.flush().await?;
             if !self.fill().await? {
-                let buffered = self.rend - self.rstart;
-                return if buffered == 0 {
-                    Ok(None)
-                } else {
-                    Err(LinkError::Truncated { buffered })
-                };
+                return self.state.end_of_stream();
             }
         }
     }
@@ -182,104 +154,60 @@ impl AsyncLink {
     /// The next event already buffered, without waiting; `Ok(None)` when the buffer holds
     /// no whole event.
     pub fn try_recv(&mut self) -> Result<Option<Event>, LinkError> {
-        loop {
-            let buf = &self.rbuf[self.rstart..self.rend];
-            let Some((event, used)) =
-                decode_event(buf, self.max_payload, &mut self.peer, &mut self.wbuf)?
-            else {
-                return Ok(None);
-            };
-            self.rstart += used;
-            if let Some(event) = event {
-                return Ok(Some(event));
-            }
-        }
+        self.state.try_recv()
     }
 
     /// Queues a message for one connection.
     pub fn send(&mut self, conn: ConnId, text: bool, payload: &[u8]) {
-        self.queue(&Message::Send {
-            conn,
-            flags: text_flag(text),
-            payload,
-        });
+        self.state.send(conn, text, payload);
     }
 
     /// Queues a request that the gateway close a connection.
     pub fn close(&mut self, conn: ConnId, code: u16, reason: &str) {
-        self.queue(&Message::Close {
-            conn,
-            seq: 0,
-            link_seq: 0,
-            code,
-            reason,
-        });
+        self.state.close(conn, code, reason);
     }
 
     /// Queues a cumulative acknowledgement up to and including `link_seq`.
     pub fn ack(&mut self, link_seq: u64) {
-        self.queue(&Message::Ack { link_seq });
+        self.state.ack(link_seq);
     }
 
     /// Queues a subscription of `conn` to `topic` (at most 65 535 bytes).
     pub fn subscribe(&mut self, conn: ConnId, topic: &[u8]) {
-        self.queue(&Message::Subscribe { conn, topic });
+        self.state.subscribe(conn, topic);
     }
 
     /// Queues the removal of `conn` from `topic`.
     pub fn unsubscribe(&mut self, conn: ConnId, topic: &[u8]) {
-        self.queue(&Message::Unsubscribe { conn, topic });
+        self.state.unsubscribe(conn, topic);
     }
 
     /// Queues a message for every subscriber of `topic` on every core of the gateway.
     pub fn publish(&mut self, topic: &[u8], text: bool, payload: &[u8]) {
-        self.queue(&Message::Publish {
-            flags: text_flag(text),
-            topic,
-            payload,
-        });
+        self.state.publish(topic, text, payload);
     }
 
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
-        self.wbuf.len()
+        self.state.queued()
     }
 
     /// Writes out everything queued. Cancel-safe: what was written is dropped from the
     /// queue after each write, the rest stays queued.
     pub async fn flush(&mut self) -> io::Result<()> {
-        while !self.wbuf.is_empty() {
-            let n = self.stream.write(&self.wbuf).await?;
+        while self.state.queued() != 0 {
+            let n = self.stream.write(self.state.pending()).await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
-            self.wbuf.drain(..n);
+            self.state.consume(n);
         }
         Ok(())
     }
 
-    fn queue(&mut self, msg: &Message<'_>) {
-        envelope::encode(msg, &mut self.wbuf);
-    }
-
     async fn fill(&mut self) -> io::Result<bool> {
-        if self.rstart == self.rend {
-            self.rstart = 0;
-            self.rend = 0;
-        }
-        let want = envelope::peek_len(&self.rbuf[self.rstart..self.rend])
-            .unwrap_or(0)
-            .max(self.rend - self.rstart + MIN_READ);
-        if self.rbuf.len() - self.rstart < want {
-            self.rbuf.copy_within(self.rstart..self.rend, 0);
-            self.rend -= self.rstart;
-            self.rstart = 0;
-            if self.rbuf.len() < want {
-                self.rbuf.resize(want, 0);
-            }
-        }
-        let n = self.stream.read(&mut self.rbuf[self.rend..]).await?;
-        self.rend += n;
+        let n = self.stream.read(self.state.read_space()).await?;
+        self.state.filled(n);
         Ok(n > 0)
     }
 }

@@ -29,6 +29,7 @@
 
 pub mod async_link;
 mod link;
+mod link_state;
 pub mod nats;
 
 pub mod echo;

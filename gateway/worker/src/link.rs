@@ -8,15 +8,17 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use holdfast_wire::envelope::{self, EnvelopeError, Hello, Kind, Message, Role};
+#[cfg(doc)]
+use holdfast_wire::envelope;
+use holdfast_wire::envelope::{EnvelopeError, Kind};
 use holdfast_wire::ConnId;
 use thiserror::Error;
+
+use crate::link_state::LinkState;
 
 /// The name a worker sends in its HELLO unless told otherwise.
 pub const DEFAULT_NAME: &str = "holdfast-worker";
 
-/// The smallest free space a read is offered; below it the buffer is compacted or grown.
-const MIN_READ: usize = 64 * 1024;
 /// Queued output over this is written out at once instead of waiting for a flush, so a
 /// worker that sends much between flushes does not grow its buffer without bound.
 const FLUSH_AT: usize = 1 << 20;
@@ -204,14 +206,9 @@ impl WorkerListener {
 #[derive(Debug)]
 pub struct Link {
     stream: UnixStream,
-    rbuf: Vec<u8>,
-    rstart: usize,
-    rend: usize,
-    wbuf: Vec<u8>,
+    state: LinkState,
     /// A write error met while queueing, reported by the next `flush` or `recv`.
     write_error: Option<io::Error>,
-    peer: Option<PeerHello>,
-    max_payload: usize,
 }
 
 impl Link {
@@ -219,21 +216,9 @@ impl Link {
     pub fn from_stream(stream: UnixStream, name: &str) -> io::Result<Link> {
         let mut link = Link {
             stream,
-            rbuf: vec![0; MIN_READ],
-            rstart: 0,
-            rend: 0,
-            wbuf: Vec::with_capacity(MIN_READ),
+            state: LinkState::new(name),
             write_error: None,
-            peer: None,
-            max_payload: envelope::DEFAULT_MAX_PAYLOAD,
         };
-        link.queue(&Message::Hello(Hello {
-            version: envelope::VERSION,
-            role: Role::Worker,
-            core: 0,
-            cores: 0,
-            name,
-        }));
         link.flush()?;
         Ok(link)
     }
@@ -242,12 +227,12 @@ impl Link {
     /// [`envelope::DEFAULT_MAX_PAYLOAD`]); it must be at least the gateway's client
     /// frame limit.
     pub fn set_max_payload(&mut self, max: usize) {
-        self.max_payload = max;
+        self.state.set_max_payload(max);
     }
 
     /// The gateway's HELLO, once it has arrived.
     pub fn peer(&self) -> Option<&PeerHello> {
-        self.peer.as_ref()
+        self.state.peer()
     }
 
     /// The underlying stream (for timeouts, shutdown, polling).
@@ -264,12 +249,7 @@ impl Link {
             }
             self.flush()?;
             if !self.fill()? {
-                let buffered = self.rend - self.rstart;
-                return if buffered == 0 {
-                    Ok(None)
-                } else {
-                    Err(LinkError::Truncated { buffered })
-                };
+                return self.state.end_of_stream();
             }
         }
     }
@@ -277,64 +257,45 @@ impl Link {
     /// The next event already buffered, without blocking; `Ok(None)` when the buffer
     /// holds no whole event. HELLO and heartbeats met on the way are handled.
     pub fn try_recv(&mut self) -> Result<Option<Event>, LinkError> {
-        loop {
-            let buf = &self.rbuf[self.rstart..self.rend];
-            let Some((event, used)) =
-                decode_event(buf, self.max_payload, &mut self.peer, &mut self.wbuf)?
-            else {
-                return Ok(None);
-            };
-            self.rstart += used;
-            if let Some(event) = event {
-                return Ok(Some(event));
-            }
-        }
+        self.state.try_recv()
     }
 
     /// Queues a message for one connection.
     pub fn send(&mut self, conn: ConnId, text: bool, payload: &[u8]) {
-        self.queue(&Message::Send {
-            conn,
-            flags: text_flag(text),
-            payload,
-        });
+        self.state.send(conn, text, payload);
+        self.flush_if_full();
     }
 
     /// Queues a request that the gateway close a connection with `code` and `reason`
     /// (see `holdfast_wire::frame::close_code`).
     pub fn close(&mut self, conn: ConnId, code: u16, reason: &str) {
-        self.queue(&Message::Close {
-            conn,
-            seq: 0,
-            link_seq: 0,
-            code,
-            reason,
-        });
+        self.state.close(conn, code, reason);
+        self.flush_if_full();
     }
 
     /// Queues a cumulative acknowledgement: the worker has taken responsibility for
     /// every envelope up to and including `link_seq`.
     pub fn ack(&mut self, link_seq: u64) {
-        self.queue(&Message::Ack { link_seq });
+        self.state.ack(link_seq);
+        self.flush_if_full();
     }
 
     /// Queues a subscription of `conn` to `topic` (at most 65 535 bytes).
     pub fn subscribe(&mut self, conn: ConnId, topic: &[u8]) {
-        self.queue(&Message::Subscribe { conn, topic });
+        self.state.subscribe(conn, topic);
+        self.flush_if_full();
     }
 
     /// Queues the removal of `conn` from `topic`.
     pub fn unsubscribe(&mut self, conn: ConnId, topic: &[u8]) {
-        self.queue(&Message::Unsubscribe { conn, topic });
+        self.state.unsubscribe(conn, topic);
+        self.flush_if_full();
     }
 
     /// Queues a message for every connection subscribed to `topic` on this link's core.
     pub fn publish(&mut self, topic: &[u8], text: bool, payload: &[u8]) {
-        self.queue(&Message::Publish {
-            flags: text_flag(text),
-            topic,
-            payload,
-        });
+        self.state.publish(topic, text, payload);
+        self.flush_if_full();
     }
 
     /// Writes out everything queued.
@@ -342,17 +303,19 @@ impl Link {
         if let Some(e) = self.write_error.take() {
             return Err(e);
         }
-        if !self.wbuf.is_empty() {
-            let result = self.stream.write_all(&self.wbuf);
-            self.wbuf.clear();
+        let queued = self.state.queued();
+        if queued != 0 {
+            let result = self.stream.write_all(self.state.pending());
+            self.state.consume(queued);
             result?;
         }
         Ok(())
     }
 
-    fn queue(&mut self, msg: &Message<'_>) {
-        envelope::encode(msg, &mut self.wbuf);
-        if self.wbuf.len() >= FLUSH_AT && self.write_error.is_none() {
+    /// Called after each message is queued: writes the queue out once it reaches
+    /// [`FLUSH_AT`], keeping a write error for the next `flush`.
+    fn flush_if_full(&mut self) {
+        if self.state.queued() >= FLUSH_AT && self.write_error.is_none() {
             if let Err(e) = self.flush() {
                 self.write_error = Some(e);
             }
@@ -361,129 +324,15 @@ impl Link {
 
     /// Reads once into the buffer; `false` on end of stream.
     fn fill(&mut self) -> io::Result<bool> {
-        if self.rstart == self.rend {
-            self.rstart = 0;
-            self.rend = 0;
-        }
-        // Make room for at least the envelope being assembled, and a good-sized read.
-        let want = envelope::peek_len(&self.rbuf[self.rstart..self.rend])
-            .unwrap_or(0)
-            .max(self.rend - self.rstart + MIN_READ);
-        if self.rbuf.len() - self.rstart < want {
-            self.rbuf.copy_within(self.rstart..self.rend, 0);
-            self.rend -= self.rstart;
-            self.rstart = 0;
-            if self.rbuf.len() < want {
-                self.rbuf.resize(want, 0);
-            }
-        }
-        loop {
-            match self.stream.read(&mut self.rbuf[self.rend..]) {
-                Ok(0) => return Ok(false),
-                Ok(n) => {
-                    self.rend += n;
-                    return Ok(true);
-                }
+        let buf = self.state.read_space();
+        let n = loop {
+            match self.stream.read(buf) {
+                Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-        }
-    }
-}
-
-/// Decodes one envelope from the front of `buf`: `Ok(None)` when `buf` holds no whole
-/// envelope, else the event it carries (`None` for HELLO and heartbeats, which are handled
-/// here: the HELLO is checked and stored in `peer`, a heartbeat's reply is queued on
-/// `wbuf`) and how many bytes it took. Shared by the blocking and the async link.
-pub(crate) fn decode_event(
-    buf: &[u8],
-    max_payload: usize,
-    peer: &mut Option<PeerHello>,
-    wbuf: &mut Vec<u8>,
-) -> Result<Option<(Option<Event>, usize)>, LinkError> {
-    let Some((msg, used)) = envelope::decode(buf, max_payload)? else {
-        return Ok(None);
-    };
-    let event = match msg {
-        Message::Hello(h) => {
-            if peer.is_some() {
-                return Err(unexpected(Kind::Hello, "twice"));
-            }
-            if h.role != Role::Gateway {
-                return Err(unexpected(Kind::Hello, "with the worker role"));
-            }
-            if h.version != envelope::VERSION {
-                return Err(LinkError::Version {
-                    ours: envelope::VERSION,
-                    theirs: h.version,
-                });
-            }
-            *peer = Some(PeerHello {
-                version: h.version,
-                core: h.core,
-                cores: h.cores,
-                name: h.name.to_owned(),
-            });
-            None
-        }
-        _ if peer.is_none() => return Err(unexpected(msg.kind(), "before HELLO")),
-        Message::Heartbeat { nonce, reply } => {
-            if !reply {
-                envelope::encode(&Message::Heartbeat { nonce, reply: true }, wbuf);
-            }
-            None
-        }
-        Message::Open(o) => Some(Event::Open {
-            conn: o.conn,
-            link_seq: o.link_seq,
-            peer: o.peer,
-            sni: o.sni.map(str::to_owned),
-            alpn: o.alpn.map(<[u8]>::to_vec),
-            client_identity: o.client_identity.map(<[u8]>::to_vec),
-        }),
-        Message::Frame {
-            conn,
-            seq,
-            link_seq,
-            flags,
-            payload,
-        } => Some(Event::Frame {
-            conn,
-            seq,
-            link_seq,
-            text: flags & envelope::flags::TEXT != 0,
-            payload: payload.to_vec(),
-        }),
-        Message::Close {
-            conn,
-            seq,
-            link_seq,
-            code,
-            reason,
-        } => Some(Event::Close {
-            conn,
-            seq,
-            link_seq,
-            code,
-            reason: reason.to_owned(),
-        }),
-        Message::Ack { .. }
-        | Message::Send { .. }
-        | Message::Subscribe { .. }
-        | Message::Unsubscribe { .. }
-        | Message::Publish { .. } => return Err(unexpected(msg.kind(), "which only workers send")),
-    };
-    Ok(Some((event, used)))
-}
-
-fn unexpected(kind: Kind, what: &'static str) -> LinkError {
-    LinkError::Unexpected { kind, what }
-}
-
-pub(crate) fn text_flag(text: bool) -> u8 {
-    if text {
-        envelope::flags::TEXT
-    } else {
-        0
+        };
+        self.state.filled(n);
+        Ok(n > 0)
     }
 }
