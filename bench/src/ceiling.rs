@@ -27,6 +27,7 @@ use crate::report::{
     self, CeilingHandshakes, CeilingParameters, CeilingRecords, CeilingReport, CeilingResults,
     CEILING_METHOD,
 };
+use crate::scenario;
 use crate::sys::thread_cpu_time;
 
 /// Arguments of `holdfast-bench ceiling`.
@@ -286,10 +287,7 @@ fn records(
 
 /// Runs the ceiling benchmark.
 pub fn run(args: CeilingArgs) -> anyhow::Result<ExitCode> {
-    ensure!(
-        args.seconds > 0.0 && args.seconds.is_finite(),
-        "--seconds must be positive"
-    );
+    scenario::ensure_positive("--seconds", args.seconds)?;
     ensure!(args.batch >= 1, "--batch must be at least 1");
     ensure!(
         (1..=16 * 1024).contains(&args.record_size),
@@ -311,20 +309,19 @@ pub fn run(args: CeilingArgs) -> anyhow::Result<ExitCode> {
     let resumed = handshakes(&s, &resuming, args.seconds, overhead)?;
     let (records, cipher_suite, kx_group) =
         records(&s, args.record_size, args.batch, args.seconds, overhead)?;
-    let report = CeilingReport {
-        scenario: "ceiling",
-        label: Some(args.label.clone()),
-        parameters: CeilingParameters {
+    let report = CeilingReport::new(
+        "ceiling",
+        Some(args.label.clone()),
+        CeilingParameters {
             seconds: args.seconds,
             record_size: args.record_size,
             batch: args.batch,
             provider: "ring",
             certificate: "ECDSA P-256 (gen-cert)",
         },
-        machine: procfs::machine(),
-        versions: report::Versions::current(),
-        method: CEILING_METHOD,
-        results: CeilingResults {
+        procfs::machine(),
+        Some(CEILING_METHOD),
+        CeilingResults {
             full,
             resumed,
             records,
@@ -333,9 +330,8 @@ pub fn run(args: CeilingArgs) -> anyhow::Result<ExitCode> {
             kx_group,
             elapsed_secs: started.elapsed().as_secs_f64(),
         },
-    };
-    let json = serde_json::to_string_pretty(&report)? + "\n";
-    std::fs::write(&args.json, json).with_context(|| format!("writing {}", args.json.display()))?;
+    );
+    scenario::write_json(&args.json, &report)?;
     summarize(&report);
     Ok(ExitCode::SUCCESS)
 }

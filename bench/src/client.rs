@@ -11,6 +11,7 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -23,6 +24,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{timeout_at, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+
+use crate::report::StageFailures;
 
 /// The largest payload this client accepts: whatever the length field can say. The
 /// gateway enforces its own limit; the client's job is to report, not to police.
@@ -139,6 +142,61 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.stage, self.error)
     }
+}
+
+/// How many failures a [`StageCounters`] asks its owner to print before going quiet.
+const FAILURE_NOTES: u64 = 5;
+
+/// Failures of short connections counted by stage, shared by concurrent tasks.
+#[derive(Debug, Default)]
+pub struct StageCounters {
+    connect_failed: AtomicU64,
+    handshake_failed: AtomicU64,
+    echo_failed: AtomicU64,
+    timed_out: AtomicU64,
+    notes: AtomicU64,
+}
+
+impl StageCounters {
+    /// Counts `f` at its stage (and as a timeout where it was one). True for the first few
+    /// failures only: those are worth printing, the rest would flood the terminal.
+    pub fn record(&self, f: &Failure) -> bool {
+        match f.stage {
+            Stage::Connect => &self.connect_failed,
+            Stage::Handshake => &self.handshake_failed,
+            Stage::Echo => &self.echo_failed,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        if f.timed_out {
+            self.timed_out.fetch_add(1, Ordering::Relaxed);
+        }
+        self.notes.fetch_add(1, Ordering::Relaxed) < FAILURE_NOTES
+    }
+
+    /// The counts so far.
+    pub fn get(&self) -> StageFailures {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StageFailures {
+            connect_failed: get(&self.connect_failed),
+            handshake_failed: get(&self.handshake_failed),
+            echo_failed: get(&self.echo_failed),
+            timed_out: get(&self.timed_out),
+        }
+    }
+}
+
+/// Connects (from `source`), completes the handshake and echoes `payload`, all within
+/// `timeout`.
+pub async fn connect_and_echo(
+    client: &Client,
+    source: Option<IpAddr>,
+    payload: &[u8],
+    timeout: std::time::Duration,
+) -> Result<Conn, Failure> {
+    let deadline = Instant::now() + timeout;
+    let mut conn = client.connect(source, deadline).await?;
+    conn.echo(payload, deadline).await?;
+    Ok(conn)
 }
 
 /// Bounds `fut` by `deadline`; a timeout or an error both become a [`Failure`] at `stage`.

@@ -27,6 +27,7 @@ use crate::cpu;
 use crate::plan;
 use crate::procfs;
 use crate::report::{self, EchoParameters, EchoReport, EchoResults};
+use crate::scenario;
 
 /// Handshakes in flight at most while connecting.
 const CONNECT_CONCURRENCY: usize = 256;
@@ -104,18 +105,9 @@ struct ConnOutcome {
 /// did not come back intact.
 pub fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
     ensure!(args.conns >= 1, "--conns must be at least 1");
-    ensure!(
-        args.rate > 0.0 && args.rate.is_finite(),
-        "--rate must be positive"
-    );
-    ensure!(
-        args.duration > 0.0 && args.duration.is_finite(),
-        "--duration must be positive"
-    );
-    ensure!(
-        args.timeout > 0.0 && args.timeout.is_finite(),
-        "--timeout must be positive"
-    );
+    scenario::ensure_positive("--rate", args.rate)?;
+    scenario::ensure_positive("--duration", args.duration)?;
+    scenario::ensure_positive("--timeout", args.timeout)?;
     ensure!(args.server_cores >= 1, "--server-cores must be at least 1");
     ensure!(
         args.size <= frame::MAX_LEN_FIELD,
@@ -125,18 +117,15 @@ pub fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
     crate::sys::raise_nofile_limit().context("raising the open-file limit")?;
     let config = client::client_config(&args.ca)?;
     let client = Client::new(config, client::resolve(&args.target)?, &args.server_name)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let rt = scenario::runtime()?;
     let started = std::time::Instant::now();
     let mut results = rt.block_on(bench(&args, client))?;
     results.elapsed_secs = started.elapsed().as_secs_f64();
 
-    let report = EchoReport {
-        scenario: "echo",
-        label: args.label.clone(),
-        parameters: EchoParameters {
+    let report = EchoReport::new(
+        "echo",
+        args.label.clone(),
+        EchoParameters {
             target: args.target.clone(),
             server_name: args.server_name.clone(),
             conns: args.conns,
@@ -147,20 +136,15 @@ pub fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
             server_pids: args.server_pids.clone(),
             server_cores: args.server_cores,
         },
-        machine: procfs::machine(),
-        versions: report::Versions::current(),
+        procfs::machine(),
+        None,
         results,
-    };
+    );
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report)? + "\n";
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        scenario::write_json(path, &report)?;
     }
     summarize(&report);
-    Ok(if report.results.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(scenario::exit_code(report.results.ok))
 }
 
 async fn bench(args: &EchoArgs, client: Client) -> anyhow::Result<EchoResults> {

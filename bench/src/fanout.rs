@@ -39,9 +39,9 @@ use tokio::time::{sleep, timeout, timeout_at, Instant};
 
 use crate::client::{self, Client, Inbound};
 use crate::cpu;
-use crate::plan;
 use crate::procfs;
 use crate::report::{self, Machine, ServerCpu, Versions};
+use crate::scenario::{self, Sources};
 
 /// Handshakes in flight at most while connecting.
 const CONNECT_CONCURRENCY: usize = 256;
@@ -549,13 +549,9 @@ pub fn run(args: FanoutArgs) -> anyhow::Result<ExitCode> {
         args.size >= TAG_LEN,
         "--size must be at least {TAG_LEN} (kind and index)"
     );
-    for (name, v) in [
-        ("--wait-gateway", args.wait_gateway),
-        ("--timeout", args.timeout),
-        ("--publish-timeout", args.publish_timeout),
-    ] {
-        ensure!(v > 0.0 && v.is_finite(), "{name} must be positive");
-    }
+    scenario::ensure_positive("--wait-gateway", args.wait_gateway)?;
+    scenario::ensure_positive("--timeout", args.timeout)?;
+    scenario::ensure_positive("--publish-timeout", args.publish_timeout)?;
     ensure!(args.server_cores >= 1, "--server-cores must be at least 1");
     let (_, hard) = crate::sys::raise_nofile_limit().context("raising the open-file limit")?;
     ensure!(
@@ -565,20 +561,12 @@ pub fn run(args: FanoutArgs) -> anyhow::Result<ExitCode> {
         args.subscribers + FD_HEADROOM
     );
     let target = client::resolve(&args.target)?;
-    let sources = plan::resolve_sources(args.sources.as_deref(), target.ip().is_loopback())
-        .map_err(anyhow::Error::msg)?;
+    let sources = Sources::resolve(args.sources.as_deref(), target)?;
     let config = client::client_config(&args.ca)?;
     let client = Client::new(config, target, &args.server_name)?;
-    if !args.server_pids.is_empty() {
-        procfs::process_tree(&args.server_pids)
-            .with_context(|| format!("server pid(s) {:?}", args.server_pids))?;
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let addrs = sources.as_ref().map(|(_, a)| a.clone()).unwrap_or_default();
-    let results = rt.block_on(bench(&args, client, addrs));
+    scenario::check_server_pids(&args.server_pids)?;
+    let rt = scenario::runtime()?;
+    let results = rt.block_on(bench(&args, client, sources.addrs.clone()));
     // Client tasks are aborted with the runtime; their sockets close.
     rt.shutdown_timeout(Duration::from_secs(5));
     let results = results?;
@@ -593,8 +581,8 @@ pub fn run(args: FanoutArgs) -> anyhow::Result<ExitCode> {
             size: args.size,
             topic: args.topic.clone(),
             burst: args.burst,
-            source_count: sources.as_ref().map_or(0, |(_, a)| a.len()),
-            sources: sources.map(|(s, _)| s),
+            sources: sources.spec,
+            source_count: sources.addrs.len(),
             server_pids: args.server_pids.clone(),
             server_cores: args.server_cores,
         },
@@ -604,15 +592,10 @@ pub fn run(args: FanoutArgs) -> anyhow::Result<ExitCode> {
         cpu_method: report::CPU_METHOD,
     };
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report)? + "\n";
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        scenario::write_json(path, &report)?;
     }
     summarize(&report);
-    Ok(if report.results.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(scenario::exit_code(report.results.ok))
 }
 
 async fn bench(

@@ -23,13 +23,12 @@ use hdrhistogram::Histogram;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::client::{self, Client, Conn, Failure, Stage, TlsInfo};
+use crate::client::{self, Client, Failure, StageCounters, TlsInfo};
 use crate::cpu;
 use crate::plan;
 use crate::procfs;
-use crate::report::{
-    self, HandshakeParameters, HandshakeReport, HandshakeResults, StageFailures, CPU_METHOD,
-};
+use crate::report::{self, HandshakeParameters, HandshakeReport, HandshakeResults, CPU_METHOD};
+use crate::scenario::{self, Sources};
 
 /// Arguments of `holdfast-bench handshake`.
 #[derive(Debug, Args)]
@@ -83,62 +82,25 @@ pub struct HandshakeArgs {
 struct Stats {
     done: AtomicU64,
     resumed: AtomicU64,
-    connect_failed: AtomicU64,
-    handshake_failed: AtomicU64,
-    echo_failed: AtomicU64,
-    timed_out: AtomicU64,
-    notes: AtomicU64,
+    failures: StageCounters,
 }
 
 impl Stats {
     fn failed(&self, f: &Failure) {
-        match f.stage {
-            Stage::Connect => &self.connect_failed,
-            Stage::Handshake => &self.handshake_failed,
-            Stage::Echo => &self.echo_failed,
-        }
-        .fetch_add(1, Ordering::Relaxed);
-        if f.timed_out {
-            self.timed_out.fetch_add(1, Ordering::Relaxed);
-        }
-        if self.notes.fetch_add(1, Ordering::Relaxed) < 5 {
+        if self.failures.record(f) {
             eprintln!("holdfast-bench: {f}");
         }
     }
-
-    fn failures(&self) -> StageFailures {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        StageFailures {
-            connect_failed: get(&self.connect_failed),
-            handshake_failed: get(&self.handshake_failed),
-            echo_failed: get(&self.echo_failed),
-            timed_out: get(&self.timed_out),
-        }
-    }
 }
 
-/// Connects (from `source`), completes the handshake and echoes `payload`, all within
-/// `timeout`.
-pub async fn connect_and_echo(
-    client: &Client,
-    source: Option<IpAddr>,
-    payload: &[u8],
-    timeout: Duration,
-) -> Result<Conn, Failure> {
-    let deadline = Instant::now() + timeout;
-    let mut conn = client.connect(source, deadline).await?;
-    conn.echo(payload, deadline).await?;
-    Ok(conn)
-}
-
-/// One short connection: [`connect_and_echo`], then close (TLS close_notify and FIN).
+/// One short connection: [`client::connect_and_echo`], then close (TLS close_notify and FIN).
 async fn short_connection(
     client: &Client,
     source: Option<IpAddr>,
     payload: &[u8],
     timeout: Duration,
 ) -> Result<TlsInfo, Failure> {
-    let conn = connect_and_echo(client, source, payload, timeout).await?;
+    let conn = client::connect_and_echo(client, source, payload, timeout).await?;
     let info = conn.tls_info();
     conn.close(Instant::now() + timeout).await;
     Ok(info)
@@ -151,14 +113,8 @@ pub fn run(args: HandshakeArgs) -> anyhow::Result<ExitCode> {
         args.conns_parallel >= 1,
         "--conns-parallel must be at least 1"
     );
-    ensure!(
-        args.duration > 0.0 && args.duration.is_finite(),
-        "--duration must be positive"
-    );
-    ensure!(
-        args.timeout > 0.0 && args.timeout.is_finite(),
-        "--timeout must be positive"
-    );
+    scenario::ensure_positive("--duration", args.duration)?;
+    scenario::ensure_positive("--timeout", args.timeout)?;
     ensure!(args.server_cores >= 1, "--server-cores must be at least 1");
     ensure!(
         args.size <= holdfast_wire::frame::MAX_LEN_FIELD,
@@ -166,14 +122,9 @@ pub fn run(args: HandshakeArgs) -> anyhow::Result<ExitCode> {
     );
     crate::sys::raise_nofile_limit().context("raising the open-file limit")?;
     let target = client::resolve(&args.target)?;
-    let sources = plan::resolve_sources(args.sources.as_deref(), target.ip().is_loopback())
-        .map_err(anyhow::Error::msg)?;
+    let sources = Sources::resolve(args.sources.as_deref(), target)?;
     let base = client::client_config(&args.ca)?;
-    // Checked before anything starts, so a wrong pid fails at once.
-    if !args.server_pids.is_empty() {
-        procfs::process_tree(&args.server_pids)
-            .with_context(|| format!("server pid(s) {:?}", args.server_pids))?;
-    }
+    scenario::check_server_pids(&args.server_pids)?;
     let mut clients = Vec::new();
     for _ in 0..args.conns_parallel {
         let config = if args.resume {
@@ -183,44 +134,34 @@ pub fn run(args: HandshakeArgs) -> anyhow::Result<ExitCode> {
         };
         clients.push(Client::new(config, target, &args.server_name)?);
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let rt = scenario::runtime()?;
     let started = std::time::Instant::now();
-    let addrs = sources.as_ref().map(|(_, a)| a.clone()).unwrap_or_default();
-    let mut results = rt.block_on(bench(&args, clients, addrs))?;
+    let mut results = rt.block_on(bench(&args, clients, sources.addrs.clone()))?;
     results.elapsed_secs = started.elapsed().as_secs_f64();
 
-    let report = HandshakeReport {
-        scenario: "handshake",
-        label: args.label.clone(),
-        parameters: HandshakeParameters {
+    let report = HandshakeReport::new(
+        "handshake",
+        args.label.clone(),
+        HandshakeParameters {
             target: args.target.clone(),
             server_name: args.server_name.clone(),
             conns_parallel: args.conns_parallel,
             duration_secs: args.duration,
             resume: args.resume,
             size: args.size,
-            source_count: sources.as_ref().map_or(0, |(_, a)| a.len()),
-            sources: sources.map(|(s, _)| s),
+            sources: sources.spec,
+            source_count: sources.addrs.len(),
             timeout_secs: args.timeout,
             server_pids: args.server_pids.clone(),
             server_cores: args.server_cores,
         },
-        machine: procfs::machine(),
-        versions: report::Versions::current(),
-        method: CPU_METHOD,
+        procfs::machine(),
+        Some(CPU_METHOD),
         results,
-    };
-    let json = serde_json::to_string_pretty(&report)? + "\n";
-    std::fs::write(&args.json, json).with_context(|| format!("writing {}", args.json.display()))?;
+    );
+    scenario::write_json(&args.json, &report)?;
     summarize(&report);
-    Ok(if report.results.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(scenario::exit_code(report.results.ok))
 }
 
 async fn bench(
@@ -297,8 +238,8 @@ async fn bench(
     let done = stats.done.load(Ordering::Relaxed);
     let measured = window.finish(done);
     let resumed = stats.resumed.load(Ordering::Relaxed);
-    let failures = stats.failures();
-    let warm_failed = warm.failures().total();
+    let failures = stats.failures.get();
+    let warm_failed = warm.failures.get().total();
     let hps = report::rate(done, measured.wall_secs);
     let info = info.lock().expect("a loop panicked").clone();
     let latency = report::latency(&hist.lock().expect("a loop panicked"));

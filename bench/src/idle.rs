@@ -8,7 +8,6 @@
 //! gateway settle, samples /proc, and moves on. It never opens a connection itself. Every
 //! wait has a deadline and the children die with the parent, so a run always ends.
 
-use std::fs;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
@@ -26,6 +25,7 @@ use crate::plan;
 use crate::procfs;
 use crate::proto::{Command, Counts, Report};
 use crate::report::{self, IdleMethod, IdleParameters, IdleReport, IdleResults, StepSample};
+use crate::scenario;
 
 /// Failure notes the parent prints at most over a run; the counts carry the rest.
 const MAX_NOTES: usize = 10;
@@ -321,18 +321,12 @@ impl Progress {
 
 /// Runs an idle benchmark; the exit code is non-zero when any connection failed.
 pub fn run(args: IdleArgs) -> anyhow::Result<ExitCode> {
-    ensure!(
-        args.rate > 0.0 && args.rate.is_finite(),
-        "--rate must be positive"
-    );
+    scenario::ensure_positive("--rate", args.rate)?;
     ensure!(
         args.settle >= 0.0 && args.settle.is_finite(),
         "--settle must be 0 or more"
     );
-    ensure!(
-        args.timeout > 0.0 && args.timeout.is_finite(),
-        "--timeout must be positive"
-    );
+    scenario::ensure_positive("--timeout", args.timeout)?;
     ensure!(
         args.frame_size <= holdfast_wire::frame::MAX_LEN_FIELD,
         "--frame-size is over the protocol's limit of {} bytes",
@@ -421,23 +415,17 @@ pub fn run(args: IdleArgs) -> anyhow::Result<ExitCode> {
         && results.echo_failed == 0
         && results.echo_ok == args.conns;
 
-    let report = IdleReport {
-        scenario: "idle",
-        label: args.label.clone(),
+    let report = IdleReport::new(
+        "idle",
+        args.label.clone(),
         parameters,
-        machine: procfs::machine(),
-        versions: report::Versions::current(),
-        method: IdleMethod::default(),
+        procfs::machine(),
+        Some(IdleMethod::default()),
         results,
-    };
-    let json = serde_json::to_string_pretty(&report)? + "\n";
-    fs::write(&args.json, json).with_context(|| format!("writing {}", args.json.display()))?;
+    );
+    scenario::write_json(&args.json, &report)?;
     summarize(&report, &args);
-    Ok(if report.results.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(scenario::exit_code(report.results.ok))
 }
 
 /// The steps, the sampling and the final echo check; fills `results` as it goes so a run

@@ -152,10 +152,7 @@ struct Shared {
 /// Runs a child until its parent says `close` or its stdin ends.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     crate::sys::raise_nofile_limit().context("raising the open-file limit")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let rt = crate::scenario::runtime()?;
     rt.block_on(serve(args))
 }
 

@@ -28,6 +28,7 @@ mod procfs;
 mod proto;
 mod render;
 mod report;
+mod scenario;
 mod storm;
 mod sys;
 mod unix_echo;

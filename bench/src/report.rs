@@ -293,24 +293,52 @@ pub struct IdleResults {
     pub elapsed_secs: f64,
 }
 
-/// The JSON report of `holdfast-bench idle`.
+/// The JSON report of a measuring subcommand: what ran, where, and what it measured.
+/// Every scenario shares this frame; `P` is its parameters, `R` its results and `M` the
+/// statement of its method.
 #[derive(Debug, Clone, Serialize)]
-pub struct IdleReport {
-    /// Always "idle".
+pub struct Report<P, R, M = &'static str> {
+    /// The subcommand: "idle", "echo", "handshake", "storm" or "ceiling".
     pub scenario: &'static str,
     /// The name of the system measured (`--label`), which `report` groups runs by.
     pub label: Option<String>,
-    /// Parameters as resolved.
-    pub parameters: IdleParameters,
+    /// Parameters as resolved (defaults filled in).
+    pub parameters: P,
     /// The machine.
     pub machine: Machine,
     /// Software versions.
     pub versions: Versions,
-    /// Where each figure comes from.
-    pub method: IdleMethod,
+    /// Where the figures come from; absent where the scenario states no method (echo).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<M>,
     /// What was measured.
-    pub results: IdleResults,
+    pub results: R,
 }
+
+impl<P, R, M> Report<P, R, M> {
+    /// A report of this build, taken on `machine`.
+    pub fn new(
+        scenario: &'static str,
+        label: Option<String>,
+        parameters: P,
+        machine: Machine,
+        method: Option<M>,
+        results: R,
+    ) -> Self {
+        Report {
+            scenario,
+            label,
+            parameters,
+            machine,
+            versions: Versions::current(),
+            method,
+            results,
+        }
+    }
+}
+
+/// The JSON report of `holdfast-bench idle`; its method is [`IdleMethod`].
+pub type IdleReport = Report<IdleParameters, IdleResults, IdleMethod>;
 
 /// The parameters of an echo run.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -378,22 +406,8 @@ pub struct EchoResults {
     pub elapsed_secs: f64,
 }
 
-/// The JSON report of `holdfast-bench echo`.
-#[derive(Debug, Clone, Serialize)]
-pub struct EchoReport {
-    /// Always "echo".
-    pub scenario: &'static str,
-    /// The name of the system measured (`--label`).
-    pub label: Option<String>,
-    /// Parameters as given.
-    pub parameters: EchoParameters,
-    /// The machine.
-    pub machine: Machine,
-    /// Software versions.
-    pub versions: Versions,
-    /// What was measured.
-    pub results: EchoResults,
-}
+/// The JSON report of `holdfast-bench echo`, which states no method.
+pub type EchoReport = Report<EchoParameters, EchoResults>;
 
 /// How the server CPU figures are obtained; copied into every report that has them.
 pub const CPU_METHOD: &str = "Server CPU time is utime + stime + cutime + cstime from \
@@ -545,24 +559,8 @@ pub struct HandshakeResults {
     pub elapsed_secs: f64,
 }
 
-/// The JSON report of `holdfast-bench handshake`.
-#[derive(Debug, Clone, Serialize)]
-pub struct HandshakeReport {
-    /// Always "handshake".
-    pub scenario: &'static str,
-    /// The name of the system measured (`--label`).
-    pub label: Option<String>,
-    /// Parameters as resolved.
-    pub parameters: HandshakeParameters,
-    /// The machine.
-    pub machine: Machine,
-    /// Software versions.
-    pub versions: Versions,
-    /// How the server CPU is measured ([`CPU_METHOD`]).
-    pub method: &'static str,
-    /// What was measured.
-    pub results: HandshakeResults,
-}
+/// The JSON report of `holdfast-bench handshake`; its method is [`CPU_METHOD`].
+pub type HandshakeReport = Report<HandshakeParameters, HandshakeResults>;
 
 /// Where a storm's accept-queue figures come from.
 pub const LISTEN_SCOPE: &str = "listen_overflows and listen_drops are the change of TcpExt \
@@ -635,24 +633,8 @@ pub struct StormResults {
     pub elapsed_secs: f64,
 }
 
-/// The JSON report of `holdfast-bench storm`.
-#[derive(Debug, Clone, Serialize)]
-pub struct StormReport {
-    /// Always "storm".
-    pub scenario: &'static str,
-    /// The name of the system measured (`--label`).
-    pub label: Option<String>,
-    /// Parameters as resolved.
-    pub parameters: StormParameters,
-    /// The machine.
-    pub machine: Machine,
-    /// Software versions.
-    pub versions: Versions,
-    /// How the server CPU is measured ([`CPU_METHOD`]).
-    pub method: &'static str,
-    /// What was measured.
-    pub results: StormResults,
-}
+/// The JSON report of `holdfast-bench storm`; its method is [`CPU_METHOD`].
+pub type StormReport = Report<StormParameters, StormResults>;
 
 /// How the ceiling is measured; copied into its report.
 pub const CEILING_METHOD: &str = "rustls alone, in memory, on one thread: a client and a server \
@@ -738,24 +720,8 @@ pub struct CeilingResults {
     pub elapsed_secs: f64,
 }
 
-/// The JSON report of `holdfast-bench ceiling`.
-#[derive(Debug, Clone, Serialize)]
-pub struct CeilingReport {
-    /// Always "ceiling".
-    pub scenario: &'static str,
-    /// The name shown for it (`--label`, default "rustls alone").
-    pub label: Option<String>,
-    /// Parameters.
-    pub parameters: CeilingParameters,
-    /// The machine.
-    pub machine: Machine,
-    /// Software versions.
-    pub versions: Versions,
-    /// [`CEILING_METHOD`].
-    pub method: &'static str,
-    /// What was measured.
-    pub results: CeilingResults,
-}
+/// The JSON report of `holdfast-bench ceiling`; its method is [`CEILING_METHOD`].
+pub type CeilingReport = Report<CeilingParameters, CeilingResults>;
 
 #[cfg(test)]
 mod tests {
@@ -881,6 +847,45 @@ mod tests {
         assert_eq!(v["userspace_bytes_per_conn"], 1.5);
         assert!(v["kernel_bytes_per_conn"].is_null());
         assert_eq!(v["steps"][0]["gateway_pss_bytes"], 2);
+    }
+
+    #[test]
+    fn report_frame_keeps_its_fields_in_order() {
+        let machine = Machine {
+            cores: 1,
+            kernel: "k".into(),
+            mem_total_bytes: 1,
+        };
+        let keys = |v: serde_json::Value| -> Vec<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        let with = Report::new("storm", None, 1, machine.clone(), Some(CPU_METHOD), 2);
+        let v = serde_json::to_value(&with).unwrap();
+        assert_eq!(v["method"], CPU_METHOD);
+        let mut expected = [
+            "scenario",
+            "label",
+            "parameters",
+            "machine",
+            "versions",
+            "method",
+            "results",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut got = keys(v);
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected);
+        // Echo states no method: the field is absent, not null.
+        let without: Report<u8, u8> = Report::new("echo", None, 1, machine, None, 2);
+        assert!(serde_json::to_value(&without)
+            .unwrap()
+            .get("method")
+            .is_none());
+        let text = serde_json::to_string(&with).unwrap();
+        let pos = |k: &str| text.find(&format!("\"{k}\"")).unwrap();
+        assert!(pos("versions") < pos("method") && pos("method") < pos("results"));
     }
 
     #[test]

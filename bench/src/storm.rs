@@ -12,7 +12,6 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,13 +21,12 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout_at, Instant};
 
-use crate::client::{self, Client, Failure, Stage};
+use crate::client::{self, Client, StageCounters};
 use crate::cpu;
 use crate::plan;
 use crate::procfs;
-use crate::report::{
-    self, StageFailures, StormParameters, StormReport, StormResults, CPU_METHOD, LISTEN_SCOPE,
-};
+use crate::report::{self, StormParameters, StormReport, StormResults, CPU_METHOD, LISTEN_SCOPE};
+use crate::scenario::{self, Sources};
 
 /// Handshakes in flight at most while the clients first connect (not during the storm,
 /// where every client goes at once).
@@ -108,65 +106,22 @@ enum Event {
     GaveUp,
 }
 
-/// Failure counters, one set for the first connections and one for the storm.
-#[derive(Default)]
-struct Counters {
-    connect_failed: AtomicU64,
-    handshake_failed: AtomicU64,
-    echo_failed: AtomicU64,
-    timed_out: AtomicU64,
-    notes: AtomicU64,
-}
-
-impl Counters {
-    fn failed(&self, f: &Failure, what: &str) {
-        match f.stage {
-            Stage::Connect => &self.connect_failed,
-            Stage::Handshake => &self.handshake_failed,
-            Stage::Echo => &self.echo_failed,
-        }
-        .fetch_add(1, Ordering::Relaxed);
-        if f.timed_out {
-            self.timed_out.fetch_add(1, Ordering::Relaxed);
-        }
-        if self.notes.fetch_add(1, Ordering::Relaxed) < 5 {
-            eprintln!("holdfast-bench: {what}: {f}");
-        }
-    }
-
-    fn get(&self) -> StageFailures {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        StageFailures {
-            connect_failed: get(&self.connect_failed),
-            handshake_failed: get(&self.handshake_failed),
-            echo_failed: get(&self.echo_failed),
-            timed_out: get(&self.timed_out),
-        }
-    }
-}
-
 /// What every client task shares.
 struct Shared {
     payload: Vec<u8>,
     timeout: Duration,
     phase: watch::Receiver<Phase>,
     events: mpsc::UnboundedSender<Event>,
-    initial: Counters,
-    storm: Counters,
+    initial: StageCounters,
+    storm: StageCounters,
     slots: Semaphore,
 }
 
 /// Runs a storm; the exit code is non-zero when a client failed to connect or to come back.
 pub fn run(args: StormArgs) -> anyhow::Result<ExitCode> {
     ensure!(args.conns >= 1, "--conns must be at least 1");
-    ensure!(
-        args.timeout > 0.0 && args.timeout.is_finite(),
-        "--timeout must be positive"
-    );
-    ensure!(
-        args.connect_rate > 0.0 && args.connect_rate.is_finite(),
-        "--connect-rate must be positive"
-    );
+    scenario::ensure_positive("--timeout", args.timeout)?;
+    scenario::ensure_positive("--connect-rate", args.connect_rate)?;
     ensure!(
         args.settle >= 0.0 && args.settle.is_finite(),
         "--settle must be 0 or more"
@@ -181,13 +136,9 @@ pub fn run(args: StormArgs) -> anyhow::Result<ExitCode> {
         args.conns * 2 + FD_HEADROOM
     );
     let target = client::resolve(&args.target)?;
-    let sources = plan::resolve_sources(args.sources.as_deref(), target.ip().is_loopback())
-        .map_err(anyhow::Error::msg)?;
+    let sources = Sources::resolve(args.sources.as_deref(), target)?;
     let base = client::client_config(&args.ca)?;
-    if !args.server_pids.is_empty() {
-        procfs::process_tree(&args.server_pids)
-            .with_context(|| format!("server pid(s) {:?}", args.server_pids))?;
-    }
+    scenario::check_server_pids(&args.server_pids)?;
     let shared_client = Client::new(base.clone(), target, &args.server_name)?;
     let mut clients = Vec::with_capacity(args.conns as usize);
     for _ in 0..args.conns {
@@ -197,44 +148,34 @@ pub fn run(args: StormArgs) -> anyhow::Result<ExitCode> {
             shared_client.clone()
         });
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let rt = scenario::runtime()?;
     let started = std::time::Instant::now();
-    let addrs = sources.as_ref().map(|(_, a)| a.clone()).unwrap_or_default();
-    let mut results = rt.block_on(bench(&args, clients, addrs))?;
+    let mut results = rt.block_on(bench(&args, clients, sources.addrs.clone()))?;
     results.elapsed_secs = started.elapsed().as_secs_f64();
 
-    let report = StormReport {
-        scenario: "storm",
-        label: args.label.clone(),
-        parameters: StormParameters {
+    let report = StormReport::new(
+        "storm",
+        args.label.clone(),
+        StormParameters {
             target: args.target.clone(),
             server_name: args.server_name.clone(),
             conns: args.conns,
             resume: args.resume,
             size: args.size,
             connect_rate: args.connect_rate,
-            source_count: sources.as_ref().map_or(0, |(_, a)| a.len()),
-            sources: sources.map(|(s, _)| s),
+            sources: sources.spec,
+            source_count: sources.addrs.len(),
             timeout_secs: args.timeout,
             server_pids: args.server_pids.clone(),
             server_cores: args.server_cores,
         },
-        machine: procfs::machine(),
-        versions: report::Versions::current(),
-        method: CPU_METHOD,
+        procfs::machine(),
+        Some(CPU_METHOD),
         results,
-    };
-    let json = serde_json::to_string_pretty(&report)? + "\n";
-    std::fs::write(&args.json, json).with_context(|| format!("writing {}", args.json.display()))?;
+    );
+    scenario::write_json(&args.json, &report)?;
     summarize(&report);
-    Ok(if report.results.ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(scenario::exit_code(report.results.ok))
 }
 
 async fn bench(
@@ -251,8 +192,8 @@ async fn bench(
         timeout,
         phase,
         events,
-        initial: Counters::default(),
-        storm: Counters::default(),
+        initial: StageCounters::default(),
+        storm: StageCounters::default(),
         slots: Semaphore::new(CONNECT_CONCURRENCY),
     });
     let start = Instant::now();
@@ -348,12 +289,14 @@ async fn client_task(client: Client, source: Option<IpAddr>, due: Instant, s: Ar
     sleep_until(due).await;
     let first = {
         let _slot = s.slots.acquire().await;
-        crate::handshake::connect_and_echo(&client, source, &s.payload, s.timeout).await
+        client::connect_and_echo(&client, source, &s.payload, s.timeout).await
     };
     let conn = match first {
         Ok(c) => c,
         Err(f) => {
-            s.initial.failed(&f, "first connection");
+            if s.initial.record(&f) {
+                eprintln!("holdfast-bench: first connection: {f}");
+            }
             let _ = s.events.send(Event::Connected(false));
             return;
         }
@@ -375,10 +318,12 @@ async fn client_task(client: Client, source: Option<IpAddr>, due: Instant, s: Ar
         if left.is_zero() {
             break None;
         }
-        match crate::handshake::connect_and_echo(&client, source, &s.payload, left).await {
+        match client::connect_and_echo(&client, source, &s.payload, left).await {
             Ok(c) => break Some(c),
             Err(f) => {
-                s.storm.failed(&f, "reconnection");
+                if s.storm.record(&f) {
+                    eprintln!("holdfast-bench: reconnection: {f}");
+                }
                 sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now()))).await;
             }
         }

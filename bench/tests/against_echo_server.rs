@@ -83,6 +83,13 @@ fn run_bin(args: &[&str], limit: Duration) -> Output {
     out
 }
 
+/// A scratch directory holding a fresh CA and server certificate from `gen-cert`.
+fn cert_dir(name: &str) -> TempDir {
+    let dir = TempDir::new(name);
+    gen_cert(&dir);
+    dir
+}
+
 fn gen_cert(dir: &Path) {
     let out = run_bin(
         &["gen-cert", "--out", dir.to_str().unwrap()],
@@ -168,38 +175,47 @@ fn serve(dir: &Path, mode: Mode) -> (SocketAddr, Arc<AtomicU64>, tokio::runtime:
     (addr, accepted, rt)
 }
 
+/// Runs `holdfast-bench SCENARIO --target TARGET --ca DIR/ca.pem FLAGS... --json JSON`.
+fn run_scenario(
+    scenario: &str,
+    target: &str,
+    dir: &Path,
+    flags: &[&str],
+    json: &Path,
+    limit: Duration,
+) -> Output {
+    let ca = dir.join("ca.pem");
+    let mut args = vec![scenario, "--target", target, "--ca", ca.to_str().unwrap()];
+    args.extend_from_slice(flags);
+    args.extend(["--json", json.to_str().unwrap()]);
+    run_bin(&args, limit)
+}
+
+/// Runs `idle` with `flags`, measuring the test process as the gateway.
+fn run_idle(target: &str, dir: &Path, flags: &[&str], json: &Path, limit: Duration) -> Output {
+    let me = std::process::id().to_string();
+    let mut flags = flags.to_vec();
+    flags.extend(["--gateway-pid", &me]);
+    run_scenario("idle", target, dir, &flags, json, limit)
+}
+
 fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[test]
 fn idle_holds_measures_and_echoes() {
-    let dir = TempDir::new("idle");
-    gen_cert(&dir);
+    let dir = cert_dir("idle");
     let (addr, accepted, _rt) = serve(&dir, Mode::Echo);
     let json = dir.join("idle.json");
-    let out = run_bin(
+    let out = run_idle(
+        &addr.to_string(),
+        &dir,
         &[
-            "idle",
-            "--target",
-            &addr.to_string(),
-            "--ca",
-            dir.join("ca.pem").to_str().unwrap(),
-            "--conns",
-            "300",
-            "--steps",
-            "100,300",
-            "--procs",
-            "2",
-            "--rate",
-            "1000",
-            "--settle",
+            "--conns", "300", "--steps", "100,300", "--procs", "2", "--rate", "1000", "--settle",
             "0.2",
-            "--gateway-pid",
-            &std::process::id().to_string(),
-            "--json",
-            json.to_str().unwrap(),
         ],
+        &json,
         Duration::from_secs(120),
     );
     assert!(out.status.success());
@@ -226,26 +242,14 @@ fn idle_holds_measures_and_echoes() {
 
 #[test]
 fn idle_reports_connections_the_gateway_drops() {
-    let dir = TempDir::new("drops");
-    gen_cert(&dir);
+    let dir = cert_dir("drops");
     let (addr, _, _rt) = serve(&dir, Mode::DropEvery(10));
     let json = dir.join("idle.json");
-    let out = run_bin(
-        &[
-            "idle",
-            "--target",
-            &addr.to_string(),
-            "--ca",
-            dir.join("ca.pem").to_str().unwrap(),
-            "--conns",
-            "50",
-            "--settle",
-            "0",
-            "--gateway-pid",
-            &std::process::id().to_string(),
-            "--json",
-            json.to_str().unwrap(),
-        ],
+    let out = run_idle(
+        &addr.to_string(),
+        &dir,
+        &["--conns", "50", "--settle", "0"],
+        &json,
         Duration::from_secs(60),
     );
     assert!(
@@ -263,8 +267,7 @@ fn idle_reports_connections_the_gateway_drops() {
 
 #[test]
 fn idle_fails_fast_when_nothing_listens() {
-    let dir = TempDir::new("refused");
-    gen_cert(&dir);
+    let dir = cert_dir("refused");
     // Bind and drop to find a port with nothing on it.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -272,22 +275,11 @@ fn idle_fails_fast_when_nothing_listens() {
         .unwrap()
         .port();
     let json = dir.join("idle.json");
-    let out = run_bin(
-        &[
-            "idle",
-            "--target",
-            &format!("127.0.0.1:{port}"),
-            "--ca",
-            dir.join("ca.pem").to_str().unwrap(),
-            "--conns",
-            "20",
-            "--settle",
-            "0",
-            "--gateway-pid",
-            &std::process::id().to_string(),
-            "--json",
-            json.to_str().unwrap(),
-        ],
+    let out = run_idle(
+        &format!("127.0.0.1:{port}"),
+        &dir,
+        &["--conns", "20", "--settle", "0"],
+        &json,
         Duration::from_secs(60),
     );
     assert!(!out.status.success());
@@ -298,17 +290,14 @@ fn idle_fails_fast_when_nothing_listens() {
 
 #[test]
 fn echo_reports_rate_and_latency() {
-    let dir = TempDir::new("echo");
-    gen_cert(&dir);
+    let dir = cert_dir("echo");
     let (addr, _, _rt) = serve(&dir, Mode::Echo);
     let json = dir.join("echo.json");
-    let out = run_bin(
+    let out = run_scenario(
+        "echo",
+        &addr.to_string(),
+        &dir,
         &[
-            "echo",
-            "--target",
-            &addr.to_string(),
-            "--ca",
-            dir.join("ca.pem").to_str().unwrap(),
             "--conns",
             "4",
             "--size",
@@ -317,9 +306,8 @@ fn echo_reports_rate_and_latency() {
             "2000",
             "--duration",
             "1",
-            "--json",
-            json.to_str().unwrap(),
         ],
+        &json,
         Duration::from_secs(60),
     );
     assert!(out.status.success());
@@ -340,19 +328,12 @@ fn echo_reports_rate_and_latency() {
 
 #[test]
 fn handshake_counts_connections_and_server_cpu() {
-    let dir = TempDir::new("handshake");
-    gen_cert(&dir);
+    let dir = cert_dir("handshake");
     let (addr, accepted, _rt) = serve(&dir, Mode::Echo);
     let me = std::process::id().to_string();
     for resume in [false, true] {
         let json = dir.join(format!("hs-{resume}.json"));
-        let (target, ca) = (addr.to_string(), dir.join("ca.pem"));
-        let mut args = vec![
-            "handshake",
-            "--target",
-            &target,
-            "--ca",
-            ca.to_str().unwrap(),
+        let mut flags = vec![
             "--conns-parallel",
             "4",
             "--duration",
@@ -363,13 +344,18 @@ fn handshake_counts_connections_and_server_cpu() {
             "2",
             "--label",
             "stand-in",
-            "--json",
-            json.to_str().unwrap(),
         ];
         if resume {
-            args.push("--resume");
+            flags.push("--resume");
         }
-        let out = run_bin(&args, Duration::from_secs(60));
+        let out = run_scenario(
+            "handshake",
+            &addr.to_string(),
+            &dir,
+            &flags,
+            &json,
+            Duration::from_secs(60),
+        );
         assert!(out.status.success());
         let v = read_json(&json);
         assert_eq!(v["scenario"], "handshake");
@@ -404,17 +390,14 @@ fn handshake_counts_connections_and_server_cpu() {
 
 #[test]
 fn storm_brings_every_client_back() {
-    let dir = TempDir::new("storm");
-    gen_cert(&dir);
+    let dir = cert_dir("storm");
     let (addr, accepted, _rt) = serve(&dir, Mode::Echo);
     let json = dir.join("storm.json");
-    let out = run_bin(
+    let out = run_scenario(
+        "storm",
+        &addr.to_string(),
+        &dir,
         &[
-            "storm",
-            "--target",
-            &addr.to_string(),
-            "--ca",
-            dir.join("ca.pem").to_str().unwrap(),
             "--conns",
             "60",
             "--resume",
@@ -422,9 +405,8 @@ fn storm_brings_every_client_back() {
             "0.1",
             "--server-pids",
             &std::process::id().to_string(),
-            "--json",
-            json.to_str().unwrap(),
         ],
+        &json,
         Duration::from_secs(60),
     );
     assert!(out.status.success());
