@@ -27,57 +27,10 @@ echo_rate=${DEMO_ECHO_RATE:-2000}
 echo_secs=${DEMO_ECHO_SECS:-10}
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-demo.XXXXXX")
-pids=()
-
-# shellcheck disable=SC2317 # only ever invoked by the EXIT trap
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    local pid
-    for pid in ${pids[@]+"${pids[@]}"}; do
-        kill "$pid" 2>/dev/null || true
-    done
-    # SIGTERM makes the gateway drain; give everything a few seconds, then insist.
-    for pid in ${pids[@]+"${pids[@]}"}; do
-        for _ in {1..100}; do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$work"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-say() { printf '\n==> %s\n' "$*"; }
-
-die() {
-    printf 'demo: %s\n' "$*" >&2
-    exit 1
-}
-
-# wait_line FILE PREFIX SECS PID: prints the first line of FILE starting with PREFIX,
-# waiting at most SECS seconds, and fails early if process PID exits first.
-wait_line() {
-    local file=$1 prefix=$2 secs=$3 pid=$4 line
-    local deadline=$((SECONDS + secs))
-    while ((SECONDS < deadline)); do
-        line=$(grep -m1 "^$prefix" "$file" 2>/dev/null || true)
-        if [[ -n $line ]]; then
-            printf '%s\n' "$line"
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
-# field LINE KEY: the value of KEY=VALUE in a ready line.
-field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<"$1"; }
+script=demo
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+install_cleanup 10
 
 # json_value FILE KEY: the first value of "KEY" in a pretty-printed JSON report.
 json_value() { grep -m1 "\"$2\":" "$1" | sed 's/.*": *//; s/,$//; s/"//g'; }

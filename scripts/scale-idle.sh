@@ -25,58 +25,10 @@ admin_port=${HOLDFAST_ADMIN_PORT:-0}
 ((conns > first)) || { echo "scale-idle: CONNS must be above $first" >&2; exit 2; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-scale.XXXXXX")
-pids=()
-
-# shellcheck disable=SC2317 # only ever invoked by the EXIT trap
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    local pid
-    for pid in ${pids[@]+"${pids[@]}"}; do
-        kill "$pid" 2>/dev/null || true
-    done
-    # SIGTERM makes the gateway drain; give everything a few seconds, then insist.
-    for pid in ${pids[@]+"${pids[@]}"}; do
-        for _ in {1..150}; do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    rm -rf "$work"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-say() { printf '\n==> %s\n' "$*"; }
-warn() { printf 'scale-idle: warning: %s\n' "$*" >&2; }
-
-die() {
-    printf 'scale-idle: %s\n' "$*" >&2
-    exit 1
-}
-
-# wait_line FILE PREFIX SECS PID: prints the first line of FILE starting with PREFIX,
-# waiting at most SECS seconds, and fails early if process PID exits first.
-wait_line() {
-    local file=$1 prefix=$2 secs=$3 pid=$4 line
-    local deadline=$((SECONDS + secs))
-    while ((SECONDS < deadline)); do
-        line=$(grep -m1 "^$prefix" "$file" 2>/dev/null || true)
-        if [[ -n $line ]]; then
-            printf '%s\n' "$line"
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
-# field LINE KEY: the value of KEY=VALUE in a ready line.
-field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<"$1"; }
+script=scale-idle
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+install_cleanup 15
 
 # json_values FILE KEY: every value of "KEY" in a pretty-printed JSON report, in order.
 json_values() { grep "\"$2\":" "$1" | sed 's/.*": *//; s/,$//; s/"//g'; }
