@@ -28,7 +28,6 @@
 //! ```
 
 use std::io;
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use holdfast_wire::ConnId;
@@ -52,20 +51,7 @@ impl AsyncWorkerListener {
     /// fails.
     pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref();
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!(
-                        "{} exists and is not a socket; not removing it",
-                        path.display()
-                    ),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        crate::link_state::remove_stale_socket(path)?;
         Ok(AsyncWorkerListener {
             listener: UnixListener::bind(path)?,
             path: path.to_owned(),

@@ -4,7 +4,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -163,20 +162,7 @@ impl WorkerListener {
     /// removed first; any other kind of file is left alone and binding fails.
     pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
         let path = path.as_ref();
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)?,
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!(
-                        "{} exists and is not a socket; not removing it",
-                        path.display()
-                    ),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        crate::link_state::remove_stale_socket(path)?;
         Ok(WorkerListener {
             listener: UnixListener::bind(path)?,
             path: path.to_owned(),
