@@ -10,25 +10,27 @@
 //! time of the server over exactly that window, divided by the connections completed in
 //! it, is the cost of one short connection.
 
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use clap::Args;
 use hdrhistogram::Histogram;
-use tokio::task::JoinSet;
-use tokio::time::Instant;
+use holdfast_wire::frame::FrameType;
+use rustls::ClientConfig;
 
-use crate::client::{self, Client, Failure, StageCounters, TlsInfo};
+use crate::client::{self, Failure, Stage, StageCounters, TlsInfo};
 use crate::cpu;
 use crate::plan;
 use crate::procfs;
 use crate::report::{self, HandshakeParameters, HandshakeReport, HandshakeResults, CPU_METHOD};
 use crate::scenario::{self, Sources};
+use crate::uring::{self, ConnId, Engine, EngineConfig, Event, Scenario, Tick};
 
 /// Arguments of `holdfast-bench handshake`.
 #[derive(Debug, Args)]
@@ -69,6 +71,9 @@ pub struct HandshakeArgs {
     /// TLS server name to send and verify.
     #[arg(long, value_name = "NAME", default_value = "localhost")]
     pub server_name: String,
+    /// Client threads, each with a ring of its own; the loops are spread over them.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub threads: usize,
     /// Seconds one connection may take from connect to its echo.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub timeout: f64,
@@ -77,7 +82,7 @@ pub struct HandshakeArgs {
     pub label: Option<String>,
 }
 
-/// Counters shared by the loops.
+/// Counters shared by the loops of every thread.
 #[derive(Default)]
 struct Stats {
     done: AtomicU64,
@@ -93,17 +98,164 @@ impl Stats {
     }
 }
 
-/// One short connection: [`client::connect_and_echo`], then close (TLS close_notify and FIN).
-async fn short_connection(
-    client: &Client,
-    source: Option<IpAddr>,
-    payload: &[u8],
+/// What the threads share: the counters, and the end of the measured window, set once
+/// every loop has made its warm-up connection.
+#[derive(Default)]
+struct Shared {
+    warm: Stats,
+    measured: Stats,
+    warmed: AtomicU64,
+    window_end: OnceLock<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Making the uncounted warm-up connection.
+    Warm,
+    /// Waiting for the window to open.
+    Ready,
+    /// Making measured connections until the window's end.
+    Running,
+    Finished,
+}
+
+/// One closed loop: one simulated device.
+struct Loop {
+    /// Global loop number (for the source address rotation).
+    index: u64,
+    config: Arc<ClientConfig>,
+    phase: Phase,
+    /// Connections this loop has started.
+    n: u64,
+    /// The connection in flight: its id, start and what its handshake agreed.
+    conn: Option<(ConnId, Instant, Option<TlsInfo>)>,
+}
+
+/// The loops of one thread.
+struct Handshakes {
+    loops: Vec<Loop>,
+    by_conn: HashMap<ConnId, usize>,
+    total_loops: u64,
+    payload: Arc<Vec<u8>>,
+    sources: Arc<Vec<IpAddr>>,
     timeout: Duration,
-) -> Result<TlsInfo, Failure> {
-    let conn = client::connect_and_echo(client, source, payload, timeout).await?;
-    let info = conn.tls_info();
-    conn.close(Instant::now() + timeout).await;
-    Ok(info)
+    shared: Arc<Shared>,
+    hist: Histogram<u64>,
+    info: Option<TlsInfo>,
+    started: bool,
+}
+
+impl Handshakes {
+    fn start(&mut self, engine: &mut Engine, l: usize, now: Instant) {
+        let lp = &mut self.loops[l];
+        let source = (!self.sources.is_empty()).then(|| {
+            self.sources[plan::source_index(self.sources.len(), lp.index, self.total_loops, lp.n)]
+        });
+        lp.n += 1;
+        let id = engine.connect(&lp.config, source, now + self.timeout);
+        lp.conn = Some((id, now, None));
+        self.by_conn.insert(id, l);
+    }
+
+    /// The loop's connection is over (done or failed): count it and go on.
+    fn next(&mut self, engine: &mut Engine, l: usize, now: Instant) {
+        let lp = &mut self.loops[l];
+        lp.conn = None;
+        match lp.phase {
+            Phase::Warm => {
+                lp.phase = Phase::Ready;
+                self.shared.warmed.fetch_add(1, Ordering::Relaxed);
+            }
+            Phase::Running => match self.shared.window_end.get() {
+                Some(&end) if now < end => self.start(engine, l, now),
+                _ => lp.phase = Phase::Finished,
+            },
+            Phase::Ready | Phase::Finished => {}
+        }
+    }
+
+    fn stats(&self, l: usize) -> &Stats {
+        if self.loops[l].phase == Phase::Warm {
+            &self.shared.warm
+        } else {
+            &self.shared.measured
+        }
+    }
+}
+
+impl Scenario for Handshakes {
+    fn tick(&mut self, engine: &mut Engine, now: Instant) -> Tick {
+        if !self.started {
+            self.started = true;
+            for l in 0..self.loops.len() {
+                self.start(engine, l, now);
+            }
+        }
+        if self.shared.window_end.get().is_some() {
+            for l in 0..self.loops.len() {
+                if self.loops[l].phase == Phase::Ready {
+                    self.loops[l].phase = Phase::Running;
+                    self.start(engine, l, now);
+                }
+            }
+        }
+        if self.loops.iter().all(|l| l.phase == Phase::Finished) {
+            Tick::Done
+        } else if self.loops.iter().any(|l| l.phase == Phase::Ready) {
+            // Waiting for the other threads' warm-up: look again soon.
+            Tick::At(now + Duration::from_millis(2))
+        } else {
+            Tick::Idle
+        }
+    }
+
+    fn event(&mut self, engine: &mut Engine, id: ConnId, event: Event, now: Instant) {
+        let Some(&l) = self.by_conn.get(&id) else {
+            return;
+        };
+        match event {
+            Event::Established(info) => {
+                if let Some((_, _, slot)) = &mut self.loops[l].conn {
+                    *slot = Some(info);
+                }
+                engine.send(id, FrameType::Data, &self.payload);
+                return;
+            }
+            Event::Data(p) if p == *self.payload => {
+                engine.close(id);
+                let (_, t, info) = self.loops[l].conn.take().expect("a loop's connection");
+                if self.loops[l].phase == Phase::Running {
+                    let us = now.duration_since(t).as_micros() as u64;
+                    self.hist.saturating_record(us.max(1));
+                    self.shared.measured.done.fetch_add(1, Ordering::Relaxed);
+                    if info.as_ref().is_some_and(|i| i.resumed) {
+                        self.shared.measured.resumed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.info = info;
+                }
+            }
+            Event::Data(p) => {
+                engine.abort(id);
+                self.stats(l).failed(&Failure {
+                    stage: Stage::Echo,
+                    timed_out: false,
+                    error: format!(
+                        "echo differs: sent {} bytes, got {} bytes",
+                        self.payload.len(),
+                        p.len()
+                    ),
+                });
+            }
+            Event::Failed(f) => self.stats(l).failed(&f),
+            Event::Ended(why) => self.stats(l).failed(&Failure {
+                stage: Stage::Echo,
+                timed_out: false,
+                error: why,
+            }),
+        }
+        self.by_conn.remove(&id);
+        self.next(engine, l, now);
+    }
 }
 
 /// Runs a handshake benchmark; the exit code is non-zero when a connection failed or none
@@ -125,18 +277,17 @@ pub fn run(args: HandshakeArgs) -> anyhow::Result<ExitCode> {
     let sources = Sources::resolve(args.sources.as_deref(), target)?;
     let base = client::client_config(&args.ca)?;
     scenario::check_server_pids(&args.server_pids)?;
-    let mut clients = Vec::new();
-    for _ in 0..args.conns_parallel {
-        let config = if args.resume {
-            client::resuming(&base)
-        } else {
-            base.clone()
-        };
-        clients.push(Client::new(config, target, &args.server_name)?);
-    }
-    let rt = scenario::runtime()?;
+    let configs: Vec<Arc<ClientConfig>> = (0..args.conns_parallel)
+        .map(|_| {
+            if args.resume {
+                client::resuming(&base)
+            } else {
+                base.clone()
+            }
+        })
+        .collect();
     let started = std::time::Instant::now();
-    let mut results = rt.block_on(bench(&args, clients, sources.addrs.clone()))?;
+    let mut results = bench(&args, configs, target, sources.addrs.clone())?;
     results.elapsed_secs = started.elapsed().as_secs_f64();
 
     let report = HandshakeReport::new(
@@ -164,85 +315,78 @@ pub fn run(args: HandshakeArgs) -> anyhow::Result<ExitCode> {
     Ok(scenario::exit_code(report.results.ok))
 }
 
-async fn bench(
+fn bench(
     args: &HandshakeArgs,
-    clients: Vec<Client>,
+    configs: Vec<Arc<ClientConfig>>,
+    target: SocketAddr,
     sources: Vec<IpAddr>,
 ) -> anyhow::Result<HandshakeResults> {
     let timeout = Duration::from_secs_f64(args.timeout);
     let payload = Arc::new(client::payload(args.size, 0, 0));
-    let stats = Arc::new(Stats::default());
-    let hist = Arc::new(Mutex::new(report::latency_histogram()));
+    let shared = Arc::new(Shared::default());
     let sources = Arc::new(sources);
-    let loops = clients.len();
-    // Each loop picks the next source address in turn, starting at its own offset.
-    let source = move |sources: &[IpAddr], l: usize, n: u64| -> Option<IpAddr> {
-        (!sources.is_empty())
-            .then(|| sources[plan::source_index(sources.len(), l as u64, loops as u64, n)])
+    let total_loops = configs.len() as u64;
+    let threads = args.threads.clamp(1, configs.len());
+    let mut per_thread: Vec<Vec<Loop>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, config) in configs.into_iter().enumerate() {
+        per_thread[i % threads].push(Loop {
+            index: i as u64,
+            config,
+            phase: Phase::Warm,
+            n: 0,
+            conn: None,
+        });
+    }
+    let scenarios: Vec<Handshakes> = per_thread
+        .into_iter()
+        .map(|loops| Handshakes {
+            loops,
+            by_conn: HashMap::new(),
+            total_loops,
+            payload: payload.clone(),
+            sources: sources.clone(),
+            timeout,
+            shared: shared.clone(),
+            hist: report::latency_histogram(),
+            info: None,
+            started: false,
+        })
+        .collect();
+
+    // Warm-up: one uncounted connection per loop (and, resuming, its ticket); then the
+    // window opens for every thread at once.
+    let open_window = || -> anyhow::Result<cpu::Window> {
+        let bound = Instant::now() + timeout + Duration::from_secs(1);
+        while shared.warmed.load(Ordering::Relaxed) < total_loops && Instant::now() < bound {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let window = cpu::Window::start(&args.server_pids, args.server_cores)?;
+        let end = Instant::now() + Duration::from_secs_f64(args.duration);
+        shared.window_end.set(end).expect("the window opens once");
+        Ok(window)
     };
-
-    // Warm-up: one uncounted connection per loop (and, resuming, its ticket).
-    let warm = Arc::new(Stats::default());
-    let mut tasks = JoinSet::new();
-    for (l, c) in clients.iter().enumerate() {
-        let (c, payload, warm, sources) =
-            (c.clone(), payload.clone(), warm.clone(), sources.clone());
-        tasks.spawn(async move {
-            match short_connection(&c, source(&sources, l, 0), &payload, timeout).await {
-                Ok(_) => {}
-                Err(f) => warm.failed(&f),
-            }
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-
-    let window = cpu::Window::start(&args.server_pids, args.server_cores)?;
-    let deadline = Instant::now() + Duration::from_secs_f64(args.duration);
-    let info: Arc<Mutex<Option<TlsInfo>>> = Arc::default();
-    for (l, c) in clients.into_iter().enumerate() {
-        let (payload, stats, hist, sources, info) = (
-            payload.clone(),
-            stats.clone(),
-            hist.clone(),
-            sources.clone(),
-            info.clone(),
-        );
-        tasks.spawn(async move {
-            let mut local: Histogram<u64> = report::latency_histogram();
-            let mut n = 1;
-            let mut last = None;
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                match short_connection(&c, source(&sources, l, n), &payload, timeout).await {
-                    Ok(i) => {
-                        local.saturating_record((t.elapsed().as_micros() as u64).max(1));
-                        stats.done.fetch_add(1, Ordering::Relaxed);
-                        if i.resumed {
-                            stats.resumed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        last = Some(i);
-                    }
-                    Err(f) => stats.failed(&f),
-                }
-                n += 1;
-            }
-            hist.lock().expect("a loop panicked").add(&local).ok();
-            if let Some(i) = last {
-                *info.lock().expect("a loop panicked") = Some(i);
-            }
-        });
-    }
-    while let Some(joined) = tasks.join_next().await {
-        joined.context("a connection loop failed")?;
-    }
-    let done = stats.done.load(Ordering::Relaxed);
+    let (scenarios, window) = uring::run_threads(
+        scenarios,
+        target,
+        &args.server_name,
+        EngineConfig::default(),
+        Duration::from_secs(1),
+        open_window,
+    )?;
+    let window = window?;
+    let done = shared.measured.done.load(Ordering::Relaxed);
     let measured = window.finish(done);
-    let resumed = stats.resumed.load(Ordering::Relaxed);
-    let failures = stats.failures.get();
-    let warm_failed = warm.failures.get().total();
+    let resumed = shared.measured.resumed.load(Ordering::Relaxed);
+    let failures = shared.measured.failures.get();
+    let warm_failed = shared.warm.failures.get().total();
     let hps = report::rate(done, measured.wall_secs);
-    let info = info.lock().expect("a loop panicked").clone();
-    let latency = report::latency(&hist.lock().expect("a loop panicked"));
+    let mut hist = report::latency_histogram();
+    let mut info = None;
+    for s in &scenarios {
+        hist.add(&s.hist).ok();
+        info = info.or(s.info.clone());
+    }
+    let latency = report::latency(&hist);
     Ok(HandshakeResults {
         ok: done > 0 && failures.total() == 0 && warm_failed == 0,
         handshakes: done,

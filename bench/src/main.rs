@@ -29,9 +29,11 @@ mod proto;
 mod render;
 mod report;
 mod scenario;
+mod session;
 mod storm;
 mod sys;
 mod unix_echo;
+mod uring;
 
 use std::process::ExitCode;
 

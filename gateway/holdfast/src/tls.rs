@@ -11,11 +11,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::crypto::ring as provider;
-use rustls::server::{ClientHello, ResolvesServerCert, UnbufferedServerConnection};
+use rustls::server::{
+    ClientHello, ResolvesServerCert, ServerConnectionData, UnbufferedServerConnection,
+};
 use rustls::sign::CertifiedKey;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
-use rustls::ServerConfig;
+use rustls::{CommonState, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -187,12 +190,42 @@ pub struct Fed {
     pub end: Option<TlsEnd>,
 }
 
-/// One connection's TLS state. A thin wrapper so that the record layer can be replaced
-/// (rustls' successor drops the unbuffered API; hibernation replaces it with our own).
-pub struct TlsSession {
-    conn: UnbufferedServerConnection,
+/// The one thing the record driver needs from a rustls unbuffered connection, server or
+/// client: drive it over received bytes. Lets [`Records`] serve the gateway's sessions and
+/// the load generator's clients with the same code.
+pub trait Unbuffered {
+    type Data;
+    fn process<'c, 'i>(&'c mut self, input: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    /// What the handshake negotiated (ALPN, version, suite, resumption).
+    fn common(&self) -> &CommonState;
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(&'c mut self, input: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(input)
+    }
+    fn common(&self) -> &CommonState {
+        self
+    }
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(&'c mut self, input: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(input)
+    }
+    fn common(&self) -> &CommonState {
+        self
+    }
+}
+
+/// The record layer of one connection over rustls' unbuffered API: feeds received bytes,
+/// encrypts application data, queues close_notify. It owns no buffer; everything goes
+/// through a [`TlsSink`].
+pub struct Records<C> {
+    conn: C,
     established: bool,
-    sni: Option<Box<str>>,
 }
 
 // Upper bound of TLS overhead per record (5 header + 1 content type + 16 tag, and TLS 1.2's
@@ -200,55 +233,33 @@ pub struct TlsSession {
 const RECORD_OVERHEAD: usize = 64;
 const MAX_FRAGMENT: usize = 16 * 1024;
 
-impl TlsSession {
-    pub fn new(config: Arc<ServerConfig>) -> Result<TlsSession, rustls::Error> {
-        Ok(TlsSession {
-            conn: UnbufferedServerConnection::new(config)?,
+impl<C: Unbuffered> Records<C> {
+    pub fn new(conn: C) -> Records<C> {
+        Records {
+            conn,
             established: false,
-            sni: None,
-        })
+        }
     }
 
     pub fn is_established(&self) -> bool {
         self.established
     }
 
-    /// The SNI the client sent, once the ClientHello was processed.
-    pub fn server_name(&self) -> Option<&str> {
-        self.sni.as_deref()
+    /// What the handshake negotiated so far.
+    pub fn common(&self) -> &CommonState {
+        self.conn.common()
     }
 
-    pub fn alpn(&self) -> Option<&[u8]> {
-        self.conn.alpn_protocol()
-    }
-
-    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
-        self.conn.protocol_version()
-    }
-
-    /// Drives the session over `input` (received TLS bytes, decrypted in place).
+    /// Drives the connection over `input` (received TLS bytes, decrypted in place). A
+    /// client starts its handshake with an empty `input`: the ClientHello comes out.
     pub fn feed(&mut self, input: &mut [u8], sink: &mut impl TlsSink) -> Fed {
         let mut fed = Fed {
             consumed: 0,
             handshake_done: false,
             end: None,
         };
-        if !self.established {
-            SEEN_SNI.with(|s| s.borrow_mut().take());
-        }
-        let fed_result = self.feed_inner(input, sink, &mut fed);
-        if !self.established || fed.handshake_done {
-            if let Some(name) = SEEN_SNI.with(|s| s.borrow_mut().take()) {
-                self.sni = Some(name);
-            }
-        }
-        fed_result
-    }
-
-    fn feed_inner(&mut self, input: &mut [u8], sink: &mut impl TlsSink, fed: &mut Fed) -> Fed {
         loop {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut input[fed.consumed..]);
+            let UnbufferedStatus { discard, state } = self.conn.process(&mut input[fed.consumed..]);
             let step = match state {
                 Err(_) => Step::Fail,
                 Ok(state) => {
@@ -258,15 +269,15 @@ impl TlsSession {
             fed.consumed += discard;
             match step {
                 Step::Continue => {}
-                Step::Blocked => return *fed,
+                Step::Blocked => return fed,
                 Step::PeerClosed => {
                     fed.end = Some(TlsEnd::PeerClosed);
-                    return *fed;
+                    return fed;
                 }
                 Step::Fail => {
                     self.flush_alert(sink);
                     fed.end = Some(TlsEnd::Error);
-                    return *fed;
+                    return fed;
                 }
             }
         }
@@ -275,7 +286,7 @@ impl TlsSession {
     /// After an error rustls may have queued an alert: encode it so the peer learns why.
     fn flush_alert(&mut self, sink: &mut impl TlsSink) {
         for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            let UnbufferedStatus { state, .. } = self.conn.process(&mut []);
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, sink),
                 Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
@@ -295,7 +306,7 @@ impl TlsSession {
         debug_assert!(self.established);
         let mut data = data;
         loop {
-            let UnbufferedStatus { discard, state } = self.conn.process_tls_records(pending);
+            let UnbufferedStatus { discard, state } = self.conn.process(pending);
             debug_assert_eq!(discard, 0, "pending input is never complete");
             match state {
                 Ok(ConnectionState::WriteTraffic(mut w)) => {
@@ -326,14 +337,76 @@ impl TlsSession {
 
     /// Queues close_notify. Best effort: a session that cannot write any more is just closed.
     pub fn close_notify(&mut self, pending: &mut [u8], sink: &mut impl TlsSink) {
-        if let Ok(ConnectionState::WriteTraffic(mut w)) =
-            self.conn.process_tls_records(pending).state
-        {
+        if let Ok(ConnectionState::WriteTraffic(mut w)) = self.conn.process(pending).state {
             let out = sink.out_spare(RECORD_OVERHEAD);
             if let Ok(n) = w.queue_close_notify(out) {
                 sink.commit(n);
             }
         }
+    }
+}
+
+/// One gateway connection's TLS state: the record driver plus the SNI the client sent. A
+/// thin wrapper so that the record layer can be replaced (rustls' successor drops the
+/// unbuffered API; hibernation replaces it with our own).
+pub struct TlsSession {
+    records: Records<UnbufferedServerConnection>,
+    sni: Option<Box<str>>,
+}
+
+impl TlsSession {
+    pub fn new(config: Arc<ServerConfig>) -> Result<TlsSession, rustls::Error> {
+        Ok(TlsSession {
+            records: Records::new(UnbufferedServerConnection::new(config)?),
+            sni: None,
+        })
+    }
+
+    pub fn is_established(&self) -> bool {
+        self.records.is_established()
+    }
+
+    /// The SNI the client sent, once the ClientHello was processed.
+    pub fn server_name(&self) -> Option<&str> {
+        self.sni.as_deref()
+    }
+
+    pub fn alpn(&self) -> Option<&[u8]> {
+        self.records.common().alpn_protocol()
+    }
+
+    pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
+        self.records.common().protocol_version()
+    }
+
+    /// Drives the session over `input` (received TLS bytes, decrypted in place).
+    pub fn feed(&mut self, input: &mut [u8], sink: &mut impl TlsSink) -> Fed {
+        let established = self.records.is_established();
+        if !established {
+            SEEN_SNI.with(|s| s.borrow_mut().take());
+        }
+        let fed = self.records.feed(input, sink);
+        if !established || fed.handshake_done {
+            if let Some(name) = SEEN_SNI.with(|s| s.borrow_mut().take()) {
+                self.sni = Some(name);
+            }
+        }
+        fed
+    }
+
+    /// See [`Records::encrypt`].
+    pub fn encrypt(
+        &mut self,
+        pending: &mut [u8],
+        data: &[u8],
+        sink: &mut impl TlsSink,
+    ) -> Result<(), TlsEnd> {
+        self.records.encrypt(pending, data, sink)
+    }
+
+    /// See [`Records::close_notify`].
+    pub fn close_notify(&mut self, pending: &mut [u8], sink: &mut impl TlsSink) {
+        self.records.close_notify(pending, sink)
     }
 }
 
