@@ -395,11 +395,6 @@ impl Conn {
                 .map(|g| format!("{:?}", g.name())),
         }
     }
-
-    /// The TLS stream and any bytes already read but not yet taken as frames.
-    pub fn into_parts(self) -> (TlsStream<TcpStream>, FrameBuf) {
-        (self.stream, self.inbox)
-    }
 }
 
 /// A payload of `size` bytes that differs per connection and per round, so a frame

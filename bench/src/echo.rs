@@ -8,28 +8,29 @@
 //! politely waited (coordinated omission). The service time from the actual write is
 //! reported beside it; the gap between the two is the client falling behind.
 
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use clap::Args;
 use hdrhistogram::Histogram;
-use holdfast_wire::frame::{self, FrameType, OwnedFrame};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio::task::JoinSet;
-use tokio::time::{timeout_at, Instant};
+use holdfast_wire::frame::{self, FrameType};
+use rustls::ClientConfig;
 
-use crate::client::{self, Client, Conn};
+use crate::client;
 use crate::cpu;
 use crate::plan;
 use crate::procfs;
 use crate::report::{self, EchoParameters, EchoReport, EchoResults};
 use crate::scenario;
+use crate::uring::{self, ConnId, Engine, EngineConfig, Event, Scenario, Tick};
 
-/// Handshakes in flight at most while connecting.
+/// Handshakes in flight at most per thread while connecting.
 const CONNECT_CONCURRENCY: usize = 256;
 /// Time between the last handshake and the first scheduled send.
 const LEAD_IN: Duration = Duration::from_millis(100);
@@ -72,33 +73,253 @@ pub struct EchoArgs {
     /// CPU cores the server runs on: the divisor of the per-core figures.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub server_cores: u32,
+    /// Client threads, each with a ring of its own; the connections are spread over them.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub threads: usize,
     /// Name of the system measured, stored in the report.
     #[arg(long, value_name = "NAME")]
     pub label: Option<String>,
 }
 
-/// Both latency histograms of a run, shared by the connections' readers.
+/// Both latency histograms of a run.
 struct Histograms {
     scheduled: Histogram<u64>,
     service: Histogram<u64>,
 }
 
 impl Histograms {
+    fn new() -> Histograms {
+        Histograms {
+            scheduled: report::latency_histogram(),
+            service: report::latency_histogram(),
+        }
+    }
+
     fn record(&mut self, due: Instant, sent: Instant, now: Instant) {
         // Saturating: a sample beyond the histogram's hour is still a sample, at its top.
         let us = |d: Duration| (d.as_micros() as u64).max(1);
-        self.scheduled.saturating_record(us(now - due));
-        self.service.saturating_record(us(now - sent));
+        self.scheduled
+            .saturating_record(us(now.saturating_duration_since(due)));
+        self.service
+            .saturating_record(us(now.saturating_duration_since(sent)));
     }
 }
 
-/// What one connection did during the run.
+/// What the threads share: how many connections are settled (established or failed), and
+/// the timetable's start, set once all are.
 #[derive(Default)]
-struct ConnOutcome {
+struct Shared {
+    settled: AtomicU64,
+    start: OnceLock<Instant>,
+}
+
+/// One connection of the run.
+struct Relay {
+    /// Its place in the timetable.
+    index: u64,
+    id: Option<ConnId>,
+    open: bool,
+    body: Vec<u8>,
+    /// (due, written) of each frame sent and not yet echoed, oldest first: echoes come
+    /// back in order on a connection.
+    in_flight: VecDeque<(Instant, Instant)>,
     sent: u64,
     received: u64,
     corrupt: u64,
     error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    /// Every connection of this thread settled; waiting for the others.
+    Ready,
+    Sending,
+    /// The timetable is over; waiting for the last echoes.
+    Draining,
+}
+
+/// The connections of one thread and its share of the timetable.
+struct Echo {
+    relays: Vec<Relay>,
+    by_conn: HashMap<ConnId, usize>,
+    /// Total connections of the run (all threads): the timetable's modulus.
+    conns: u64,
+    /// This thread's number and the number of threads: relay `i` here is connection
+    /// `i * threads + thread` of the run.
+    thread: u64,
+    threads: u64,
+    rate: f64,
+    duration: Duration,
+    timeout: Duration,
+    config: Arc<ClientConfig>,
+    shared: Arc<Shared>,
+    phase: Phase,
+    next_connect: usize,
+    connecting: usize,
+    conns_ok: u64,
+    conns_failed: u64,
+    /// Next timetable event to look at.
+    n: u64,
+    scheduled: u64,
+    hist: Histograms,
+}
+
+impl Echo {
+    fn connect_more(&mut self, engine: &mut Engine, now: Instant) {
+        while self.connecting < CONNECT_CONCURRENCY && self.next_connect < self.relays.len() {
+            let id = engine.connect(&self.config, None, now + self.timeout);
+            self.by_conn.insert(id, self.next_connect);
+            self.relays[self.next_connect].id = Some(id);
+            self.next_connect += 1;
+            self.connecting += 1;
+        }
+    }
+
+    fn settled(&mut self) {
+        self.connecting -= 1;
+        self.shared.settled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sends every frame of this thread that is due by `now`; returns when the next is.
+    fn send_due(&mut self, engine: &mut Engine, start: Instant, now: Instant) -> Option<Instant> {
+        let end = start + self.duration;
+        loop {
+            let due = start + plan::due(self.n, self.rate);
+            if due >= end {
+                return None;
+            }
+            if due > now {
+                return Some(due);
+            }
+            let c = plan::echo_conn(self.n, self.conns);
+            self.n += 1;
+            if c % self.threads != self.thread {
+                continue;
+            }
+            let r = &mut self.relays[(c / self.threads) as usize];
+            let Some(id) = r.id.filter(|_| r.open) else {
+                // A connection that never opened, or failed: its frames are scheduled and
+                // never sent, which the report shows.
+                if r.id.is_some() {
+                    self.scheduled += 1;
+                }
+                continue;
+            };
+            self.scheduled += 1;
+            if engine.send(id, FrameType::Data, &r.body) {
+                r.sent += 1;
+                r.in_flight.push_back((due, now));
+            }
+        }
+    }
+
+    fn all_echoed(&self) -> bool {
+        self.relays
+            .iter()
+            .all(|r| !r.open || r.in_flight.is_empty())
+    }
+
+    fn fail(&mut self, i: usize, why: String) {
+        let r = &mut self.relays[i];
+        r.open = false;
+        if r.error.is_none() {
+            r.error = Some(format!("connection {}: {why}", r.index));
+        }
+    }
+}
+
+impl Scenario for Echo {
+    fn tick(&mut self, engine: &mut Engine, now: Instant) -> Tick {
+        match self.phase {
+            Phase::Connecting => {
+                self.connect_more(engine, now);
+                if self.connecting == 0 && self.next_connect == self.relays.len() {
+                    self.phase = Phase::Ready;
+                } else {
+                    return Tick::Idle;
+                }
+                self.tick(engine, now)
+            }
+            Phase::Ready => match self.shared.start.get() {
+                Some(&start) => {
+                    self.phase = Phase::Sending;
+                    crate::sys::set_timer_slack_ns(1);
+                    Tick::At(start)
+                }
+                None => Tick::At(now + Duration::from_millis(1)),
+            },
+            Phase::Sending => {
+                let start = *self.shared.start.get().expect("sending after the start");
+                if now < start {
+                    return Tick::At(start);
+                }
+                match self.send_due(engine, start, now) {
+                    Some(next) => Tick::At(next),
+                    None => {
+                        self.phase = Phase::Draining;
+                        self.tick(engine, now)
+                    }
+                }
+            }
+            Phase::Draining => {
+                let start = *self.shared.start.get().expect("draining after the start");
+                let drain = start + self.duration + self.timeout;
+                if self.all_echoed() || now >= drain {
+                    for i in 0..self.relays.len() {
+                        let r = &mut self.relays[i];
+                        if r.open && !r.in_flight.is_empty() {
+                            self.fail(i, "read: echoes still missing at the drain deadline".into());
+                        }
+                        if let Some(id) = self.relays[i].id {
+                            engine.close(id);
+                        }
+                    }
+                    Tick::Done
+                } else {
+                    Tick::At(drain)
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, engine: &mut Engine, id: ConnId, event: Event, now: Instant) {
+        let Some(&i) = self.by_conn.get(&id) else {
+            return;
+        };
+        match event {
+            Event::Established(_) => {
+                self.relays[i].open = true;
+                self.conns_ok += 1;
+                self.settled();
+                self.connect_more(engine, now);
+            }
+            Event::Failed(f) if !self.relays[i].open => {
+                self.conns_failed += 1;
+                self.relays[i].id = None;
+                if self.conns_failed <= 5 {
+                    eprintln!("holdfast-bench: connection {}: {f}", self.relays[i].index);
+                }
+                self.settled();
+                self.connect_more(engine, now);
+            }
+            Event::Failed(f) => self.fail(i, f.to_string()),
+            Event::Ended(why) => self.fail(i, format!("read: {why}")),
+            Event::Data(p) => {
+                let r = &mut self.relays[i];
+                let Some((due, sent)) = r.in_flight.pop_front() else {
+                    engine.abort(id);
+                    return self.fail(i, "read: a DATA frame arrived that was never sent".into());
+                };
+                if p == r.body {
+                    r.received += 1;
+                    self.hist.record(due, sent, now);
+                } else {
+                    r.corrupt += 1;
+                }
+            }
+        }
+    }
 }
 
 /// Runs an echo benchmark; the exit code is non-zero when a connection failed or a frame
@@ -116,10 +337,9 @@ pub fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
     );
     crate::sys::raise_nofile_limit().context("raising the open-file limit")?;
     let config = client::client_config(&args.ca)?;
-    let client = Client::new(config, client::resolve(&args.target)?, &args.server_name)?;
-    let rt = scenario::runtime()?;
-    let started = std::time::Instant::now();
-    let mut results = rt.block_on(bench(&args, client))?;
+    let target = client::resolve(&args.target)?;
+    let started = Instant::now();
+    let mut results = bench(&args, config, target)?;
     results.elapsed_secs = started.elapsed().as_secs_f64();
 
     let report = EchoReport::new(
@@ -147,69 +367,96 @@ pub fn run(args: EchoArgs) -> anyhow::Result<ExitCode> {
     Ok(scenario::exit_code(report.results.ok))
 }
 
-async fn bench(args: &EchoArgs, client: Client) -> anyhow::Result<EchoResults> {
+fn bench(
+    args: &EchoArgs,
+    config: Arc<ClientConfig>,
+    target: SocketAddr,
+) -> anyhow::Result<EchoResults> {
     let timeout = Duration::from_secs_f64(args.timeout);
-    let conns = connect_all(&client, args.conns, timeout).await;
-    let mut results = EchoResults {
-        conns_ok: conns.iter().filter(|c| c.is_ok()).count() as u64,
-        ..EchoResults::default()
-    };
-    results.conns_failed = args.conns - results.conns_ok;
-    for e in conns.iter().filter_map(|c| c.as_ref().err()).take(5) {
-        eprintln!("holdfast-bench: {e}");
-    }
+    let threads = (args.threads.max(1) as u64).min(args.conns);
+    let shared = Arc::new(Shared::default());
+    let scenarios: Vec<Echo> = (0..threads)
+        .map(|t| Echo {
+            relays: (t..args.conns)
+                .step_by(threads as usize)
+                .map(|c| Relay {
+                    index: c,
+                    id: None,
+                    open: false,
+                    body: client::payload(args.size, c, 0),
+                    in_flight: VecDeque::new(),
+                    sent: 0,
+                    received: 0,
+                    corrupt: 0,
+                    error: None,
+                })
+                .collect(),
+            by_conn: HashMap::new(),
+            conns: args.conns,
+            thread: t,
+            threads,
+            rate: args.rate,
+            duration: Duration::from_secs_f64(args.duration),
+            timeout,
+            config: config.clone(),
+            shared: shared.clone(),
+            phase: Phase::Connecting,
+            next_connect: 0,
+            connecting: 0,
+            conns_ok: 0,
+            conns_failed: 0,
+            n: 0,
+            scheduled: 0,
+            hist: Histograms::new(),
+        })
+        .collect();
 
-    let hist = Arc::new(Mutex::new(Histograms {
-        scheduled: report::latency_histogram(),
-        service: report::latency_histogram(),
-    }));
-    let start = std::time::Instant::now() + LEAD_IN;
-    let end = start + Duration::from_secs_f64(args.duration);
-    let drain = Instant::from_std(end) + timeout;
-    // Every connection keeps the slot it was given, failed ones included, so the
-    // timetable is the same whether or not all connected: frames of a missing connection
-    // are simply never scheduled.
-    let mut dues = Vec::with_capacity(conns.len());
-    let mut tasks = JoinSet::new();
-    for (c, conn) in conns.into_iter().enumerate() {
-        let Ok(conn) = conn else {
-            dues.push(None);
-            continue;
-        };
-        let (tx, rx) = mpsc::unbounded_channel();
-        dues.push(Some(tx));
-        let slot = Slot {
-            index: c as u64,
-            size: args.size,
-            drain,
-        };
-        tasks.spawn(relay(conn, slot, rx, hist.clone()));
-    }
-    let rate = args.rate;
-    // The CPU window spans the timetable and the drain, nothing of the connecting.
-    let window = cpu::Window::start(&args.server_pids, args.server_cores)?;
-    let pacer = std::thread::Builder::new()
-        .name("pacer".into())
-        .spawn(move || pace(dues, start, end, rate))
-        .expect("starting the pacing thread");
+    // Once every connection is settled the timetable starts on all threads at once; the
+    // CPU window spans the timetable and the drain, nothing of the connecting.
+    let open_window = || -> anyhow::Result<cpu::Window> {
+        let bound = Instant::now() + timeout + Duration::from_secs(1);
+        while shared.settled.load(Ordering::Relaxed) < args.conns && Instant::now() < bound {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let window = cpu::Window::start(&args.server_pids, args.server_cores)?;
+        shared
+            .start
+            .set(Instant::now() + LEAD_IN)
+            .expect("the timetable starts once");
+        Ok(window)
+    };
+    let (scenarios, window) = uring::run_threads(
+        scenarios,
+        target,
+        &args.server_name,
+        EngineConfig::default(),
+        Duration::from_secs(2),
+        open_window,
+    )?;
+    let window = window?;
+
+    let mut results = EchoResults::default();
+    let mut hist = Histograms::new();
     let mut errors = 0;
-    while let Some(joined) = tasks.join_next().await {
-        let o = joined.unwrap_or_else(|e| ConnOutcome {
-            error: Some(format!("connection task failed: {e}")),
-            ..ConnOutcome::default()
-        });
-        results.frames_sent += o.sent;
-        results.frames_received += o.received;
-        results.frames_corrupt += o.corrupt;
-        if let Some(e) = o.error {
-            results.conn_errors += 1;
-            errors += 1;
-            if errors <= 5 {
-                eprintln!("holdfast-bench: {e}");
+    for s in &scenarios {
+        results.conns_ok += s.conns_ok;
+        results.conns_failed += s.conns_failed;
+        results.frames_scheduled += s.scheduled;
+        hist.scheduled.add(&s.hist.scheduled).ok();
+        hist.service.add(&s.hist.service).ok();
+        for r in &s.relays {
+            results.frames_sent += r.sent;
+            results.frames_received += r.received;
+            results.frames_corrupt += r.corrupt;
+            if let Some(e) = &r.error {
+                results.conn_errors += 1;
+                errors += 1;
+                if errors <= 5 {
+                    eprintln!("holdfast-bench: {e}");
+                }
             }
         }
     }
-    results.frames_scheduled = pacer.join().expect("the pacing thread panicked");
     let measured = window.finish(results.frames_received);
     results.server_cpu_us_per_frame = measured.server.as_ref().and_then(|c| c.us_per_op);
     results.server_cpu = measured.server;
@@ -217,229 +464,14 @@ async fn bench(args: &EchoArgs, client: Client) -> anyhow::Result<EchoResults> {
     results.frames_lost = results.frames_sent - results.frames_received.min(results.frames_sent);
     results.frames_per_sec = results.frames_received as f64 / args.duration;
     results.frames_per_sec_per_core = results.frames_per_sec / args.server_cores as f64;
-    let h = hist.lock().expect("a recorder panicked");
-    results.latency = report::latency(&h.scheduled);
-    results.service_latency = report::latency(&h.service);
+    results.latency = report::latency(&hist.scheduled);
+    results.service_latency = report::latency(&hist.service);
     results.ok = results.conns_failed == 0
         && results.conn_errors == 0
         && results.frames_lost == 0
         && results.frames_corrupt == 0
         && results.frames_sent == results.frames_scheduled;
     Ok(results)
-}
-
-/// Connects `n` connections, a bounded number at a time; each gets `timeout`.
-async fn connect_all(client: &Client, n: u64, timeout: Duration) -> Vec<Result<Conn, String>> {
-    let slots = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
-    let mut tasks = JoinSet::new();
-    for i in 0..n {
-        let client = client.clone();
-        let slots = slots.clone();
-        tasks.spawn(async move {
-            let _permit = slots.acquire_owned().await;
-            let conn = client.connect(None, Instant::now() + timeout).await;
-            (i, conn.map_err(|f| format!("connection {i}: {f}")))
-        });
-    }
-    let mut out: Vec<Result<Conn, String>> = (0..n).map(|_| Err(String::new())).collect();
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((i, conn)) => out[i as usize] = conn,
-            Err(e) => eprintln!("holdfast-bench: connect task failed: {e}"),
-        }
-    }
-    for (i, c) in out.iter_mut().enumerate() {
-        if matches!(c, Err(e) if e.is_empty()) {
-            *c = Err(format!("connection {i}: connect task failed"));
-        }
-    }
-    out
-}
-
-/// Hands out the timetable: the `n`-th frame is due at `start + n / rate` and goes to
-/// connection `n % conns`, until `end`. Runs on a thread of its own with tight timer
-/// slack, because tokio's timer wheel rounds sleeps up to the next millisecond, and a
-/// latency measured from the due time would carry that millisecond. When this thread
-/// falls behind it does not sleep and hands out every overdue frame at once, so the
-/// writers send late and the latency shows it.
-fn pace(
-    dues: Vec<Option<mpsc::UnboundedSender<Instant>>>,
-    start: std::time::Instant,
-    end: std::time::Instant,
-    rate: f64,
-) -> u64 {
-    crate::sys::set_timer_slack_ns(1);
-    let conns = dues.len() as u64;
-    let mut scheduled = 0;
-    for n in 0.. {
-        let due = start + plan::due(n, rate);
-        if due >= end {
-            break;
-        }
-        let now = std::time::Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        if let Some(tx) = &dues[plan::echo_conn(n, conns) as usize] {
-            scheduled += 1;
-            // A closed channel is a connection that already failed; its error is counted
-            // by its own task, and the frame stays scheduled but unsent.
-            let _ = tx.send(Instant::from_std(due));
-        }
-    }
-    scheduled
-}
-
-/// What a connection's relay needs besides its connection.
-#[derive(Clone, Copy)]
-struct Slot {
-    index: u64,
-    size: usize,
-    drain: Instant,
-}
-
-/// Sends each frame as the pacer hands it out and reads echoes concurrently on one
-/// connection. The writer tells the reader each frame's due and write times in order;
-/// echoes come back in order on a connection, so the reader pairs them first in, first
-/// out.
-async fn relay(
-    conn: Conn,
-    slot: Slot,
-    mut dues: mpsc::UnboundedReceiver<Instant>,
-    hist: Arc<Mutex<Histograms>>,
-) -> ConnOutcome {
-    let body = client::payload(slot.size, slot.index, 0);
-    let (stream, inbox) = conn.into_parts();
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let (times_tx, mut times_rx) = mpsc::unbounded_channel::<(Instant, Instant)>();
-    let (pong_tx, mut pong_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let (total_tx, mut total_rx) = oneshot::channel::<u64>();
-
-    let writer = async {
-        let mut out = Vec::new();
-        let mut sent = 0u64;
-        let mut pongs_open = true;
-        let result: std::io::Result<()> = async {
-            loop {
-                tokio::select! {
-                    biased;
-                    pong = pong_rx.recv(), if pongs_open => match pong {
-                        Some(p) => {
-                            out.clear();
-                            frame::encode(FrameType::Pong, &p, &mut out);
-                            wr.write_all(&out).await?;
-                            wr.flush().await?;
-                        }
-                        None => pongs_open = false,
-                    },
-                    due = dues.recv() => {
-                        let Some(due) = due else { break };
-                        out.clear();
-                        frame::encode(FrameType::Data, &body, &mut out);
-                        if times_tx.send((due, Instant::now())).is_err() {
-                            break;
-                        }
-                        wr.write_all(&out).await?;
-                        wr.flush().await?;
-                        sent += 1;
-                    }
-                }
-            }
-            Ok(())
-        }
-        .await;
-        let _ = total_tx.send(sent);
-        (sent, result)
-    };
-
-    let reader = async {
-        let mut fb = inbox;
-        let mut buf = vec![0u8; 16 * 1024];
-        let (mut received, mut corrupt) = (0u64, 0u64);
-        let mut total: Option<u64> = None;
-        let work = async {
-            loop {
-                while let Some(f) = fb
-                    .next(frame::MAX_LEN_FIELD)
-                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
-                {
-                    match f {
-                        OwnedFrame::Data(p) => {
-                            let now = Instant::now();
-                            let Ok((due, sent)) = times_rx.try_recv() else {
-                                return Err(std::io::Error::new(
-                                    std::io::ErrorKind::InvalidData,
-                                    "a DATA frame arrived that was never sent",
-                                ));
-                            };
-                            if p == body {
-                                received += 1;
-                                hist.lock()
-                                    .expect("a recorder panicked")
-                                    .record(due, sent, now);
-                            } else {
-                                corrupt += 1;
-                            }
-                        }
-                        OwnedFrame::Ping(p) => {
-                            let _ = pong_tx.send(p);
-                        }
-                        OwnedFrame::Pong(_) => {}
-                        OwnedFrame::GoAway(_) => {
-                            return Err(std::io::Error::new(
-                                std::io::ErrorKind::ConnectionAborted,
-                                "the gateway sent GOAWAY",
-                            ))
-                        }
-                        OwnedFrame::Close { code, reason } => {
-                            return Err(std::io::Error::new(
-                                std::io::ErrorKind::ConnectionAborted,
-                                format!("the gateway sent CLOSE {code} {reason:?}"),
-                            ))
-                        }
-                    }
-                }
-                if total.is_some_and(|t| received + corrupt >= t) {
-                    return Ok(());
-                }
-                tokio::select! {
-                    n = rd.read(&mut buf) => match n? {
-                        0 => return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "the gateway closed the connection",
-                        )),
-                        n => fb.push(&buf[..n]),
-                    },
-                    t = &mut total_rx, if total.is_none() => total = Some(t.unwrap_or(0)),
-                }
-            }
-        };
-        let result = match timeout_at(slot.drain, work).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "echoes still missing at the drain deadline",
-            )),
-        };
-        (received, corrupt, result)
-    };
-
-    let ((sent, wres), (received, corrupt, rres)) = tokio::join!(writer, reader);
-    let error = match (wres, rres) {
-        (Err(e), _) => Some(format!("connection {}: write: {e}", slot.index)),
-        (_, Err(e)) => Some(format!("connection {}: read: {e}", slot.index)),
-        _ => None,
-    };
-    if error.is_none() {
-        let mut stream = rd.unsplit(wr);
-        let _ = timeout_at(Instant::now() + Duration::from_secs(2), stream.shutdown()).await;
-    }
-    ConnOutcome {
-        sent,
-        received,
-        corrupt,
-        error,
-    }
 }
 
 fn summarize(report: &EchoReport) {
