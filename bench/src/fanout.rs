@@ -19,10 +19,10 @@
 //! an upper bound for the gateway.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,16 +32,17 @@ use holdfast_wire::frame::FrameType;
 use holdfast_wire::ConnId;
 use holdfast_worker::async_link::{AsyncLink, AsyncWorkerListener};
 use holdfast_worker::Event;
+use rustls::ClientConfig;
 use serde::Serialize;
-use tokio::sync::{mpsc, Notify, Semaphore};
-use tokio::task::JoinSet;
-use tokio::time::{sleep, timeout, timeout_at, Instant};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::{sleep, timeout, Instant};
 
-use crate::client::{self, Client, Inbound};
+use crate::client;
 use crate::cpu;
 use crate::procfs;
 use crate::report::{self, Machine, ServerCpu, Versions};
 use crate::scenario::{self, Sources};
+use crate::uring::{self, Engine, EngineConfig, Scenario, Tick};
 
 /// Handshakes in flight at most while connecting.
 const CONNECT_CONCURRENCY: usize = 256;
@@ -430,8 +431,10 @@ async fn serve_link(
     }
 }
 
-/// Shared by the client tasks.
+/// Shared by the subscribers' ring thread and the driver.
 struct Clients {
+    /// Set by the driver when the run is over: the subscribers close and their thread ends.
+    stop: AtomicBool,
     probes: Tally,
     measure: Tally,
     connected: AtomicU64,
@@ -449,63 +452,79 @@ impl Clients {
     }
 }
 
-async fn subscriber(
-    client: Client,
-    source: Option<IpAddr>,
-    index: u64,
-    connect_timeout: Duration,
-    permits: Arc<Semaphore>,
+/// The subscribing clients: all of them on one io_uring client ring, on a thread of its
+/// own. Each connects (a bounded number at a time), sends its index in one DATA frame so
+/// the worker learns its connection id, and from then on records every publish it
+/// receives in the shared tallies, until `Clients::stop` is set.
+struct Subscribers {
+    config: Arc<ClientConfig>,
+    sources: Vec<IpAddr>,
+    total: u64,
+    next: u64,
+    connecting: usize,
+    timeout: Duration,
+    by_conn: HashMap<uring::ConnId, u64>,
     shared: Arc<Clients>,
-) {
-    let conn = {
-        let Ok(_permit) = permits.acquire().await else {
+}
+
+impl Scenario for Subscribers {
+    fn tick(&mut self, engine: &mut Engine, now: std::time::Instant) -> Tick {
+        if self.shared.stop.load(Ordering::Acquire) {
+            return Tick::Done;
+        }
+        while self.connecting < CONNECT_CONCURRENCY && self.next < self.total {
+            let i = self.next;
+            let source =
+                (!self.sources.is_empty()).then(|| self.sources[i as usize % self.sources.len()]);
+            let id = engine.connect(&self.config, source, now + self.timeout);
+            self.by_conn.insert(id, i);
+            self.next += 1;
+            self.connecting += 1;
+        }
+        // Look at the stop flag now and then.
+        Tick::At(now + Duration::from_millis(20))
+    }
+
+    fn event(
+        &mut self,
+        engine: &mut Engine,
+        id: uring::ConnId,
+        event: uring::Event,
+        now: std::time::Instant,
+    ) {
+        let Some(&index) = self.by_conn.get(&id) else {
             return;
         };
-        let deadline = Instant::now() + connect_timeout;
-        match client.connect(source, deadline).await {
-            Ok(mut conn) => {
-                match timeout_at(deadline, conn.send(FrameType::Data, &index.to_le_bytes())).await {
-                    Ok(Ok(())) => conn,
-                    Ok(Err(e)) => {
-                        shared.failed.fetch_add(1, Ordering::AcqRel);
-                        shared.note_error(format!("first frame: {e}"));
-                        return;
-                    }
-                    Err(_) => {
-                        shared.failed.fetch_add(1, Ordering::AcqRel);
-                        shared.note_error("first frame: timed out".into());
-                        return;
-                    }
+        let shared = &self.shared;
+        match event {
+            uring::Event::Established(_) => {
+                self.connecting -= 1;
+                engine.set_deadline(id, None);
+                if engine.send(id, FrameType::Data, &index.to_le_bytes()) {
+                    shared.connected.fetch_add(1, Ordering::AcqRel);
+                } else {
+                    shared.failed.fetch_add(1, Ordering::AcqRel);
+                    shared.note_error("first frame: the connection refused it".into());
                 }
             }
-            Err(f) => {
+            uring::Event::Failed(f) => {
+                self.by_conn.remove(&id);
+                self.connecting -= 1;
                 shared.failed.fetch_add(1, Ordering::AcqRel);
                 shared.note_error(f.to_string());
-                return;
             }
-        }
-    };
-    shared.connected.fetch_add(1, Ordering::AcqRel);
-    let mut conn = conn;
-    loop {
-        match conn.next().await {
-            Ok(Inbound::Data(p)) => {
-                let now = Instant::now();
+            uring::Event::Data(p) => {
+                let now = Instant::from_std(now);
                 match decode_payload(&p) {
                     Some((KIND_PROBE, i)) => shared.probes.record(i, now),
                     Some((KIND_MEASURE, i)) => shared.measure.record(i, now),
                     _ => shared.note_error(format!("unexpected {}-byte frame", p.len())),
                 }
             }
-            Ok(Inbound::Ended(why)) => {
+            uring::Event::Ended(why) => {
+                self.by_conn.remove(&id);
                 shared.lost.fetch_add(1, Ordering::AcqRel);
                 shared.note_error(format!("connection ended: {why}"));
-                return;
-            }
-            Err(e) => {
-                shared.lost.fetch_add(1, Ordering::AcqRel);
-                shared.note_error(format!("connection failed: {e}"));
-                return;
             }
         }
     }
@@ -563,11 +582,9 @@ pub fn run(args: FanoutArgs) -> anyhow::Result<ExitCode> {
     let target = client::resolve(&args.target)?;
     let sources = Sources::resolve(args.sources.as_deref(), target)?;
     let config = client::client_config(&args.ca)?;
-    let client = Client::new(config, target, &args.server_name)?;
     scenario::check_server_pids(&args.server_pids)?;
     let rt = scenario::runtime()?;
-    let results = rt.block_on(bench(&args, client, sources.addrs.clone()));
-    // Client tasks are aborted with the runtime; their sockets close.
+    let results = rt.block_on(bench(&args, config, target, sources.addrs.clone()));
     rt.shutdown_timeout(Duration::from_secs(5));
     let results = results?;
 
@@ -600,7 +617,8 @@ pub fn run(args: FanoutArgs) -> anyhow::Result<ExitCode> {
 
 async fn bench(
     args: &FanoutArgs,
-    client: Client,
+    config: Arc<ClientConfig>,
+    target: SocketAddr,
     addrs: Vec<IpAddr>,
 ) -> anyhow::Result<FanoutResults> {
     let listener = AsyncWorkerListener::bind(&args.worker_socket)
@@ -645,6 +663,7 @@ async fn bench(
 
     // Connect and say hello once each.
     let shared = Arc::new(Clients {
+        stop: AtomicBool::new(false),
         probes: Tally::new(MAX_PROBES as usize),
         measure: Tally::new(args.publishes as usize),
         connected: AtomicU64::new(0),
@@ -652,21 +671,57 @@ async fn bench(
         lost: AtomicU64::new(0),
         errors: Mutex::default(),
     });
-    let permits = Arc::new(Semaphore::new(CONNECT_CONCURRENCY));
     let connect_timeout = Duration::from_secs_f64(args.timeout);
     let started = Instant::now();
-    let mut tasks = JoinSet::new();
-    for i in 0..args.subscribers {
-        let source = (!addrs.is_empty()).then(|| addrs[i as usize % addrs.len()]);
-        tasks.spawn(subscriber(
-            client.clone(),
-            source,
-            i,
-            connect_timeout,
-            permits.clone(),
-            shared.clone(),
-        ));
-    }
+    let subscribers = Subscribers {
+        config,
+        sources: addrs,
+        total: args.subscribers,
+        next: 0,
+        connecting: 0,
+        timeout: connect_timeout,
+        by_conn: HashMap::new(),
+        shared: shared.clone(),
+    };
+    let (target, server_name) = (target, args.server_name.clone());
+    let ring_thread = std::thread::Builder::new()
+        .name("subscribers".into())
+        .spawn(move || -> anyhow::Result<()> {
+            let mut subscribers = subscribers;
+            let mut engine = Engine::new(target, &server_name, EngineConfig::default())?;
+            engine
+                .run(&mut subscribers, Duration::from_secs(2))
+                .context("driving the subscribers' ring")
+        })
+        .context("starting the subscribers' thread")?;
+    let measured = measure(
+        args,
+        &worker,
+        &shared,
+        &mut results,
+        started,
+        connect_timeout,
+    )
+    .await;
+    shared.stop.store(true, Ordering::Release);
+    let ring = ring_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the subscribers' thread panicked"))?;
+    measured?;
+    ring?;
+    Ok(results)
+}
+
+/// Everything after the links are up: waits for the subscribers, probes until every
+/// subscription is applied, then publishes and times the deliveries into `results`.
+async fn measure(
+    args: &FanoutArgs,
+    worker: &Worker,
+    shared: &Clients,
+    results: &mut FanoutResults,
+    started: Instant,
+    connect_timeout: Duration,
+) -> anyhow::Result<()> {
     // Every attempt ends within its own timeout; the batches run 256 at a time.
     let batches = args.subscribers.div_ceil(CONNECT_CONCURRENCY as u64) as u32;
     let connect_deadline = started + connect_timeout * batches.max(1) + Duration::from_secs(5);
@@ -697,7 +752,7 @@ async fn bench(
     let subscribing = Instant::now();
     let mut applied = false;
     for k in 0..MAX_PROBES {
-        publish(&worker, vec![encode_payload(KIND_PROBE, k, args.size)]).await?;
+        publish(worker, vec![encode_payload(KIND_PROBE, k, args.size)]).await?;
         results.probes = k + 1;
         if shared.probes.wait_all(k, Instant::now() + PROBE_WAIT).await {
             applied = true;
@@ -729,7 +784,7 @@ async fn bench(
         let payloads = (0..args.publishes)
             .map(|m| encode_payload(KIND_MEASURE, m, args.size))
             .collect();
-        let at = publish(&worker, payloads).await?;
+        let at = publish(worker, payloads).await?;
         sent_at.resize(args.publishes as usize, at);
         let deadline = Instant::now() + publish_timeout * args.publishes;
         for m in 0..args.publishes {
@@ -737,7 +792,7 @@ async fn bench(
         }
     } else {
         for m in 0..args.publishes {
-            let at = publish(&worker, vec![encode_payload(KIND_MEASURE, m, args.size)]).await?;
+            let at = publish(worker, vec![encode_payload(KIND_MEASURE, m, args.size)]).await?;
             sent_at.push(at);
             if !shared
                 .measure
@@ -788,8 +843,7 @@ async fn bench(
     for e in shared.errors.lock().expect("errors lock").iter() {
         eprintln!("holdfast-bench: {e}");
     }
-    tasks.abort_all();
-    Ok(results)
+    Ok(())
 }
 
 fn summarize(report: &FanoutReport) {

@@ -211,8 +211,11 @@ impl Engine {
         })
     }
 
-    /// Starts a connection (from `source`, port chosen by the kernel, when given) that
-    /// must be established before `deadline`. Failures arrive as [`Event::Failed`].
+    /// Starts a connection (from `source`, port chosen by the kernel, when given) with a
+    /// `deadline`. The deadline stays after the handshake until [`Engine::set_deadline`]
+    /// moves or clears it, so it can bound a whole short connection; a scenario that holds
+    /// connections clears it once they are established. Failures arrive as
+    /// [`Event::Failed`].
     pub fn connect(
         &mut self,
         config: &Arc<ClientConfig>,
