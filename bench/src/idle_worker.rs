@@ -7,33 +7,57 @@
 //! when to measure: it only says when its connections are up. Every wait is bounded, and
 //! the end of stdin (the parent died or gave up) closes everything and exits, so no
 //! child outlives its run.
+//!
+//! The connections live on one io_uring [`Engine`] driven by the [`Worker`] scenario, so
+//! a held connection costs the child little more than its TLS state: no task, no stack,
+//! no receive buffer (receives come from the engine's shared buffer ring), and a few
+//! bytes of bookkeeping here. The parent's commands are read by a small thread of their
+//! own and handed over through a channel that the scenario polls between completions;
+//! the ring thread never blocks on stdin. Commands are carried out one at a time, in
+//! order, as the parent sends them: each waits for the previous one's report.
 
+use std::collections::HashMap;
+use std::io::BufRead;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Args;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::{watch, Semaphore};
-use tokio::time::Instant;
+use holdfast_wire::frame::FrameType;
+use rustls::ClientConfig;
 
-use crate::client::{self, Client, Conn, Failure, Inbound, Stage};
+use crate::client::{self, Failure, Stage};
 use crate::plan;
 use crate::proto::{Command, Counts, Report};
-use crate::report::Failures;
+use crate::scenario;
+use crate::uring::{ConnId, Engine, EngineConfig, Event, Scenario, Tick};
 
 /// Handshakes a child keeps in flight at most: when the gateway slows down, the opening
 /// timetable slips instead of piling up attempts that would all run into the timeout.
-const MAX_INFLIGHT: usize = 1024;
+const MAX_INFLIGHT: u64 = 1024;
 /// Final echoes a child keeps in flight at most, so the check is a ramp, not one burst.
-const MAX_ECHOES: usize = 1024;
+const MAX_ECHOES: u64 = 1024;
 /// Failure notes a child sends at most; the counts carry the rest.
 const MAX_NOTES: u64 = 5;
 /// How often a child reports progress while opening.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// How often the ring thread looks for the parent's next command while it waits for one.
+const COMMAND_POLL: Duration = Duration::from_millis(5);
+/// The longest a child waits, after `close`, for its close_notify sends and the kernel
+/// to finish with its connections before it drops what is left.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+/// The child's ring. Idle connections need few operations and no buffers; a smaller ring
+/// and buffer pool than the engine's default keeps the child's fixed memory out of its
+/// per-connection figure. A batch that finds the buffer pool dry only re-arms its
+/// receives: nothing is lost.
+const ENGINE: EngineConfig = EngineConfig {
+    ring_entries: 1024,
+    recv_buffers: 512,
+    recv_buffer_size: 4096,
+};
 
 /// Arguments of the hidden `idle-worker` subcommand; the parent fills them in.
 #[derive(Debug, Args)]
@@ -68,294 +92,449 @@ pub struct WorkerArgs {
     pub timeout: f64,
 }
 
-/// The phase every held connection follows, broadcast by the child's main task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Hold,
-    Echo,
-    Close,
-}
-
-/// Counters shared by a child's connection tasks.
-#[derive(Default)]
-struct Stats {
-    ok: AtomicU64,
-    inflight: AtomicU64,
-    connect_failed: AtomicU64,
-    handshake_failed: AtomicU64,
-    first_echo_failed: AtomicU64,
-    timed_out: AtomicU64,
-    dropped: AtomicU64,
-    live: AtomicU64,
-    echo_ok: AtomicU64,
-    echo_failed: AtomicU64,
-    notes: AtomicU64,
-}
-
-impl Stats {
-    fn counts(&self) -> Counts {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Counts {
-            ok: get(&self.ok),
-            inflight: get(&self.inflight),
-            failures: Failures {
-                connect_failed: get(&self.connect_failed),
-                handshake_failed: get(&self.handshake_failed),
-                first_echo_failed: get(&self.first_echo_failed),
-                timed_out: get(&self.timed_out),
-                dropped_while_idle: get(&self.dropped),
-            },
-        }
-    }
-
-    fn failed(&self, f: &Failure) {
-        let counter = match f.stage {
-            Stage::Connect => &self.connect_failed,
-            Stage::Handshake => &self.handshake_failed,
-            Stage::Echo => &self.first_echo_failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        if f.timed_out {
-            self.timed_out.fetch_add(1, Ordering::Relaxed);
-        }
-        self.note(|| f.to_string());
-    }
-
-    fn note(&self, text: impl FnOnce() -> String) {
-        if self.notes.fetch_add(1, Ordering::Relaxed) < MAX_NOTES {
-            say(&Report::Note(text()));
-        }
-    }
-}
-
 /// Writes one report line to stdout. The parent reads these lines; nothing else in a
 /// child may write to stdout.
 fn say(report: &Report) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     // The parent reads until our stdout closes; if it is gone, stdin ends too and the
-    // main loop exits, so a failed write needs no handling of its own.
+    // child closes everything and exits, so a failed write needs no handling of its own.
     let _ = writeln!(out, "{}", report.to_line());
     let _ = out.flush();
 }
 
-/// What a connection task needs besides its connection.
-struct Shared {
-    client: Client,
-    stats: Stats,
-    phase: watch::Sender<Phase>,
-    echoes: Semaphore,
+/// What the command thread hands the ring thread: a command, or why there is none.
+type Input = Result<Command, String>;
+
+/// Reads the parent's commands from stdin, one per line, until `close`, an unreadable
+/// line or the end of input (which means `close`). Runs on a thread of its own so the
+/// ring never waits on the pipe.
+fn read_commands(tx: Sender<Input>) {
+    for line in std::io::stdin().lock().lines() {
+        let input = match line {
+            Ok(line) => Command::parse(&line),
+            Err(e) => Err(format!("reading commands: {e}")),
+        };
+        let last = !matches!(input, Ok(Command::Open(_) | Command::Echo));
+        // A send fails only once the ring thread has finished: nobody is listening.
+        if tx.send(input).is_err() || last {
+            return;
+        }
+    }
+    let _ = tx.send(Ok(Command::Close));
+}
+
+/// Where one connection of the child is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    /// Connecting, handshaking, or waiting for its first echo.
+    Opening,
+    /// Echoed its first frame; idle.
+    Held,
+    /// Waiting for the echo of the final check.
+    Echoing,
+    /// Passed the final check; idle again.
+    Echoed,
+    /// Failed, dropped by the gateway, or closed by us.
+    Gone,
+}
+
+/// One connection the child made: 12 bytes, all the child keeps of it besides the
+/// engine's own state and its entry in [`Worker::by_id`].
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    id: ConnId,
+    life: Life,
+}
+
+/// What the child is doing about the parent's latest command.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// Waiting for the next command.
+    Waiting,
+    /// Opening connections until `until` have been attempted in all, this step's `k`-th
+    /// (counted from `first`) due at `start + plan::due(k, rate)`.
+    Opening {
+        start: Instant,
+        first: u64,
+        until: u64,
+    },
+    /// The final echo check, given up on at `give_up` should it not finish by then.
+    Echoing { give_up: Instant },
+    /// Every connection was told to close: the engine sends their close_notify once the
+    /// scenario is done.
+    Closed,
+}
+
+/// The child's scenario: every connection it made, its counts, and the command at hand.
+struct Worker {
+    config: Arc<ClientConfig>,
+    sources: Vec<IpAddr>,
+    child: u64,
+    procs: u64,
+    rate: f64,
     frame_size: usize,
     timeout: Duration,
+    commands: Receiver<Input>,
+    phase: Phase,
+    /// Every connection made, indexed by its number within the child (which also picks
+    /// its payloads and its source address).
+    conns: Vec<Slot>,
+    /// The number of each connection the engine may still report on.
+    by_id: HashMap<ConnId, u32>,
+    /// Cumulative counts, as reported to the parent; `inflight` counts the connections in
+    /// [`Life::Opening`].
+    counts: Counts,
+    /// Connections that passed the final check.
+    echo_ok: u64,
+    /// Final echoes in flight.
+    echoes: u64,
+    /// The next connection the final check asks to echo.
+    next_echo: usize,
+    next_progress: Instant,
+    notes: u64,
+    /// Why the child stopped early, if it did.
+    error: Option<String>,
+}
+
+impl Worker {
+    /// Sends a failure note to the parent, the first few times only.
+    fn note(&mut self, text: impl FnOnce() -> String) {
+        self.notes += 1;
+        if self.notes <= MAX_NOTES {
+            say(&Report::Note(text()));
+        }
+    }
+
+    /// Counts an attempt that never became a held connection, by stage.
+    fn open_failed(&mut self, f: &Failure) {
+        let failures = &mut self.counts.failures;
+        *match f.stage {
+            Stage::Connect => &mut failures.connect_failed,
+            Stage::Handshake => &mut failures.handshake_failed,
+            Stage::Echo => &mut failures.first_echo_failed,
+        } += 1;
+        if f.timed_out {
+            failures.timed_out += 1;
+        }
+        self.note(|| f.to_string());
+    }
+
+    /// The payload of connection `n`'s frame in `round` (0: the first echo, 1: the final
+    /// check). Computed again when the echo comes back rather than kept per connection.
+    fn payload(&self, n: u32, round: u64) -> Vec<u8> {
+        client::payload(self.frame_size, n.into(), round)
+    }
+
+    /// Carries out `command`, or starts to; the phase says what is left to do.
+    fn begin(&mut self, engine: &mut Engine, command: Command, now: Instant) {
+        match command {
+            Command::Open(total) => {
+                let first = self.conns.len() as u64;
+                let until = total.max(first);
+                let more = (until - first) as usize;
+                self.conns.reserve_exact(more);
+                self.by_id.reserve(more);
+                self.next_progress = now + PROGRESS_EVERY;
+                self.phase = Phase::Opening {
+                    start: now,
+                    first,
+                    until,
+                };
+            }
+            Command::Echo => {
+                self.next_echo = 0;
+                // Each echo is bounded by the timeout once started, and MAX_ECHOES run at
+                // a time, so the check ends by itself; this bound only backs that up.
+                let rounds = (self.conns.len() as u64).div_ceil(MAX_ECHOES) + 1;
+                let give_up = now + self.timeout * rounds as u32 + Duration::from_secs(5);
+                self.phase = Phase::Echoing { give_up };
+            }
+            Command::Close => {
+                for slot in &mut self.conns {
+                    if slot.life != Life::Gone {
+                        engine.close(slot.id);
+                        slot.life = Life::Gone;
+                    }
+                }
+                // What the engine still says about a closed connection is of no interest.
+                self.by_id = HashMap::new();
+                self.phase = Phase::Closed;
+            }
+        }
+    }
+
+    /// Takes the parent's next command if there is one; otherwise looks again soon.
+    fn wait_command(&mut self, engine: &mut Engine, now: Instant) -> Option<Tick> {
+        match self.commands.try_recv() {
+            Ok(Ok(command)) => self.begin(engine, command, now),
+            Ok(Err(e)) => {
+                self.error = Some(e);
+                return Some(Tick::Done);
+            }
+            Err(TryRecvError::Empty) => return Some(Tick::At(now + COMMAND_POLL)),
+            // The command thread only ends after `close` or an error, both taken above;
+            // should it be gone anyway, nobody can tell the child what to do any more.
+            Err(TryRecvError::Disconnected) => self.begin(engine, Command::Close, now),
+        }
+        None
+    }
+
+    /// Starts the connections that are due (as far as the in-flight cap allows), reports
+    /// progress, and reports the step once every attempt of it has concluded.
+    fn open(
+        &mut self,
+        engine: &mut Engine,
+        now: Instant,
+        start: Instant,
+        first: u64,
+        until: u64,
+    ) -> Option<Tick> {
+        let mut next_due = None;
+        while (self.conns.len() as u64) < until && self.counts.inflight < MAX_INFLIGHT {
+            let n = self.conns.len() as u64;
+            let due = start + plan::due(n - first, self.rate);
+            if due > now {
+                next_due = Some(due);
+                break;
+            }
+            self.connect(engine, n, now);
+        }
+        if now >= self.next_progress {
+            say(&Report::Progress(self.counts.clone()));
+            self.next_progress = now + PROGRESS_EVERY;
+        }
+        // Every attempt is in flight or concluded, so this is every attempt of the step
+        // made and concluded.
+        if self.counts.concluded() == until {
+            say(&Report::Opened(self.counts.clone()));
+            self.phase = Phase::Waiting;
+            return None;
+        }
+        // With the cap reached, the next start waits for an attempt to conclude, which
+        // comes with a completion and so a tick of its own.
+        let wake = next_due.map_or(self.next_progress, |d| d.min(self.next_progress));
+        Some(Tick::At(wake))
+    }
+
+    /// Starts connection `n`: connected, handshaken and echoed within the timeout.
+    fn connect(&mut self, engine: &mut Engine, n: u64, now: Instant) {
+        let source = (!self.sources.is_empty()).then(|| {
+            self.sources[plan::source_index(self.sources.len(), self.child, self.procs, n)]
+        });
+        let id = engine.connect(&self.config, source, now + self.timeout);
+        self.conns.push(Slot {
+            id,
+            life: Life::Opening,
+        });
+        // `n` is below the share of one child, which the open-file limit keeps far below
+        // u32::MAX.
+        self.by_id.insert(id, n as u32);
+        self.counts.inflight += 1;
+    }
+
+    /// Asks the held connections to echo, MAX_ECHOES at a time, and reports once each
+    /// has answered or gone.
+    fn echo(&mut self, engine: &mut Engine, now: Instant, give_up: Instant) -> Option<Tick> {
+        while self.echoes < MAX_ECHOES && self.next_echo < self.conns.len() && now < give_up {
+            let n = self.next_echo;
+            self.next_echo += 1;
+            if self.conns[n].life != Life::Held {
+                continue;
+            }
+            let id = self.conns[n].id;
+            self.conns[n].life = Life::Echoing;
+            self.echoes += 1;
+            engine.set_deadline(id, Some(now + self.timeout));
+            // A held connection is established and open in the engine (its end would have
+            // come as an event), so the send is queued; should the TLS layer refuse it,
+            // the engine ends the connection and that event concludes the echo.
+            engine.send(id, FrameType::Data, &self.payload(n as u32, 1));
+        }
+        let finished = self.next_echo == self.conns.len() && self.echoes == 0;
+        if !finished && now < give_up {
+            return Some(Tick::At(give_up));
+        }
+        let ok = self.echo_ok;
+        say(&Report::Echoed {
+            ok,
+            failed: self.counts.ok - ok.min(self.counts.ok),
+        });
+        self.phase = Phase::Waiting;
+        None
+    }
+
+    /// A connection still opening did something.
+    fn opening_event(&mut self, engine: &mut Engine, id: ConnId, n: u32, event: Event) {
+        let failure = match event {
+            Event::Established(_) => {
+                // Should the send be refused, the engine ends the connection and says so.
+                engine.send(id, FrameType::Data, &self.payload(n, 0));
+                return;
+            }
+            Event::Data(p) if p == self.payload(n, 0) => {
+                engine.set_deadline(id, None);
+                self.conns[n as usize].life = Life::Held;
+                self.counts.inflight -= 1;
+                self.counts.ok += 1;
+                return;
+            }
+            Event::Data(p) => {
+                engine.abort(id);
+                echo_differs(self.frame_size, p.len())
+            }
+            Event::Failed(f) => f,
+            Event::Ended(why) => Failure {
+                stage: Stage::Echo,
+                timed_out: false,
+                error: why,
+            },
+        };
+        self.counts.inflight -= 1;
+        self.open_failed(&failure);
+        self.gone(id, n);
+    }
+
+    /// A connection of the final check did something.
+    fn echoing_event(&mut self, engine: &mut Engine, id: ConnId, n: u32, event: Event) {
+        let failure = match event {
+            Event::Data(p) if p == self.payload(n, 1) => {
+                engine.set_deadline(id, None);
+                self.conns[n as usize].life = Life::Echoed;
+                self.echoes -= 1;
+                self.echo_ok += 1;
+                return;
+            }
+            Event::Data(p) => {
+                engine.abort(id);
+                echo_differs(self.frame_size, p.len())
+            }
+            // Not sent by an established connection; nothing to do.
+            Event::Established(_) => return,
+            Event::Failed(f) => f,
+            Event::Ended(why) => Failure {
+                stage: Stage::Echo,
+                timed_out: false,
+                error: why,
+            },
+        };
+        self.echoes -= 1;
+        self.note(|| format!("final {failure}"));
+        self.gone(id, n);
+    }
+
+    /// An idle connection did something: whatever it was, the connection is lost.
+    fn idle_event(&mut self, engine: &mut Engine, id: ConnId, n: u32, event: Event) {
+        let why = match event {
+            Event::Data(p) => {
+                engine.abort(id);
+                format!("unexpected DATA of {} bytes", p.len())
+            }
+            // Not sent by an established connection; nothing to do.
+            Event::Established(_) => return,
+            Event::Failed(f) => f.to_string(),
+            Event::Ended(why) => why,
+        };
+        self.counts.failures.dropped_while_idle += 1;
+        self.note(|| format!("dropped while idle: {why}"));
+        self.gone(id, n);
+    }
+
+    /// Forgets a connection the engine has closed (or was just told to abort).
+    fn gone(&mut self, id: ConnId, n: u32) {
+        self.conns[n as usize].life = Life::Gone;
+        self.by_id.remove(&id);
+    }
+}
+
+/// The failure of an echo that came back different.
+fn echo_differs(sent: usize, got: usize) -> Failure {
+    Failure {
+        stage: Stage::Echo,
+        timed_out: false,
+        error: format!("echo differs: sent {sent} bytes, got {got} bytes"),
+    }
+}
+
+impl Scenario for Worker {
+    fn tick(&mut self, engine: &mut Engine, now: Instant) -> Tick {
+        // A phase that finishes hands over to the next at once (a step's report, then
+        // the next command), so each arm either returns or has changed the phase.
+        loop {
+            let tick = match self.phase {
+                Phase::Waiting => self.wait_command(engine, now),
+                Phase::Opening {
+                    start,
+                    first,
+                    until,
+                } => self.open(engine, now, start, first, until),
+                Phase::Echoing { give_up } => self.echo(engine, now, give_up),
+                Phase::Closed => Some(Tick::Done),
+            };
+            if let Some(tick) = tick {
+                return tick;
+            }
+        }
+    }
+
+    fn event(&mut self, engine: &mut Engine, id: ConnId, event: Event, _now: Instant) {
+        let Some(&n) = self.by_id.get(&id) else {
+            return;
+        };
+        match self.conns[n as usize].life {
+            Life::Opening => self.opening_event(engine, id, n, event),
+            Life::Echoing => self.echoing_event(engine, id, n, event),
+            Life::Held | Life::Echoed => self.idle_event(engine, id, n, event),
+            // Gone connections are no longer in `by_id`.
+            Life::Gone => {}
+        }
+    }
 }
 
 /// Runs a child until its parent says `close` or its stdin ends.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    scenario::ensure_positive("--rate", args.rate)?;
+    scenario::ensure_positive("--timeout", args.timeout)?;
     crate::sys::raise_nofile_limit().context("raising the open-file limit")?;
-    let rt = crate::scenario::runtime()?;
-    rt.block_on(serve(args))
-}
-
-async fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     let config = client::client_config(&args.ca)?;
     let target = client::resolve(&args.target)?;
     let sources: Vec<IpAddr> = match &args.sources {
         Some(spec) => plan::parse_sources(spec).map_err(anyhow::Error::msg)?,
         None => Vec::new(),
     };
-    let shared = Arc::new(Shared {
-        client: Client::new(config, target, &args.server_name)?,
-        stats: Stats::default(),
-        phase: watch::Sender::new(Phase::Hold),
-        echoes: Semaphore::new(MAX_ECHOES),
+    let mut engine = Engine::new(target, &args.server_name, ENGINE)?;
+    let (tx, commands) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("commands".into())
+        .spawn(move || read_commands(tx))
+        .context("starting the command reader")?;
+    let now = Instant::now();
+    let mut worker = Worker {
+        config,
+        sources,
+        child: args.child,
+        procs: args.procs,
+        rate: args.rate,
         frame_size: args.frame_size,
         timeout: Duration::from_secs_f64(args.timeout),
-    });
-    let mut attempted: u64 = 0;
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
-    loop {
-        let line = lines.next_line().await.context("reading commands")?;
-        let command = match line {
-            Some(line) => Command::parse(&line).map_err(anyhow::Error::msg)?,
-            None => Command::Close,
-        };
-        match command {
-            Command::Open(total) => {
-                let want = total.saturating_sub(attempted);
-                open(&shared, &args, &sources, attempted, want).await;
-                attempted += want;
-                say(&Report::Opened(shared.stats.counts()));
-            }
-            Command::Echo => {
-                let (ok, failed) = echo_all(&shared).await;
-                say(&Report::Echoed { ok, failed });
-            }
-            Command::Close => {
-                close_all(&shared).await;
-                say(&Report::Closed);
-                return Ok(());
-            }
-        }
+        commands,
+        phase: Phase::Waiting,
+        conns: Vec::new(),
+        by_id: HashMap::new(),
+        counts: Counts::default(),
+        echo_ok: 0,
+        echoes: 0,
+        next_echo: 0,
+        next_progress: now,
+        notes: 0,
+        error: None,
+    };
+    engine
+        .run(&mut worker, CLOSE_GRACE)
+        .context("driving the client ring")?;
+    if let Some(e) = worker.error {
+        bail!(e);
     }
-}
-
-/// Opens `want` more connections on this child's timetable and returns when every
-/// attempt has concluded (each is bounded by the per-connection timeout).
-async fn open(shared: &Arc<Shared>, args: &WorkerArgs, sources: &[IpAddr], first: u64, want: u64) {
-    let stats = &shared.stats;
-    let target = stats.counts().concluded() + want;
-    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
-    let start = Instant::now();
-    let mut next_progress = start + PROGRESS_EVERY;
-    for k in 0..want {
-        let due = start + plan::due(k, args.rate);
-        // Progress is reported while waiting for the timetable or a free slot, so the
-        // parent hears from us even when the gateway stalls.
-        let permit = loop {
-            let now = Instant::now();
-            if now >= next_progress {
-                say(&Report::Progress(stats.counts()));
-                next_progress = now + PROGRESS_EVERY;
-            }
-            if now < due {
-                tokio::time::sleep_until(due.min(next_progress)).await;
-                continue;
-            }
-            tokio::select! {
-                p = slots.clone().acquire_owned() => break p,
-                _ = tokio::time::sleep_until(next_progress) => {}
-            }
-        };
-        let permit = permit.expect("the semaphore is never closed");
-        let n = first + k;
-        let source = (!sources.is_empty())
-            .then(|| sources[plan::source_index(sources.len(), args.child, args.procs, n)]);
-        stats.inflight.fetch_add(1, Ordering::Relaxed);
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let conn = attempt(&shared, source, n).await;
-            shared.stats.inflight.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-            match conn {
-                Ok(conn) => hold(&shared, conn, n).await,
-                Err(f) => shared.stats.failed(&f),
-            }
-        });
-    }
-    // Polled finely so a step's open time is not rounded up to the progress interval.
-    while stats.counts().concluded() < target {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        if Instant::now() >= next_progress {
-            say(&Report::Progress(stats.counts()));
-            next_progress = Instant::now() + PROGRESS_EVERY;
-        }
-    }
-}
-
-/// Connects, handshakes and echoes one frame, all within the per-connection timeout.
-async fn attempt(shared: &Shared, source: Option<IpAddr>, n: u64) -> Result<Conn, Failure> {
-    let deadline = Instant::now() + shared.timeout;
-    let mut conn = shared.client.connect(source, deadline).await?;
-    conn.echo(&client::payload(shared.frame_size, n, 0), deadline)
-        .await?;
-    // Counted here, before the task can see a phase change, so `live` never misses a
-    // connection that the echo check must wait for.
-    shared.stats.live.fetch_add(1, Ordering::Relaxed);
-    shared.stats.ok.fetch_add(1, Ordering::Relaxed);
-    Ok(conn)
-}
-
-/// Keeps one connection open and idle until the phase says otherwise: answers
-/// heartbeats, notices a close by the gateway, echoes once when told.
-async fn hold(shared: &Shared, mut conn: Conn, n: u64) {
-    let stats = &shared.stats;
-    let mut phase = shared.phase.subscribe();
-    let mut echoed = false;
-    loop {
-        let current = *phase.borrow_and_update();
-        match current {
-            Phase::Echo if !echoed => {
-                echoed = true;
-                let _permit = shared.echoes.acquire().await;
-                let deadline = Instant::now() + shared.timeout;
-                match conn
-                    .echo(&client::payload(shared.frame_size, n, 1), deadline)
-                    .await
-                {
-                    Ok(()) => {
-                        stats.echo_ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(f) => {
-                        stats.echo_failed.fetch_add(1, Ordering::Relaxed);
-                        stats.note(|| format!("final {f}"));
-                        break;
-                    }
-                }
-                continue;
-            }
-            Phase::Close => {
-                conn.close(Instant::now() + Duration::from_secs(2)).await;
-                break;
-            }
-            Phase::Hold | Phase::Echo => {}
-        }
-        tokio::select! {
-            changed = phase.changed() => if changed.is_err() { break },
-            read = conn.fill() => {
-                let ended = match read {
-                    Ok(0) => Some("end of stream".to_string()),
-                    Ok(_) => match conn.take().await {
-                        Ok(None) => None,
-                        Ok(Some(Inbound::Ended(why))) => Some(why),
-                        Ok(Some(Inbound::Data(p))) => Some(format!("unexpected DATA of {} bytes", p.len())),
-                        Err(e) => Some(e.to_string()),
-                    },
-                    Err(e) => Some(e.to_string()),
-                };
-                if let Some(why) = ended {
-                    stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    if !echoed {
-                        // It can no longer pass the final check; counting it now lets
-                        // the check finish without waiting for it.
-                        stats.echo_failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    stats.note(|| format!("dropped while idle: {why}"));
-                    break;
-                }
-            }
-        }
-    }
-    stats.live.fetch_sub(1, Ordering::Relaxed);
-}
-
-/// Tells every held connection to echo once and waits until each has answered or gone.
-/// Returns (ok, failed) where failed counts every connection opened successfully that
-/// did not echo, dropped ones included.
-async fn echo_all(shared: &Shared) -> (u64, u64) {
-    let stats = &shared.stats;
-    let opened = stats.ok.load(Ordering::Relaxed);
-    shared.phase.send_replace(Phase::Echo);
-    // Each echo is bounded by the timeout once it holds a permit; the permits let
-    // MAX_ECHOES run at a time, so the whole check is bounded too.
-    let rounds = opened.div_ceil(MAX_ECHOES as u64) + 1;
-    let deadline = Instant::now() + shared.timeout * rounds as u32 + Duration::from_secs(5);
-    loop {
-        let done =
-            stats.echo_ok.load(Ordering::Relaxed) + stats.echo_failed.load(Ordering::Relaxed);
-        if done >= opened || Instant::now() >= deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let ok = stats.echo_ok.load(Ordering::Relaxed);
-    (ok, opened - ok.min(opened))
-}
-
-/// Closes every held connection (TLS close_notify) and waits, bounded, for them to go.
-async fn close_all(shared: &Shared) {
-    shared.phase.send_replace(Phase::Close);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while shared.stats.live.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    say(&Report::Closed);
+    Ok(())
 }

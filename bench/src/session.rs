@@ -124,8 +124,12 @@ impl Session {
                 self.staging = staging;
             }
         }
+        // Frames decrypted before a close_notify or an error still count, and a CLOSE among
+        // them is the better reason: it came first.
+        let tls_end = received.ended.take();
+        self.cut_frames(&mut received);
         if received.ended.is_none() {
-            self.cut_frames(&mut received);
+            received.ended = tls_end;
         }
         received
     }

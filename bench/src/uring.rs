@@ -316,8 +316,9 @@ impl Engine {
         }
     }
 
-    /// Runs `scenario` until it says it is done, then aborts what is left open and waits
-    /// (at most `linger`) for the kernel to finish with it.
+    /// Runs `scenario` until it says it is done, then aborts what is left open (letting
+    /// polite closes send their close_notify) and waits at most `linger` for the kernel to
+    /// finish with it.
     pub fn run(&mut self, scenario: &mut impl Scenario, linger: Duration) -> io::Result<()> {
         loop {
             let now = Instant::now();
@@ -337,10 +338,11 @@ impl Engine {
             self.wait(wake)?;
             self.complete(scenario)?;
         }
+        // Connections closing politely keep their close_notify; the rest end now.
         for slot in 0..self.conns.len() as u32 {
             if self.conns[slot as usize]
                 .as_ref()
-                .is_some_and(|c| c.state != State::Closing)
+                .is_some_and(|c| c.state != State::Closing && !c.close_after_send)
             {
                 self.shut(slot);
             }
