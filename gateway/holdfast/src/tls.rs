@@ -275,7 +275,7 @@ impl<C: Unbuffered> Records<C> {
                     return fed;
                 }
                 Step::Fail => {
-                    self.flush_alert(sink);
+                    self.flush_alert(&mut input[fed.consumed..], sink);
                     fed.end = Some(TlsEnd::Error);
                     return fed;
                 }
@@ -284,9 +284,12 @@ impl<C: Unbuffered> Records<C> {
     }
 
     /// After an error rustls may have queued an alert: encode it so the peer learns why.
-    fn flush_alert(&mut self, sink: &mut impl TlsSink) {
+    /// `rest` is the input not yet discarded: rustls may still hold ranges into it (a
+    /// handshake message joined from several records), and offering it anything else
+    /// makes rustls panic.
+    fn flush_alert(&mut self, rest: &mut [u8], sink: &mut impl TlsSink) {
         for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = self.conn.process(&mut []);
+            let UnbufferedStatus { state, .. } = self.conn.process(rest);
             match state {
                 Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, sink),
                 Ok(ConnectionState::TransmitTlsData(t)) => t.done(),

@@ -221,3 +221,37 @@ fn an_idle_client_gets_close_1014_after_the_idle_timeout() {
     );
     assert_only_that_connection_closed(&stack, &mut bystander, "idle_timeout", before);
 }
+
+/// A real ClientHello with a second handshake message behind it in the same record: rustls
+/// fails on the second while it still holds the record, which is the case where the
+/// alert must be encoded against the same input (anything else made rustls panic).
+#[test]
+fn a_client_hello_with_a_stray_message_in_its_record_is_refused_cleanly() {
+    use std::sync::Arc;
+    let (stack, mut bystander) = start(&[]);
+    let before = stack.gateway.close_count("tls_error");
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![holdfast_wire::frame::ALPN.to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut hello = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut record = Vec::new();
+    hello.write_tls(&mut record).expect("ClientHello");
+    assert_eq!(record[0], 22, "a handshake record");
+    // A Finished message (type 20) with 32 bytes of verify data, inside the same record.
+    record.extend_from_slice(&[20, 0, 0, 32]);
+    record.extend_from_slice(&[0u8; 32]);
+    let len = (record.len() - 5) as u16;
+    record[3..5].copy_from_slice(&len.to_be_bytes());
+
+    let mut tcp = raw_tcp(stack.gateway.listen);
+    tcp.write_all(&record).expect("send the record");
+    let closed = drain_until_closed(&mut tcp, IO_TIMEOUT);
+    assert!(closed.is_some(), "the gateway kept the connection");
+    assert_only_that_connection_closed(&stack, &mut bystander, "tls_error", before);
+}
