@@ -137,13 +137,15 @@ fn handshake(
     bail!("the handshake did not finish in 16 flights")
 }
 
-struct Setup {
-    server: Arc<ServerConfig>,
-    client: Arc<ClientConfig>,
-    name: ServerName<'static>,
+/// A server and a client configured as holdfast and its load generator configure them, on
+/// a throw-away certificate. Also the in-memory peer of the client session's tests.
+pub(crate) struct Setup {
+    pub(crate) server: Arc<ServerConfig>,
+    pub(crate) client: Arc<ClientConfig>,
+    pub(crate) name: ServerName<'static>,
 }
 
-fn setup() -> anyhow::Result<Setup> {
+pub(crate) fn setup() -> anyhow::Result<Setup> {
     let g = certs::generate(&["localhost".to_string()])?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(g.cert.as_bytes())

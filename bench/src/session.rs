@@ -222,3 +222,185 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use rustls::ServerConnection;
+
+    use super::*;
+    use crate::ceiling;
+
+    /// Moves everything `session` wants sent into `server`.
+    fn to_server(session: &mut Session, server: &mut ServerConnection) {
+        let bytes = session.take_out(Vec::new());
+        let mut rd = &bytes[..];
+        while !rd.is_empty() {
+            server.read_tls(&mut rd).expect("read_tls");
+            server
+                .process_new_packets()
+                .expect("the server takes the client's bytes");
+        }
+    }
+
+    /// Everything `server` wants sent.
+    fn from_server(server: &mut ServerConnection) -> Vec<u8> {
+        let mut out = Vec::new();
+        while server.wants_write() {
+            server.write_tls(&mut out).expect("write_tls");
+        }
+        out
+    }
+
+    /// A session and a rustls server with the handshake done; the server's tickets have
+    /// been taken by the session.
+    fn established(
+        server_config: Option<Arc<rustls::ServerConfig>>,
+    ) -> (Session, ServerConnection, Received) {
+        let s = ceiling::setup().expect("test certificates");
+        let mut server =
+            ServerConnection::new(server_config.unwrap_or(s.server)).expect("server connection");
+        let mut session = Session::new(s.client, s.name).expect("client session");
+        session.start().expect("ClientHello");
+        let mut seen = Received::default();
+        for _ in 0..8 {
+            to_server(&mut session, &mut server);
+            let mut bytes = from_server(&mut server);
+            let r = session.receive(&mut bytes);
+            if r.established.is_some() {
+                seen.established = r.established;
+            }
+            if r.ended.is_some() {
+                seen.ended = r.ended;
+                break;
+            }
+            if seen.established.is_some() && !session.wants_send() {
+                break;
+            }
+        }
+        if seen.ended.is_none() {
+            to_server(&mut session, &mut server);
+        }
+        (session, server, seen)
+    }
+
+    fn server_sends_frame(server: &mut ServerConnection, kind: FrameType, payload: &[u8]) {
+        let mut plain = Vec::new();
+        frame::encode(kind, payload, &mut plain);
+        server.writer().write_all(&plain).expect("server plaintext");
+    }
+
+    fn server_reads(server: &mut ServerConnection) -> Vec<u8> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match server.reader().read(&mut buf) {
+                Ok(0) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return got,
+                Err(e) => panic!("server read: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn handshake_then_frames_both_ways() {
+        let (mut session, mut server, seen) = established(None);
+        let info = seen.established.expect("the handshake completes");
+        assert!(!info.resumed);
+        assert_eq!(info.kx_group.as_deref(), Some("X25519"));
+        assert_eq!(seen.ended, None);
+
+        session.send(FrameType::Data, b"hello").expect("send");
+        to_server(&mut session, &mut server);
+        let mut want = Vec::new();
+        frame::encode(FrameType::Data, b"hello", &mut want);
+        assert_eq!(server_reads(&mut server), want);
+
+        server_sends_frame(&mut server, FrameType::Data, b"one");
+        server_sends_frame(&mut server, FrameType::Data, b"two");
+        let mut bytes = from_server(&mut server);
+        let r = session.receive(&mut bytes);
+        assert_eq!(r.data, vec![b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(r.ended, None);
+    }
+
+    #[test]
+    fn records_split_across_receives_are_staged() {
+        let (mut session, mut server, _) = established(None);
+        server_sends_frame(&mut server, FrameType::Data, &[7u8; 300]);
+        server_sends_frame(&mut server, FrameType::Data, b"after");
+        let bytes = from_server(&mut server);
+        let mut data = Vec::new();
+        // One byte at a time: every record is split, most of them many times.
+        for b in bytes {
+            let r = session.receive(&mut [b]);
+            assert_eq!(r.ended, None);
+            data.extend(r.data);
+        }
+        assert_eq!(data, vec![vec![7u8; 300], b"after".to_vec()]);
+    }
+
+    #[test]
+    fn ping_is_answered_and_never_surfaces() {
+        let (mut session, mut server, _) = established(None);
+        server_sends_frame(&mut server, FrameType::Ping, b"beat");
+        let mut bytes = from_server(&mut server);
+        let r = session.receive(&mut bytes);
+        assert!(r.data.is_empty() && r.ended.is_none());
+        assert!(session.wants_send(), "the PONG waits to be sent");
+        to_server(&mut session, &mut server);
+        let mut want = Vec::new();
+        frame::encode(FrameType::Pong, b"beat", &mut want);
+        assert_eq!(server_reads(&mut server), want);
+    }
+
+    #[test]
+    fn frames_before_close_notify_are_delivered() {
+        let (mut session, mut server, _) = established(None);
+        server_sends_frame(&mut server, FrameType::Data, b"last words");
+        server.send_close_notify();
+        let mut bytes = from_server(&mut server);
+        let r = session.receive(&mut bytes);
+        assert_eq!(r.data, vec![b"last words".to_vec()]);
+        assert_eq!(r.ended.as_deref(), Some("TLS close_notify"));
+    }
+
+    #[test]
+    fn close_frame_ends_with_its_code() {
+        let (mut session, mut server, _) = established(None);
+        let mut plain = Vec::new();
+        frame::encode_close(frame::close_code::GOING_AWAY, "bye", &mut plain);
+        server.writer().write_all(&plain).expect("server plaintext");
+        server.send_close_notify();
+        let mut bytes = from_server(&mut server);
+        let r = session.receive(&mut bytes);
+        let ended = r.ended.expect("the connection ended");
+        assert!(ended.starts_with("CLOSE 1001"), "{ended}");
+    }
+
+    #[test]
+    fn a_server_without_the_protocol_is_refused() {
+        let s = ceiling::setup().expect("test certificates");
+        let mut config = (*s.server).clone();
+        config.alpn_protocols.clear();
+        let (_, _, seen) = established(Some(Arc::new(config)));
+        assert!(seen.established.is_none());
+        let ended = seen.ended.expect("the session ends");
+        assert!(
+            ended.contains("not holdfast/1") || ended == "TLS error",
+            "{ended}"
+        );
+    }
+
+    #[test]
+    fn garbage_from_the_server_is_a_tls_error() {
+        let s = ceiling::setup().expect("test certificates");
+        let mut session = Session::new(s.client, s.name).expect("client session");
+        session.start().expect("ClientHello");
+        assert!(session.wants_send());
+        let r = session.receive(&mut b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
+        assert_eq!(r.ended.as_deref(), Some("TLS error"));
+    }
+}
