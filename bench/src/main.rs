@@ -7,10 +7,11 @@
 //! gateway's own routing worker, serves the byte-echo backend the peers forward to, and
 //! turns the JSON reports into a markdown table and an SVG chart.
 //!
-//! It is a client on tokio and tokio-rustls, deliberately outside the gateway's io_uring
-//! data plane, so what it measures is the gateway and not a shared runtime. Reports are
-//! JSON files whose field names are described in `report`; the human summary on stdout
-//! is for people, the JSON for tools.
+//! Its clients run on io_uring (`uring`: one ring per thread, multishot receives from a
+//! provided-buffer ring) with rustls' unbuffered client driven by the gateway's own record
+//! driver (`session`), so the client costs about what the server does. Reports are JSON
+//! files whose field names are described in `report`; the human summary on stdout is for
+//! people, the JSON for tools.
 #![deny(unsafe_code)]
 
 mod ceiling;
