@@ -26,6 +26,7 @@ use crate::client;
 use crate::cpu;
 use crate::plan;
 use crate::procfs;
+use crate::progress::{Live, Progress};
 use crate::report::{self, EchoParameters, EchoReport, EchoResults};
 use crate::scenario;
 use crate::uring::{self, ConnId, Engine, EngineConfig, Event, Scenario, Tick};
@@ -111,6 +112,8 @@ impl Histograms {
 struct Shared {
     settled: AtomicU64,
     start: OnceLock<Instant>,
+    /// Connections open, frames echoed, errors: the progress line.
+    live: Arc<Live>,
 }
 
 /// One connection of the run.
@@ -222,6 +225,10 @@ impl Echo {
 
     fn fail(&mut self, i: usize, why: String) {
         let r = &mut self.relays[i];
+        if r.open {
+            self.shared.live.closed();
+        }
+        self.shared.live.error();
         r.open = false;
         if r.error.is_none() {
             r.error = Some(format!("connection {}: {why}", r.index));
@@ -292,6 +299,7 @@ impl Scenario for Echo {
                 // The deadline bounded the connect and handshake only; the drain deadline
                 // bounds the rest.
                 engine.set_deadline(id, None);
+                self.shared.live.opened();
                 self.relays[i].open = true;
                 self.conns_ok += 1;
                 self.settled();
@@ -299,6 +307,7 @@ impl Scenario for Echo {
             }
             Event::Failed(f) if !self.relays[i].open => {
                 self.conns_failed += 1;
+                self.shared.live.error();
                 self.relays[i].id = None;
                 if self.conns_failed <= 5 {
                     eprintln!("holdfast-bench: connection {}: {f}", self.relays[i].index);
@@ -316,9 +325,11 @@ impl Scenario for Echo {
                 };
                 if p == r.body {
                     r.received += 1;
+                    self.shared.live.did(1);
                     self.hist.record(due, sent, now);
                 } else {
                     r.corrupt += 1;
+                    self.shared.live.error();
                 }
             }
         }
@@ -428,6 +439,7 @@ fn bench(
             .expect("the timetable starts once");
         Ok(window)
     };
+    let progress = Progress::start("echo", "frames", shared.live.clone());
     let (scenarios, window) = uring::run_threads(
         scenarios,
         target,
@@ -436,6 +448,7 @@ fn bench(
         Duration::from_secs(2),
         open_window,
     )?;
+    drop(progress);
     let window = window?;
 
     let mut results = EchoResults::default();

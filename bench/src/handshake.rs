@@ -28,6 +28,7 @@ use crate::client::{self, Failure, Stage, StageCounters, TlsInfo};
 use crate::cpu;
 use crate::plan;
 use crate::procfs;
+use crate::progress::{Live, Progress};
 use crate::report::{self, HandshakeParameters, HandshakeReport, HandshakeResults, CPU_METHOD};
 use crate::scenario::{self, Sources};
 use crate::uring::{self, ConnId, Engine, EngineConfig, Event, Scenario, Tick};
@@ -91,7 +92,8 @@ struct Stats {
 }
 
 impl Stats {
-    fn failed(&self, f: &Failure) {
+    fn failed(&self, f: &Failure, live: &Live) {
+        live.error();
         if self.failures.record(f) {
             eprintln!("holdfast-bench: {f}");
         }
@@ -106,6 +108,8 @@ struct Shared {
     measured: Stats,
     warmed: AtomicU64,
     window_end: OnceLock<Instant>,
+    /// Loops with a connection in flight, handshakes done, failures: the progress line.
+    live: Arc<Live>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +158,7 @@ impl Handshakes {
         lp.n += 1;
         let id = engine.connect(&lp.config, source, now + self.timeout);
         lp.conn = Some((id, now, None));
+        self.shared.live.opened();
         self.by_conn.insert(id, l);
     }
 
@@ -161,6 +166,7 @@ impl Handshakes {
     fn next(&mut self, engine: &mut Engine, l: usize, now: Instant) {
         let lp = &mut self.loops[l];
         lp.conn = None;
+        self.shared.live.closed();
         match lp.phase {
             Phase::Warm => {
                 lp.phase = Phase::Ready;
@@ -174,12 +180,14 @@ impl Handshakes {
         }
     }
 
-    fn stats(&self, l: usize) -> &Stats {
-        if self.loops[l].phase == Phase::Warm {
+    /// Counts a failed connection of loop `l`, as warm-up or measured.
+    fn fail(&self, l: usize, f: Failure) {
+        let stats = if self.loops[l].phase == Phase::Warm {
             &self.shared.warm
         } else {
             &self.shared.measured
-        }
+        };
+        stats.failed(&f, &self.shared.live);
     }
 }
 
@@ -228,6 +236,7 @@ impl Scenario for Handshakes {
                     let us = now.duration_since(t).as_micros() as u64;
                     self.hist.saturating_record(us.max(1));
                     self.shared.measured.done.fetch_add(1, Ordering::Relaxed);
+                    self.shared.live.did(1);
                     if info.as_ref().is_some_and(|i| i.resumed) {
                         self.shared.measured.resumed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -236,22 +245,28 @@ impl Scenario for Handshakes {
             }
             Event::Data(p) => {
                 engine.abort(id);
-                self.stats(l).failed(&Failure {
+                self.fail(
+                    l,
+                    Failure {
+                        stage: Stage::Echo,
+                        timed_out: false,
+                        error: format!(
+                            "echo differs: sent {} bytes, got {} bytes",
+                            self.payload.len(),
+                            p.len()
+                        ),
+                    },
+                );
+            }
+            Event::Failed(f) => self.fail(l, f),
+            Event::Ended(why) => self.fail(
+                l,
+                Failure {
                     stage: Stage::Echo,
                     timed_out: false,
-                    error: format!(
-                        "echo differs: sent {} bytes, got {} bytes",
-                        self.payload.len(),
-                        p.len()
-                    ),
-                });
-            }
-            Event::Failed(f) => self.stats(l).failed(&f),
-            Event::Ended(why) => self.stats(l).failed(&Failure {
-                stage: Stage::Echo,
-                timed_out: false,
-                error: why,
-            }),
+                    error: why,
+                },
+            ),
         }
         self.by_conn.remove(&id);
         self.next(engine, l, now);
@@ -365,6 +380,7 @@ fn bench(
         shared.window_end.set(end).expect("the window opens once");
         Ok(window)
     };
+    let progress = Progress::start("handshake", "connections", shared.live.clone());
     let (scenarios, window) = uring::run_threads(
         scenarios,
         target,
@@ -373,6 +389,7 @@ fn bench(
         Duration::from_secs(1),
         open_window,
     )?;
+    drop(progress);
     let window = window?;
     let done = shared.measured.done.load(Ordering::Relaxed);
     let measured = window.finish(done);

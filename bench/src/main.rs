@@ -26,6 +26,7 @@ mod idle_worker;
 mod nats_echo;
 mod plan;
 mod procfs;
+mod progress;
 mod proto;
 mod render;
 mod report;
