@@ -1107,7 +1107,14 @@ impl Core {
             &mut Sink::new(&mut conn.queued, &mut self.plain),
         );
         if r.is_err() {
-            self.begin_close(conn, slot, CloseReason::Internal, None);
+            // A record that failed earlier in the same receive (a PING answered before the
+            // bad record was reached) is the TLS error it is, not an internal one.
+            let reason = if conn.tls.has_failed() {
+                CloseReason::TlsError
+            } else {
+                CloseReason::Internal
+            };
+            self.begin_close(conn, slot, reason, None);
             return;
         }
         self.mark_dirty(conn, slot);

@@ -165,7 +165,9 @@ pub trait TlsSink {
     /// Decrypted application data, in order.
     fn plaintext(&mut self, data: &[u8]);
     /// Space to write outgoing TLS bytes into: the sink grows its buffer to `min` free bytes
-    /// and returns the spare part. What is written is committed with [`TlsSink::commit`].
+    /// and returns the spare part. What is written is committed with [`TlsSink::commit`];
+    /// every spare part is committed (with 0 if nothing was written) before the next one
+    /// is asked for.
     fn out_spare(&mut self, min: usize) -> &mut [u8];
     fn commit(&mut self, n: usize);
 }
@@ -226,6 +228,10 @@ impl Unbuffered for UnbufferedClientConnection {
 pub struct Records<C> {
     conn: C,
     established: bool,
+    /// A record failed: rustls must not be driven again. It would parse the failed record
+    /// again and queue a second fatal alert (a debug assertion in rustls), and where it
+    /// still holds ranges into input the caller no longer has, it would panic.
+    failed: bool,
 }
 
 // Upper bound of TLS overhead per record (5 header + 1 content type + 16 tag, and TLS 1.2's
@@ -238,11 +244,17 @@ impl<C: Unbuffered> Records<C> {
         Records {
             conn,
             established: false,
+            failed: false,
         }
     }
 
     pub fn is_established(&self) -> bool {
         self.established
+    }
+
+    /// A record failed: the connection is dead for TLS, and nothing more is sent on it.
+    pub fn has_failed(&self) -> bool {
+        self.failed
     }
 
     /// What the handshake negotiated so far.
@@ -258,6 +270,10 @@ impl<C: Unbuffered> Records<C> {
             handshake_done: false,
             end: None,
         };
+        if self.failed {
+            fed.end = Some(TlsEnd::Error);
+            return fed;
+        }
         loop {
             let UnbufferedStatus { discard, state } = self.conn.process(&mut input[fed.consumed..]);
             let step = match state {
@@ -275,6 +291,7 @@ impl<C: Unbuffered> Records<C> {
                     return fed;
                 }
                 Step::Fail => {
+                    self.failed = true;
                     self.flush_alert(&mut input[fed.consumed..], sink);
                     fed.end = Some(TlsEnd::Error);
                     return fed;
@@ -286,13 +303,13 @@ impl<C: Unbuffered> Records<C> {
     /// After an error rustls may have queued an alert: encode it so the peer learns why.
     /// `rest` is the input not yet discarded: rustls may still hold ranges into it (a
     /// handshake message joined from several records), and offering it anything else
-    /// makes rustls panic.
+    /// makes rustls panic. Only what is queued is taken: once the queue is empty, rustls
+    /// would parse `rest` again, fail on the same record again and queue a second fatal
+    /// alert, which a debug assertion in rustls refuses.
     fn flush_alert(&mut self, rest: &mut [u8], sink: &mut impl TlsSink) {
-        for _ in 0..4 {
-            let UnbufferedStatus { state, .. } = self.conn.process(rest);
-            match state {
+        while self.conn.common().wants_write() {
+            match self.conn.process(rest).state {
                 Ok(ConnectionState::EncodeTlsData(mut e)) => encode(&mut e, sink),
-                Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
                 _ => return,
             }
         }
@@ -307,6 +324,9 @@ impl<C: Unbuffered> Records<C> {
         sink: &mut impl TlsSink,
     ) -> Result<(), TlsEnd> {
         debug_assert!(self.established);
+        if self.failed {
+            return Err(TlsEnd::Error);
+        }
         let mut data = data;
         loop {
             let UnbufferedStatus { discard, state } = self.conn.process(pending);
@@ -320,12 +340,20 @@ impl<C: Unbuffered> Records<C> {
                         match w.encrypt(&data[..n], out) {
                             Ok(written) => sink.commit(written),
                             Err(EncryptError::InsufficientSize(s)) => {
+                                sink.commit(0);
                                 let out = sink.out_spare(s.required_size);
-                                let written =
-                                    w.encrypt(&data[..n], out).map_err(|_| TlsEnd::Error)?;
-                                sink.commit(written);
+                                match w.encrypt(&data[..n], out) {
+                                    Ok(written) => sink.commit(written),
+                                    Err(_) => {
+                                        sink.commit(0);
+                                        return Err(TlsEnd::Error);
+                                    }
+                                }
                             }
-                            Err(EncryptError::EncryptExhausted) => return Err(TlsEnd::Error),
+                            Err(EncryptError::EncryptExhausted) => {
+                                sink.commit(0);
+                                return Err(TlsEnd::Error);
+                            }
                         }
                         data = &data[n..];
                     }
@@ -340,11 +368,13 @@ impl<C: Unbuffered> Records<C> {
 
     /// Queues close_notify. Best effort: a session that cannot write any more is just closed.
     pub fn close_notify(&mut self, pending: &mut [u8], sink: &mut impl TlsSink) {
+        if self.failed {
+            return;
+        }
         if let Ok(ConnectionState::WriteTraffic(mut w)) = self.conn.process(pending).state {
             let out = sink.out_spare(RECORD_OVERHEAD);
-            if let Ok(n) = w.queue_close_notify(out) {
-                sink.commit(n);
-            }
+            let n = w.queue_close_notify(out).unwrap_or(0);
+            sink.commit(n);
         }
     }
 }
@@ -367,6 +397,11 @@ impl TlsSession {
 
     pub fn is_established(&self) -> bool {
         self.records.is_established()
+    }
+
+    /// See [`Records::has_failed`].
+    pub fn has_failed(&self) -> bool {
+        self.records.has_failed()
     }
 
     /// The SNI the client sent, once the ClientHello was processed.
@@ -426,7 +461,10 @@ fn encode<D>(e: &mut rustls::unbuffered::EncodeTlsData<'_, D>, sink: &mut impl T
         let out = sink.out_spare(want);
         match e.encode(out) {
             Ok(n) => return sink.commit(n),
-            Err(EncodeError::InsufficientSize(s)) => want = s.required_size,
+            Err(EncodeError::InsufficientSize(s)) => {
+                sink.commit(0);
+                want = s.required_size;
+            }
             Err(EncodeError::AlreadyEncoded) => return,
         }
     }
