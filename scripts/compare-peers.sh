@@ -89,41 +89,11 @@ idle_conns=${idle_steps##*,}
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-peers.XXXXXX")
 chmod 755 "$work"
-pids=()
-
-# stop PID...: SIGTERM, a few seconds to exit, then SIGKILL; always reaped.
-stop() {
-    local pid
-    for pid in "$@"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "$@"; do
-        for _ in {1..50}; do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-}
-
-# shellcheck disable=SC2317 # only ever invoked by the EXIT trap
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    stop ${pids[@]+"${pids[@]}"}
-    rm -rf "$work"
-    exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-say() { printf '\n==> %s\n' "$*" >&2; }
-warn() { printf 'compare-peers: warning: %s\n' "$*" >&2; }
-die() {
-    printf 'compare-peers: %s\n' "$*" >&2
-    exit 1
-}
+script=compare-peers
+say_fd=2 # progress on stderr: stdout carries only the table
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+install_cleanup 5
 
 # count_cpus LIST: how many CPUs a taskset list like 0-3,8 names.
 count_cpus() {
@@ -140,26 +110,6 @@ count_cpus() {
     echo "$n"
 }
 
-# wait_line FILE PREFIX SECS PID: prints the first line of FILE starting with PREFIX,
-# waiting at most SECS seconds, and fails early if process PID exits first.
-wait_line() {
-    local file=$1 prefix=$2 secs=$3 pid=$4 line
-    local deadline=$((SECONDS + secs))
-    while ((SECONDS < deadline)); do
-        line=$(grep -m1 "^$prefix" "$file" 2>/dev/null || true)
-        if [[ -n $line ]]; then
-            printf '%s\n' "$line"
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
-# listening PORT: true when something accepts on 127.0.0.1:PORT.
-listening() { (: <>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
 # free_port FROM: the first port from FROM up that nothing listens on.
 free_port() {
     local p=$1
@@ -169,20 +119,6 @@ free_port() {
     done
     echo "$p"
 }
-
-# wait_port PORT SECS PID: waits until PORT accepts, failing early if PID exits.
-wait_port() {
-    local deadline=$((SECONDS + $2))
-    while ((SECONDS < deadline)); do
-        listening "$1" && return 0
-        kill -0 "$3" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
-# field LINE KEY: the value of KEY=VALUE in a ready line.
-field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<"$1"; }
 
 nginx_stream_module() {
     # Prints the load_module line nginx needs for the stream module ("" when built in);

@@ -32,9 +32,6 @@ script=demo
 source scripts/lib.sh
 install_cleanup 10
 
-# json_value FILE KEY: the first value of "KEY" in a pretty-printed JSON report.
-json_value() { grep -m1 "\"$2\":" "$1" | sed 's/.*": *//; s/,$//; s/"//g'; }
-
 # bytes VALUE: a byte count rounded for people ("n/a" stays as is).
 bytes() { awk -v v="$1" 'BEGIN { if (v == "null" || v == "") print "n/a"; else printf "%.0f B", v }'; }
 

@@ -1,40 +1,63 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2154 # script and work are set by the sourcing script
-# Shared helpers for the scripts that start a gateway and a worker: sourced, not run.
-# The sourcing script sets `script` (its name, for messages) and `work` (a temp dir), and
-# appends the PIDs it starts to `pids`; `install_cleanup SECS` then stops them (SIGTERM,
-# then SIGKILL after SECS seconds: the gateway drains on SIGTERM) and removes `work` on
-# any exit.
+# Shared helpers of the scripts that start a gateway, its workers and load: sourced, not
+# run. The sourcing script
+#   - sets `script` (its name, for messages) before sourcing, and `work` (a temp dir)
+#     before install_cleanup;
+#   - may set `say_fd=2` to send say's headings to stderr (compare-peers.sh keeps its
+#     stdout for the table);
+#   - calls `install_cleanup SECS` and appends every PID it starts to `pids`: on any exit
+#     each one still running is stopped (see stop, with SECS as its grace) and `work` is
+#     removed. Processes are only ever signalled by PID, never by name.
 
 pids=()
+stop_grace=5
 
-# shellcheck disable=SC2317 # only ever invoked by the EXIT trap
-cleanup() {
-    local status=$?
-    trap - EXIT INT TERM
-    local pid i
-    for pid in ${pids[@]+"${pids[@]}"}; do
+# stop PID...: SIGTERM to each PID, then, one after the other, up to stop_grace seconds
+# (install_cleanup's SECS: the gateway drains on SIGTERM) for it to exit before SIGKILL;
+# each is reaped and dropped from `pids`, so that the exit cleanup never signals a PID
+# that the system may since have given to another process.
+stop() {
+    local pid p i kept=()
+    for pid in "$@"; do
         kill "$pid" 2>/dev/null || true
     done
-    for pid in ${pids[@]+"${pids[@]}"}; do
-        for ((i = 0; i < cleanup_grace * 10; i++)); do
+    for pid in "$@"; do
+        for ((i = 0; i < stop_grace * 10; i++)); do
             kill -0 "$pid" 2>/dev/null || break
             sleep 0.1
         done
         kill -9 "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
+    for p in ${pids[@]+"${pids[@]}"}; do
+        for pid in "$@"; do
+            [[ $p != "$pid" ]] || continue 2
+        done
+        kept+=("$p")
+    done
+    pids=(${kept[@]+"${kept[@]}"})
+}
+
+# shellcheck disable=SC2317 # only ever invoked by the EXIT trap
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    stop ${pids[@]+"${pids[@]}"}
     rm -rf "$work"
     exit "$status"
 }
 
+# install_cleanup SECS: on any exit, stop every PID in `pids` (SECS seconds' grace each
+# before SIGKILL) and remove `work`, keeping the exit status; SIGINT and SIGTERM exit 130.
 install_cleanup() {
-    cleanup_grace=$1
+    stop_grace=$1
     trap cleanup EXIT
     trap 'exit 130' INT TERM
 }
 
-say() { printf '\n==> %s\n' "$*"; }
+# say MESSAGE: a progress heading, on stdout (stderr where say_fd=2).
+say() { printf '\n==> %s\n' "$*" >&"${say_fd:-1}"; }
 warn() { printf '%s: warning: %s\n' "$script" "$*" >&2; }
 die() {
     printf '%s: %s\n' "$script" "$*" >&2
@@ -60,3 +83,45 @@ wait_line() {
 
 # field LINE KEY: the value of KEY=VALUE in a ready line.
 field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" <<<"$1"; }
+
+# json_values FILE KEY: every value of "KEY" in a pretty-printed JSON report (one key a
+# line, as holdfast-bench writes them), in order, without quotes.
+json_values() { grep "\"$2\":" "$1" | sed 's/.*": *//; s/,$//; s/"//g'; }
+# json_value FILE KEY: the first of them.
+json_value() { json_values "$1" "$2" | head -n 1; }
+
+# listening PORT: true when something accepts on 127.0.0.1:PORT.
+listening() { (: <>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_port PORT SECS PID: waits at most SECS seconds until 127.0.0.1:PORT accepts,
+# failing early if process PID exits first.
+wait_port() {
+    local port=$1 secs=$2 pid=$3
+    local deadline=$((SECONDS + secs))
+    while ((SECONDS < deadline)); do
+        listening "$port" && return 0
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+# ephemeral_port: a port on 127.0.0.1 that the kernel hands out as free (nothing holds it
+# afterwards, so use it at once).
+ephemeral_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# nats_server_bin: the path of nats-server, on PATH or where Debian puts it (/usr/sbin,
+# often not on a user's PATH); dies when there is none.
+nats_server_bin() {
+    local bin p
+    bin=$(command -v nats-server || true)
+    if [[ -z $bin ]]; then
+        for p in /usr/sbin/nats-server /usr/bin/nats-server; do
+            if [[ -x $p ]]; then bin=$p; fi
+        done
+    fi
+    [[ -n $bin ]] || die "nats-server not found (apt-get install nats-server)"
+    printf '%s\n' "$bin"
+}

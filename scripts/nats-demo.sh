@@ -7,35 +7,24 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-nats_bin=$(command -v nats-server || true)
-[ -n "$nats_bin" ] || { for p in /usr/sbin/nats-server /usr/bin/nats-server; do [ -x "$p" ] && nats_bin=$p; done; }
-[ -n "$nats_bin" ] || { echo "nats-server not found (apt-get install nats-server)" >&2; exit 1; }
+script=nats-demo
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+nats_bin=$(nats_server_bin)
 
 cargo build -q -p holdfast -p holdfast-worker --bins
 cargo build -q -p holdfast-worker --example nats_demo
 bin=$PWD/target/debug
 work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-nats-demo.XXXXXX")
-pids=()
-cleanup() {
-    local pid
-    for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
-    for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
+# 15 s: more than the gateway's default drain grace (10 s).
+install_cleanup 15
 
-# Waits (at most 20 s) for a line starting with $2 in file $1 and prints it.
-wait_line() {
-    for _ in $(seq 200); do
-        if grep -m1 "^$2" "$1" 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "timed out waiting for '$2' in $1" >&2; cat "$work"/*.err >&2 || true; return 1
-}
-
-port=${NATS_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
-"$nats_bin" -a 127.0.0.1 -p "$port" >"$work/nats.log" 2>&1 & pids+=($!)
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null && break; sleep 0.1; done
+port=${NATS_PORT:-$(ephemeral_port)}
+"$nats_bin" -a 127.0.0.1 -p "$port" >"$work/nats.log" 2>&1 &
+nats_pid=$!
+pids+=("$nats_pid")
+wait_port "$port" 10 "$nats_pid" ||
+    die "nats-server did not start on port $port; its log: $(tail -n 20 "$work/nats.log")"
 url=nats://127.0.0.1:$port
 "$bin/examples/nats_demo" certs "$work"
 
@@ -43,15 +32,21 @@ addrs=()
 for gw in gwa gwb; do
     for n in 1 2; do
         "$bin/holdfast-worker" nats --socket "$work/$gw-$n.sock" --nats "$url" --gateway "$gw" \
-            --name "$gw-bridge-$n" >"$work/$gw-$n.out" 2>"$work/$gw-$n.err" & pids+=($!)
-        wait_line "$work/$gw-$n.out" "holdfast-worker: listening" >/dev/null
+            --name "$gw-bridge-$n" >"$work/$gw-$n.out" 2>"$work/$gw-$n.err" &
+        bridge_pid=$!
+        pids+=("$bridge_pid")
+        wait_line "$work/$gw-$n.out" "holdfast-worker: listening" 20 "$bridge_pid" >/dev/null ||
+            die "bridge $gw-bridge-$n did not start; its log: $(tail -n 20 "$work/$gw-$n.err")"
     done
     "$bin/holdfast" run --listen 127.0.0.1:0 --admin 127.0.0.1:0 --cores 2 \
         --cert "$work/cert.pem" --key "$work/key.pem" \
         --worker "$work/$gw-1.sock" --worker "$work/$gw-2.sock" \
-        >"$work/$gw.out" 2>"$work/$gw.err" & pids+=($!)
-    line=$(wait_line "$work/$gw.out" "holdfast ready")
-    addr=$(tr ' ' '\n' <<<"$line" | sed -n 's/^listen=//p')
+        >"$work/$gw.out" 2>"$work/$gw.err" &
+    gw_pid=$!
+    pids+=("$gw_pid")
+    line=$(wait_line "$work/$gw.out" "holdfast ready" 20 "$gw_pid") ||
+        die "gateway $gw did not become ready; its log: $(tail -n 20 "$work/$gw.err")"
+    addr=$(field "$line" listen)
     echo "gateway $gw on $addr (bridges $gw-1, $gw-2)"
     addrs+=("$gw=$addr")
 done

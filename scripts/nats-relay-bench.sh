@@ -25,38 +25,16 @@ conns=${CONNS:-20}
 size=${SIZE:-64}
 out=${OUT:-$PWD/target/nats-relay-bench.json}
 
-nats_bin=$(command -v nats-server || true)
-if [ -z "$nats_bin" ]; then
-    for p in /usr/sbin/nats-server /usr/bin/nats-server; do
-        if [ -x "$p" ]; then nats_bin=$p; fi
-    done
-fi
-[ -n "$nats_bin" ] || { echo "nats-server not found (apt-get install nats-server)" >&2; exit 1; }
+script=nats-relay-bench
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+nats_bin=$(nats_server_bin)
 
 cargo build -q --release -p holdfast -p holdfast-worker -p holdfast-bench --bins
 bin=$PWD/target/release
 work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-nats-relay.XXXXXX")
-pids=()
-# shellcheck disable=SC2317  # invoked by the trap below
-cleanup() {
-    local pid
-    for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
-    for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
-# Waits (at most 20 s) for a line starting with $2 in file $1 and prints it.
-wait_line() {
-    local _
-    for _ in $(seq 200); do
-        if grep -m1 "^$2" "$1" 2>/dev/null; then return 0; fi
-        sleep 0.1
-    done
-    echo "timed out waiting for '$2' in $1" >&2
-    cat "$work"/*.err >&2 || true
-    return 1
-}
+# 15 s: more than the gateway's default drain grace (10 s).
+install_cleanup 15
 
 # CPU seconds (utime + stime) of one process so far.
 cpu_secs() {
@@ -65,16 +43,12 @@ cpu_secs() {
     awk -v hz="$hz" '{ sub(/^.*\) /, ""); printf "%.2f\n", ($12 + $13) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0
 }
 
-port=${NATS_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+port=${NATS_PORT:-$(ephemeral_port)}
 "$nats_bin" -a 127.0.0.1 -p "$port" >"$work/nats.log" 2>"$work/nats.err" &
 nats_pid=$!
 pids+=("$nats_pid")
-up=0
-for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then up=1; break; fi
-    sleep 0.1
-done
-[ "$up" = 1 ] || { echo "nats-server did not start on port $port" >&2; cat "$work/nats.err" >&2; exit 1; }
+wait_port "$port" 10 "$nats_pid" ||
+    die "nats-server did not start on port $port; its log: $(tail -n 20 "$work/nats.err")"
 url=nats://127.0.0.1:$port
 
 "$bin/holdfast-bench" gen-cert --out "$work/certs" >/dev/null
@@ -83,21 +57,24 @@ url=nats://127.0.0.1:$port
     >"$work/echo.out" 2>"$work/echo.err" &
 echo_pid=$!
 pids+=("$echo_pid")
-wait_line "$work/echo.out" "nats-echo: ready" >/dev/null
+wait_line "$work/echo.out" "nats-echo: ready" 20 "$echo_pid" >/dev/null ||
+    die "the NATS echo backend did not start; its log: $(tail -n 20 "$work/echo.err")"
 
 "$bin/holdfast-worker" nats --socket "$work/bridge.sock" --nats "$url" --gateway gw1 \
     --name gw1-bridge >"$work/bridge.out" 2>"$work/bridge.err" &
 bridge_pid=$!
 pids+=("$bridge_pid")
-wait_line "$work/bridge.out" "holdfast-worker: listening" >/dev/null
+wait_line "$work/bridge.out" "holdfast-worker: listening" 20 "$bridge_pid" >/dev/null ||
+    die "the bridge did not start; its log: $(tail -n 20 "$work/bridge.err")"
 
 "$bin/holdfast" run --listen 127.0.0.1:0 --admin 127.0.0.1:0 --cores 1 \
     --cert "$work/certs/cert.pem" --key "$work/certs/key.pem" --worker "$work/bridge.sock" \
     >"$work/gw.out" 2>"$work/gw.err" &
 gw_pid=$!
 pids+=("$gw_pid")
-line=$(wait_line "$work/gw.out" "holdfast ready")
-addr=$(tr ' ' '\n' <<<"$line" | sed -n 's/^listen=//p')
+line=$(wait_line "$work/gw.out" "holdfast ready" 20 "$gw_pid") ||
+    die "the gateway did not become ready; its log: $(tail -n 20 "$work/gw.err")"
+addr=$(field "$line" listen)
 echo "nats-server $url (pid $nats_pid), bridge pid $bridge_pid, backend pid $echo_pid"
 echo "gateway $addr (pid $gw_pid, 1 core)"
 sleep 0.5

@@ -30,10 +30,6 @@ script=scale-idle
 source scripts/lib.sh
 install_cleanup 15
 
-# json_values FILE KEY: every value of "KEY" in a pretty-printed JSON report, in order.
-json_values() { grep "\"$2\":" "$1" | sed 's/.*": *//; s/,$//; s/"//g'; }
-json_value() { json_values "$1" "$2" | head -n 1; }
-
 say "checking the host (nothing is changed)"
 ulimit -n "$(ulimit -Hn)"
 echo "open-file limit: $(ulimit -n)"
