@@ -96,7 +96,7 @@ pub enum Event {
 pub enum Tick {
     /// Call `tick` again no later than this.
     At(Instant),
-    /// Nothing timed to do: call `tick` after the next completions.
+    /// Nothing timed to do: call `tick` after the next completions (or within a second).
     Idle,
     /// The scenario is over: the engine aborts what is still open and returns.
     Done,
@@ -137,6 +137,9 @@ struct Conn {
     close_after_send: bool,
     deadline: Option<Instant>,
 }
+
+/// The longest the engine waits without ticking when the scenario has nothing timed.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 
 /// Operation kinds, in the top byte of user_data.
 const OP_CONNECT: u64 = 1;
@@ -324,12 +327,22 @@ impl Engine {
             let now = Instant::now();
             self.expire(scenario, now);
             self.deliver_pending(scenario, now);
-            let wake = match scenario.tick(self, now) {
+            // Events raised during a tick (a connect that failed on the spot) are delivered
+            // and the scenario ticks again, so it never waits on something already over.
+            let tick = loop {
+                let tick = scenario.tick(self, now);
+                if self.pending.is_empty() || tick == Tick::Done {
+                    break tick;
+                }
+                self.deliver_pending(scenario, now);
+            };
+            let wake = match tick {
                 Tick::Done => break,
                 Tick::At(t) => Some(t),
-                Tick::Idle => None,
+                // Nothing timed: the next completion wakes us, and a second at most passes
+                // without a tick should nothing be in flight at all.
+                Tick::Idle => Some(now + IDLE_TICK),
             };
-            self.deliver_pending(scenario, now);
             self.flush_sends();
             let wake = match (wake, self.next_deadline()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
