@@ -31,7 +31,7 @@ use crate::link::{Link, LinkState};
 use crate::metrics::{CloseReason, CoreMetrics};
 use crate::ring::{build_ring, peer_of_installed_fd, BufRing, RingFeatures};
 use crate::route;
-use crate::tls::{TlsEnd, TlsSession, TlsSink};
+use crate::tls::{TlsEnd, TlsSession, VecSink as Sink};
 use crate::wheel::TimerWheel;
 
 /// What a core thread is started with.
@@ -184,37 +184,6 @@ struct Conn {
 impl Conn {
     fn backlog(&self) -> usize {
         self.out.len() - self.out_off + self.queued.len()
-    }
-}
-
-/// Collects rustls output into a connection's queue and plaintext into a scratch buffer.
-struct Sink<'a> {
-    out: &'a mut Vec<u8>,
-    base: usize,
-    plain: &'a mut Vec<u8>,
-}
-
-impl<'a> Sink<'a> {
-    fn new(out: &'a mut Vec<u8>, plain: &'a mut Vec<u8>) -> Sink<'a> {
-        Sink {
-            base: out.len(),
-            out,
-            plain,
-        }
-    }
-}
-
-impl TlsSink for Sink<'_> {
-    fn plaintext(&mut self, data: &[u8]) {
-        self.plain.extend_from_slice(data);
-    }
-    fn out_spare(&mut self, min: usize) -> &mut [u8] {
-        self.base = self.out.len();
-        self.out.resize(self.base + min, 0);
-        &mut self.out[self.base..]
-    }
-    fn commit(&mut self, n: usize) {
-        self.out.truncate(self.base + n);
     }
 }
 

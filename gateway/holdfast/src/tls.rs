@@ -172,6 +172,39 @@ pub trait TlsSink {
     fn commit(&mut self, n: usize);
 }
 
+/// The [`TlsSink`] the gateway uses: TLS output appended to `out` (a connection's send
+/// queue), plaintext to `plain` (a scratch buffer). A spare region starts at the end of
+/// `out`; a commit keeps only what was written into it.
+pub struct VecSink<'a> {
+    out: &'a mut Vec<u8>,
+    base: usize,
+    plain: &'a mut Vec<u8>,
+}
+
+impl<'a> VecSink<'a> {
+    pub fn new(out: &'a mut Vec<u8>, plain: &'a mut Vec<u8>) -> VecSink<'a> {
+        VecSink {
+            base: out.len(),
+            out,
+            plain,
+        }
+    }
+}
+
+impl TlsSink for VecSink<'_> {
+    fn plaintext(&mut self, data: &[u8]) {
+        self.plain.extend_from_slice(data);
+    }
+    fn out_spare(&mut self, min: usize) -> &mut [u8] {
+        self.base = self.out.len();
+        self.out.resize(self.base + min, 0);
+        &mut self.out[self.base..]
+    }
+    fn commit(&mut self, n: usize) {
+        self.out.truncate(self.base + n);
+    }
+}
+
 /// Why a session stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsEnd {

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::sync::{Arc, LazyLock};
 
 use holdfast::config::{CertConfig, Config};
-use holdfast::tls::{server_config, Fed, TlsEnd, TlsSession, TlsSink};
+use holdfast::tls::{server_config, Fed, TlsEnd, TlsSession, VecSink as Sink};
 use holdfast_wire::frame::{self, FrameType};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -169,39 +169,6 @@ fn client_hello(flavour: usize) -> Vec<u8> {
 
 // ---------------------------------------------------------------------------------------
 // The gateway side
-
-/// Output and plaintext buffers, with the gateway's own sink semantics (`core.rs`'s
-/// `Sink`): `out_spare` starts the spare part at the current end of `out`, `commit`
-/// truncates the output to what was written into the last spare part.
-struct Sink<'a> {
-    out: &'a mut Vec<u8>,
-    base: usize,
-    plain: &'a mut Vec<u8>,
-}
-
-impl<'a> Sink<'a> {
-    fn new(out: &'a mut Vec<u8>, plain: &'a mut Vec<u8>) -> Sink<'a> {
-        Sink {
-            base: out.len(),
-            out,
-            plain,
-        }
-    }
-}
-
-impl TlsSink for Sink<'_> {
-    fn plaintext(&mut self, data: &[u8]) {
-        self.plain.extend_from_slice(data);
-    }
-    fn out_spare(&mut self, min: usize) -> &mut [u8] {
-        self.base = self.out.len();
-        self.out.resize(self.base + min, 0);
-        &mut self.out[self.base..]
-    }
-    fn commit(&mut self, n: usize) {
-        self.out.truncate(self.base + n);
-    }
-}
 
 /// One gateway connection's TLS half, driven as `core.rs` drives it.
 struct Gateway {
