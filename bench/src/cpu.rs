@@ -1,12 +1,12 @@
 //! A measured window of CPU time: the server's processes (with their descendants) and the
-//! load generator itself, sampled at its start and end from /proc/PID/stat. The arithmetic
-//! lives in `report::server_cpu`; this only takes the samples.
+//! load generator itself, sampled at its start and end from /proc/PID/stat, user and system
+//! time apart. The arithmetic lives in `report::server_cpu`; this only takes the samples.
 
 use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::procfs::{self, CpuSnapshot};
+use crate::procfs::{self, CpuSnapshot, CpuTicks};
 use crate::report::{self, ServerCpu};
 use crate::sys;
 
@@ -15,7 +15,7 @@ pub struct Window {
     roots: Vec<u32>,
     cores: u32,
     server: Option<CpuSnapshot>,
-    client: Option<u64>,
+    client: Option<CpuTicks>,
     started: Instant,
 }
 
@@ -68,7 +68,7 @@ impl Window {
         });
         let client_utilization = match (self.client, procfs::process_ticks(std::process::id())) {
             (Some(a), Some(b)) if wall_secs > 0.0 => {
-                Some(b.saturating_sub(a) as f64 / hz as f64 / wall_secs)
+                Some(b.since(a).total() as f64 / hz as f64 / wall_secs)
             }
             _ => None,
         };

@@ -520,9 +520,11 @@ fn summarize(report: &EchoReport) {
     );
     if let Some(c) = &r.server_cpu {
         println!(
-            "  server CPU: {:.2} us per frame ({:.0} frames/s per core at full load), {:.0}% busy \
-             over {} core(s); {} frames/s per core measured",
+            "  server CPU: {:.2} us per frame ({:.2} us user, {:.2} us kernel; {:.0} frames/s per \
+             core at full load), {:.0}% busy over {} core(s); {} frames/s per core measured",
             c.us_per_op.unwrap_or(f64::NAN),
+            c.user_us_per_op.unwrap_or(f64::NAN),
+            c.kernel_us_per_op.unwrap_or(f64::NAN),
             c.capacity_per_core.unwrap_or(f64::NAN),
             c.utilization * 100.0,
             c.cores,

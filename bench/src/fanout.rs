@@ -879,12 +879,15 @@ fn summarize(report: &FanoutReport) {
         r.deliveries, r.elapsed_secs, r.deliveries_per_sec
     );
     if let Some(c) = &r.server_cpu {
+        let per_delivery = match (c.us_per_op, c.user_us_per_op, c.kernel_us_per_op) {
+            (Some(t), Some(u), Some(k)) => format!("{t:.2} µs ({u:.2} µs user, {k:.2} µs kernel)"),
+            _ => "-".into(),
+        };
         println!(
-            "  gateway CPU {:.3} s ({:.0}% of {} core(s)): {} per delivery",
+            "  gateway CPU {:.3} s ({:.0}% of {} core(s)): {per_delivery} per delivery",
             c.cpu_secs,
             c.utilization * 100.0,
             c.cores,
-            c.us_per_op.map_or("-".into(), |u| format!("{u:.2} µs"))
         );
     }
     if let Some(u) = r.client_utilization {

@@ -451,9 +451,11 @@ fn summarize(report: &HandshakeReport) {
     );
     if let Some(c) = &r.server_cpu {
         println!(
-            "  server CPU: {:.1} us per connection ({:.0}/s per core at full load), {:.0}% busy; \
-             load generator {:.0}% of a core",
+            "  server CPU: {:.1} us per connection ({:.1} us user, {:.1} us kernel; {:.0}/s per \
+             core at full load), {:.0}% busy; load generator {:.0}% of a core",
             c.us_per_op.unwrap_or(f64::NAN),
+            c.user_us_per_op.unwrap_or(f64::NAN),
+            c.kernel_us_per_op.unwrap_or(f64::NAN),
             c.capacity_per_core.unwrap_or(f64::NAN),
             c.utilization * 100.0,
             r.client_cpu_utilization.unwrap_or(f64::NAN) * 100.0

@@ -122,12 +122,50 @@ pub struct ProcStat {
     pub cstime: u64,
 }
 
+/// CPU time in clock ticks, split into time spent running the processes' own code
+/// (user) and time the kernel spent on their behalf (system: system calls, page faults,
+/// and softirq work such as the loopback TCP stack when it runs in their context).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTicks {
+    /// User time: utime (+ cutime).
+    pub user: u64,
+    /// System time: stime (+ cstime).
+    pub system: u64,
+}
+
+impl CpuTicks {
+    /// User and system time together.
+    pub fn total(&self) -> u64 {
+        self.user + self.system
+    }
+
+    /// Adds `other`, part by part.
+    fn plus(self, other: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            user: self.user + other.user,
+            system: self.system + other.system,
+        }
+    }
+
+    /// `self - earlier`, part by part, each never below zero.
+    pub fn since(self, earlier: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+        }
+    }
+}
+
 impl ProcStat {
-    /// CPU time of the process and of its reaped children, in clock ticks. Counting the
-    /// reaped children too means a worker process that exits during a run still has its
-    /// CPU time counted, through its parent.
-    pub fn ticks(&self) -> u64 {
-        self.utime + self.stime + self.cutime + self.cstime
+    /// CPU time of the process and of its reaped children, in clock ticks: user is
+    /// utime + cutime, system is stime + cstime. Counting the reaped children too means a
+    /// worker process that exits during a run still has its CPU time counted, through its
+    /// parent.
+    pub fn ticks(&self) -> CpuTicks {
+        CpuTicks {
+            user: self.utime + self.cutime,
+            system: self.stime + self.cstime,
+        }
     }
 }
 
@@ -202,16 +240,17 @@ pub fn process_tree(roots: &[u32]) -> io::Result<Vec<u32>> {
 }
 
 /// CPU time of one process (see [`ProcStat::ticks`]), or `None` when it is gone.
-pub fn process_ticks(pid: u32) -> Option<u64> {
+pub fn process_ticks(pid: u32) -> Option<CpuTicks> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     Some(parse_stat(&text)?.ticks())
 }
 
-/// A snapshot of the CPU time of a set of processes: each pid with its ticks.
+/// A snapshot of the CPU time of a set of processes: each pid with its user and system
+/// ticks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CpuSnapshot {
     /// `(pid, ticks)` of every process measured.
-    pub procs: Vec<(u32, u64)>,
+    pub procs: Vec<(u32, CpuTicks)>,
 }
 
 impl CpuSnapshot {
@@ -232,13 +271,18 @@ impl CpuSnapshot {
     }
 }
 
-/// CPU ticks spent between two snapshots by the processes in either. A process that
-/// started in between counts from zero; one that exited in between is subtracted at its
-/// starting figure and comes back whole in its parent's reaped-children time, so the sum
-/// is the time spent in the window either way.
-pub fn cpu_ticks_between(start: &CpuSnapshot, end: &CpuSnapshot) -> u64 {
-    let sum = |s: &CpuSnapshot| s.procs.iter().map(|&(_, t)| t).sum::<u64>();
-    sum(end).saturating_sub(sum(start))
+/// CPU ticks spent between two snapshots by the processes in either, user and system
+/// apart. A process that started in between counts from zero; one that exited in between
+/// is subtracted at its starting figure and comes back whole in its parent's
+/// reaped-children time (its utime in the parent's cutime, its stime in cstime), so each
+/// sum is the time spent in the window either way. Each part is never below zero.
+pub fn cpu_ticks_between(start: &CpuSnapshot, end: &CpuSnapshot) -> CpuTicks {
+    let sum = |s: &CpuSnapshot| {
+        s.procs
+            .iter()
+            .fold(CpuTicks::default(), |acc, &(_, t)| acc.plus(t))
+    };
+    sum(end).since(sum(start))
 }
 
 /// The value of `field` in the `group` (e.g. `TcpExt`) of /proc/net/netstat or
@@ -376,7 +420,14 @@ UDP: inuse 2 mem 0
                 cstime: 5
             }
         );
-        assert_eq!(st.ticks(), 204);
+        assert_eq!(
+            st.ticks(),
+            CpuTicks {
+                user: 150 + 12,
+                system: 37 + 5
+            }
+        );
+        assert_eq!(st.ticks().total(), 204);
         assert_eq!(parse_stat("1 (x) S 0 1"), None);
         assert_eq!(parse_stat("garbage"), None);
     }
@@ -391,16 +442,58 @@ UDP: inuse 2 mem 0
         assert_eq!(with_descendants(&[99], &procs), vec![99]);
     }
 
+    fn ticks(user: u64, system: u64) -> CpuTicks {
+        CpuTicks { user, system }
+    }
+
     #[test]
     fn cpu_between_snapshots() {
-        let snap = |v: &[(u32, u64)]| CpuSnapshot { procs: v.to_vec() };
+        // Only user time here: the total is what it was before the split.
+        let snap = |v: &[(u32, u64)]| CpuSnapshot {
+            procs: v.iter().map(|&(p, t)| (p, ticks(t, 0))).collect(),
+        };
         // 10 ran 50 ticks; 11 started and ran 7; 12 exited after 3 ticks at the start,
         // ran 4 more and was reaped by 10 (its 7 ticks show up in 10's children time).
         let start = snap(&[(10, 100), (12, 3)]);
         let end = snap(&[(10, 100 + 50 + 7), (11, 7)]);
-        assert_eq!(cpu_ticks_between(&start, &end), 50 + 7 + 4);
-        assert_eq!(cpu_ticks_between(&end, &start), 0, "never negative");
+        assert_eq!(cpu_ticks_between(&start, &end).total(), 50 + 7 + 4);
+        assert_eq!(cpu_ticks_between(&end, &start).total(), 0, "never negative");
         assert_eq!(start.pids(), vec![10, 12]);
+    }
+
+    #[test]
+    fn cpu_between_snapshots_keeps_user_and_system_apart() {
+        let snap = |v: &[(u32, CpuTicks)]| CpuSnapshot { procs: v.to_vec() };
+        // 10 ran 40 user + 10 system ticks; 11 started and ran 5 + 2; 12 had 2 + 1 at the
+        // start, ran 3 + 1 more, exited and was reaped by 10: its utime (5) lands in 10's
+        // cutime and its stime (2) in 10's cstime.
+        let start = snap(&[(10, ticks(100, 30)), (12, ticks(2, 1))]);
+        let end = snap(&[(10, ticks(100 + 40 + 5, 30 + 10 + 2)), (11, ticks(5, 2))]);
+        let d = cpu_ticks_between(&start, &end);
+        assert_eq!(d, ticks(40 + 5 + 3, 10 + 2 + 1));
+        assert_eq!(d.total(), 48 + 13);
+        // Each part is clamped on its own: a process that vanished unreaped (here 12, at
+        // 2 + 20) cannot take one part below zero.
+        let start = snap(&[(10, ticks(100, 30)), (12, ticks(2, 20))]);
+        let end = snap(&[(10, ticks(110, 31))]);
+        assert_eq!(cpu_ticks_between(&start, &end), ticks(8, 0));
+        // Reversed, user time went down (clamped to zero) and system time up.
+        assert_eq!(cpu_ticks_between(&end, &start), ticks(0, 19));
+        assert_eq!(
+            cpu_ticks_between(&snap(&[(1, ticks(5, 5))]), &snap(&[(1, ticks(4, 4))])),
+            ticks(0, 0),
+            "never negative"
+        );
+        // The split of a stat line: utime + cutime is user, stime + cstime is system.
+        let st = ProcStat {
+            ppid: 1,
+            utime: 7,
+            stime: 3,
+            cutime: 2,
+            cstime: 1,
+        };
+        assert_eq!(st.ticks(), ticks(9, 4));
+        assert_eq!(ticks(9, 4).since(ticks(10, 1)), ticks(0, 3));
     }
 
     #[test]
@@ -430,7 +523,9 @@ IpExt: 5 99
             x = x.wrapping_add(std::hint::black_box(1));
         }
         let b = CpuSnapshot::take(&[me]).unwrap();
-        assert!(cpu_ticks_between(&a, &b) <= 100, "{x}");
+        let d = cpu_ticks_between(&a, &b);
+        assert!(d.total() <= 100, "{x}");
+        assert_eq!(d.total(), d.user + d.system);
         let (pss, _, pids) = tree_memory(&[me]).unwrap();
         assert!(pss > 0 && pids[0] == me);
         listen_counters().unwrap();

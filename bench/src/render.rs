@@ -142,6 +142,9 @@ pub struct Summary {
     pub idle_kernel: Option<Stat>,
     /// Full handshakes: server µs per short connection.
     pub full_us: Option<Stat>,
+    /// Full handshakes: of `full_us`, the server's userspace µs (utime) per short
+    /// connection; for the ceiling (all userspace) the same as `full_us`.
+    pub full_user_us: Option<Stat>,
     /// Full handshakes: measured short connections per second per server core.
     pub full_rate: Option<Stat>,
     /// Full handshakes: server utilization (0..1).
@@ -152,6 +155,9 @@ pub struct Summary {
     pub resumed_share: Option<Stat>,
     /// Echo: server µs per frame.
     pub frame_us: Option<Stat>,
+    /// Echo: of `frame_us`, the server's userspace µs (utime) per frame; for the ceiling
+    /// (all userspace) the same as `frame_us`.
+    pub frame_user_us: Option<Stat>,
     /// Echo: frames per second one fully busy server core would do.
     pub frame_capacity: Option<Stat>,
     /// Echo: latency percentiles from schedule, µs.
@@ -226,6 +232,7 @@ pub fn summarize(label: &str, runs: &[&Run], rates: Option<(f64, f64)>) -> Summa
         idle_user: collect(runs, "idle", |r| r.num("/results/userspace_bytes_per_conn")),
         idle_kernel: collect(runs, "idle", |r| r.num("/results/kernel_bytes_per_conn")),
         full_us: hs(false, &|r| r.num("/results/server_cpu_us_per_handshake")),
+        full_user_us: hs(false, &|r| r.num("/results/server_cpu/user_us_per_op")),
         full_rate: hs(false, &|r| r.num("/results/handshakes_per_sec_per_core")),
         full_busy: hs(false, &|r| r.num("/results/server_cpu/utilization")),
         resumed_us: hs(true, &|r| r.num("/results/server_cpu_us_per_handshake")),
@@ -234,6 +241,7 @@ pub fn summarize(label: &str, runs: &[&Run], rates: Option<(f64, f64)>) -> Summa
             (n > 0.0).then(|| r.num("/results/resumed").unwrap_or(0.0) / n)
         }),
         frame_us: echo(fast, "/results/server_cpu_us_per_frame"),
+        frame_user_us: echo(fast, "/results/server_cpu/user_us_per_op"),
         frame_capacity: echo(fast, "/results/server_cpu/capacity_per_core"),
         p50: echo(slow, "/results/latency/p50_us"),
         p99: echo(slow, "/results/latency/p99_us"),
@@ -256,19 +264,21 @@ pub fn summarize(label: &str, runs: &[&Run], rates: Option<(f64, f64)>) -> Summa
     };
     // The ceiling's figures go in the same columns: its handshake and its record
     // decrypt+encrypt are what a short connection and a relayed frame cost at the least.
+    // They are all userspace (rustls on one thread, in memory: no I/O, no other process to
+    // wake), so its userspace figures are its CPU figures.
     if runs.iter().any(|r| r.scenario == "ceiling") {
-        s.full_us = s
-            .full_us
-            .or(ceiling("/results/full/server_us_per_handshake"));
+        let full = ceiling("/results/full/server_us_per_handshake");
+        let record = ceiling("/results/records/server_us_per_record_pair");
+        s.full_us = s.full_us.or(full);
+        s.full_user_us = s.full_user_us.or(full);
         s.full_rate = s
             .full_rate
             .or(ceiling("/results/full/server_handshakes_per_sec"));
         s.resumed_us = s
             .resumed_us
             .or(ceiling("/results/resumed/server_us_per_handshake"));
-        s.frame_us = s
-            .frame_us
-            .or(ceiling("/results/records/server_us_per_record_pair"));
+        s.frame_us = s.frame_us.or(record);
+        s.frame_user_us = s.frame_user_us.or(record);
         s.frame_capacity = s
             .frame_capacity
             .or(ceiling("/results/records/server_record_pairs_per_sec"));
@@ -366,9 +376,11 @@ pub fn table(runs: &[Run], reference: Option<&str>) -> String {
         format!("idle memory/conn{idle_conns}"),
         "kernel/conn".into(),
         "full handshake: server CPU".into(),
+        "full handshake: userspace".into(),
         "full handshakes/s per core".into(),
         "resumed handshake: server CPU".into(),
         format!("{size}frame: server CPU{fast}"),
+        "frame: userspace".into(),
         "frames/s per core at full load".into(),
         format!("p50{slow}"),
         "p99".into(),
@@ -412,6 +424,7 @@ pub fn table(runs: &[Run], reference: Option<&str>) -> String {
                 cell(s.idle_user, " B"),
                 cell(s.idle_kernel, " B"),
                 cell(s.full_us, " µs"),
+                cell(s.full_user_us, " µs"),
                 format!("{}{}", cell(s.full_rate, ""), pct(s.full_busy)),
                 format!(
                     "{}{}",
@@ -422,6 +435,7 @@ pub fn table(runs: &[Run], reference: Option<&str>) -> String {
                     )
                 ),
                 cell(s.frame_us, " µs"),
+                cell(s.frame_user_us, " µs"),
                 cell(s.frame_capacity, ""),
                 cell(s.p50, " µs"),
                 cell(s.p99, " µs"),
@@ -440,7 +454,9 @@ pub fn ratio(a: Option<Stat>, b: Option<Stat>) -> Option<f64> {
 }
 
 /// Lines comparing the reference system with every other: reference ÷ other for each
-/// cost both have (below 1: the reference spends less).
+/// cost both have (below 1: the reference spends less). Against the ceiling, which is all
+/// userspace, the reference's userspace CPU alone is compared too, right after each CPU
+/// figure: the part of the cost that is the server's own code rather than the kernel's.
 pub fn ratios(runs: &[Run], reference: &str) -> String {
     let groups = group(runs, Some(reference));
     let rates = echo_rates(runs);
@@ -477,12 +493,26 @@ pub fn ratios(runs: &[Run], reference: &str) -> String {
             ratio(rf.full_us, other.full_us),
             is_ceiling.then_some(1.3),
         );
+        if is_ceiling {
+            add(
+                "userspace alone",
+                ratio(rf.full_user_us, other.full_user_us),
+                None,
+            );
+        }
         add(
             "resumed handshake CPU",
             ratio(rf.resumed_us, other.resumed_us),
             None,
         );
         add("CPU per frame", ratio(rf.frame_us, other.frame_us), None);
+        if is_ceiling {
+            add(
+                "userspace alone",
+                ratio(rf.frame_user_us, other.frame_user_us),
+                None,
+            );
+        }
         add("p99 latency", ratio(rf.p99, other.p99), None);
         add(
             "storm recovery",
@@ -814,7 +844,9 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     let mut md = table(&runs, args.reference.as_deref());
     md.push_str(
         "\nEach cell: the median of the runs, and (min–max) where they differ. CPU figures are \
-         the server's own processes only; the ceiling row is rustls alone in memory.\n",
+         the server's own processes only; a userspace column is the user time (utime) within the \
+         CPU column before it, the rest being the kernel's work in the server's context. The \
+         ceiling row is rustls alone in memory, all userspace.\n",
     );
     if let Some(rf) = &args.reference {
         let lines = ratios(&runs, rf);
@@ -869,6 +901,31 @@ mod tests {
                                "server_cpu": {"capacity_per_core": 1e6 / us},
                                "latency": {"p50_us": p[0], "p99_us": p[1], "p999_us": p[2]}}}),
         )
+    }
+
+    /// `r` with `user_us` as its server's userspace µs per operation.
+    fn with_user(mut r: Run, user_us: f64) -> Run {
+        r.json["results"]["server_cpu"]["user_us_per_op"] = json!(user_us);
+        r.json["results"]["server_cpu"]["kernel_us_per_op"] = json!(
+            r.num("/results/server_cpu_us_per_frame")
+                .or(r.num("/results/server_cpu_us_per_handshake"))
+                .unwrap()
+                - user_us
+        );
+        r
+    }
+
+    /// The cell under `header` (a header that starts with it) in a table's line `row`.
+    fn column<'a>(t: &'a str, row: usize, header: &str) -> &'a str {
+        let cells = |l: &'a str| -> Vec<&'a str> {
+            l.trim_matches('|').split(" | ").map(str::trim).collect()
+        };
+        let lines: Vec<&str> = t.lines().collect();
+        let at = cells(lines[0])
+            .iter()
+            .position(|h| h.starts_with(header))
+            .unwrap_or_else(|| panic!("no {header:?} column in {t}"));
+        cells(lines[row])[at]
     }
 
     fn hs(label: &str, resume: bool, us: f64) -> Run {
@@ -998,8 +1055,9 @@ mod tests {
     fn table_has_a_row_per_system() {
         let runs = vec![
             echo("nginx", 14.0, [80, 300, 900]),
-            echo("holdfast", 3.5, [60, 150, 500]),
-            echo("holdfast", 4.5, [70, 160, 600]),
+            with_user(echo("holdfast", 3.5, [60, 150, 500]), 0.5),
+            with_user(echo("holdfast", 4.5, [70, 160, 600]), 0.7),
+            with_user(hs("holdfast", false, 117.0), 95.0),
             run(
                 "ceiling",
                 json!({"scenario": "ceiling", "label": "rustls alone",
@@ -1023,6 +1081,35 @@ mod tests {
             "{}",
             lines[4]
         );
+        // The userspace columns come right after the CPU figures they split, the existing
+        // headers unchanged.
+        let headers: Vec<&str> = lines[0]
+            .trim_matches('|')
+            .split(" | ")
+            .map(str::trim)
+            .collect();
+        let at = |h: &str| headers.iter().position(|x| x.starts_with(h)).unwrap();
+        assert_eq!(
+            at("full handshake: userspace"),
+            at("full handshake: server CPU") + 1
+        );
+        assert_eq!(
+            at("frame: userspace"),
+            at("64 B frame: server CPU at 20000/s") + 1
+        );
+        assert_eq!(headers.len(), 14);
+        assert!(lines[1].matches("---|").count() == 14, "{}", lines[1]);
+        assert_eq!(column(&t, 2, "full handshake: server CPU"), "117 µs");
+        assert_eq!(column(&t, 2, "full handshake: userspace"), "95.0 µs");
+        assert_eq!(column(&t, 2, "64 B frame"), "4.00 µs (3.50–4.50)");
+        assert_eq!(column(&t, 2, "frame: userspace"), "0.600 µs (0.500–0.700)");
+        // A report from before the split leaves the userspace cells empty.
+        assert_eq!(column(&t, 3, "64 B frame"), "14.0 µs");
+        assert_eq!(column(&t, 3, "frame: userspace"), "–");
+        // The ceiling is all userspace: the same figures in both.
+        assert_eq!(column(&t, 4, "full handshake: userspace"), "90.0 µs");
+        assert_eq!(column(&t, 4, "frame: userspace"), "0.800 µs");
+        assert_eq!(column(&t, 4, "64 B frame"), "0.800 µs");
         // A failed run is flagged on its system's row.
         let mut bad = echo("x", 1.0, [1, 1, 1]);
         bad.json["results"]["ok"] = json!(false);
@@ -1032,14 +1119,15 @@ mod tests {
     #[test]
     fn ratio_lines() {
         let runs = vec![
-            hs("holdfast", false, 117.0),
-            echo("holdfast", 4.0, [60, 150, 500]),
-            hs("nginx", false, 430.0),
+            with_user(hs("holdfast", false, 117.0), 72.0),
+            with_user(echo("holdfast", 4.0, [60, 150, 500]), 1.0),
+            with_user(hs("nginx", false, 430.0), 300.0),
             echo("nginx", 16.0, [80, 300, 900]),
             run(
                 "c",
                 json!({"scenario": "ceiling", "label": "rustls alone",
-                       "results": {"full": {"server_us_per_handshake": 90.0}}}),
+                       "results": {"full": {"server_us_per_handshake": 90.0},
+                                   "records": {"server_us_per_record_pair": 0.8}}}),
             ),
         ];
         let r = ratios(&runs, "holdfast");
@@ -1051,6 +1139,23 @@ mod tests {
         assert!(lines[0].contains("p99 latency 0.50×"), "{r}");
         assert!(
             lines[1].contains("full handshake CPU 1.30× (within the 1.3× budget)"),
+            "{r}"
+        );
+        // Against the ceiling (all userspace) the userspace CPU alone follows each CPU
+        // ratio: 72 / 90 and 1.0 / 0.8; against another system it does not.
+        assert!(
+            lines[1].starts_with(
+                "- holdfast ÷ rustls alone: full handshake CPU 1.30× (within the 1.3× budget), \
+                 userspace alone 0.80×, CPU per frame 5.00×, userspace alone 1.25×"
+            ),
+            "{r}"
+        );
+        assert!(!lines[0].contains("userspace"), "{r}");
+        // Without the split in the reference's reports there is no userspace ratio.
+        let old = [hs("holdfast", false, 117.0), runs[4].clone()];
+        let r = ratios(&old, "holdfast");
+        assert!(
+            r.contains("full handshake CPU 1.30×") && !r.contains("userspace"),
             "{r}"
         );
         assert!(ratios(&runs, "nobody").contains("no report"));

@@ -10,6 +10,8 @@
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::procfs::CpuTicks;
+
 /// How the userspace figure of an idle run is obtained; copied into every idle report.
 pub const USERSPACE_METHOD: &str = "gateway_pss_bytes is Pss from /proc/PID/smaps_rollup \
 (kB x 1024), summed over every pid in gateway_pids and its descendants (an nginx master and its \
@@ -417,7 +419,10 @@ window; the difference is cpu_secs. It covers every thread of those processes an
 work done in their context (system calls, and the loopback network stack where it runs in \
 their context), and nothing of the load generator or the echo backend. us_per_op = cpu_secs \
 / ops; capacity_per_core = 1e6 / us_per_op, the operations one fully busy core of the server \
-would complete; utilization = cpu_secs / (wall_secs x cores).";
+would complete; utilization = cpu_secs / (wall_secs x cores). The same ticks split: \
+user_cpu_secs is utime + cutime (the server's own code), kernel_cpu_secs is stime + cstime \
+(system calls, and the loopback TCP stack and wake-ups of other processes run in the server's \
+context); user_us_per_op and kernel_us_per_op divide each by ops and add up to us_per_op.";
 
 /// What the server's processes spent over a measured window.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -426,8 +431,14 @@ pub struct ServerCpu {
     pub pids: Vec<u32>,
     /// Cores the server runs on (`--server-cores`).
     pub cores: u32,
-    /// CPU seconds the processes used in the window.
+    /// CPU seconds the processes used in the window (`user_cpu_secs + kernel_cpu_secs`).
     pub cpu_secs: f64,
+    /// Of `cpu_secs`, user time (utime + cutime): the server's own code.
+    pub user_cpu_secs: f64,
+    /// Of `cpu_secs`, system time (stime + cstime): the kernel working in the server's
+    /// context (system calls, the loopback TCP stack where it runs there, waking other
+    /// processes).
+    pub kernel_cpu_secs: f64,
     /// Wall-clock seconds of the window.
     pub wall_secs: f64,
     /// `cpu_secs / (wall_secs * cores)`: how busy the server's cores were.
@@ -436,26 +447,38 @@ pub struct ServerCpu {
     pub ops: u64,
     /// `cpu_secs / ops` in microseconds; null when no operation completed.
     pub us_per_op: Option<f64>,
+    /// `user_cpu_secs / ops` in microseconds: the userspace part of `us_per_op`; null when
+    /// no operation completed.
+    pub user_us_per_op: Option<f64>,
+    /// `kernel_cpu_secs / ops` in microseconds: the kernel part of `us_per_op`; null when
+    /// no operation completed.
+    pub kernel_us_per_op: Option<f64>,
     /// `1e6 / us_per_op`: operations per second one fully busy server core would do.
     pub capacity_per_core: Option<f64>,
 }
 
-/// Server CPU figures from a tick count over a window: `ticks` at `hz` per second, over
-/// `wall_secs`, for `ops` operations on `cores` cores.
+/// Server CPU figures from tick counts over a window: `ticks` (user and system apart) at
+/// `hz` per second, over `wall_secs`, for `ops` operations on `cores` cores.
 pub fn server_cpu(
-    ticks: u64,
+    ticks: CpuTicks,
     hz: u64,
     wall_secs: f64,
     ops: u64,
     cores: u32,
     pids: Vec<u32>,
 ) -> ServerCpu {
-    let cpu_secs = ticks as f64 / hz.max(1) as f64;
-    let us_per_op = (ops > 0).then(|| cpu_secs * 1e6 / ops as f64);
+    let secs = |t: u64| t as f64 / hz.max(1) as f64;
+    let per_op = |secs: f64| (ops > 0).then(|| secs * 1e6 / ops as f64);
+    let cpu_secs = secs(ticks.total());
+    let user_cpu_secs = secs(ticks.user);
+    let kernel_cpu_secs = secs(ticks.system);
+    let us_per_op = per_op(cpu_secs);
     ServerCpu {
         pids,
         cores,
         cpu_secs,
+        user_cpu_secs,
+        kernel_cpu_secs,
         wall_secs,
         utilization: if wall_secs > 0.0 {
             cpu_secs / (wall_secs * cores.max(1) as f64)
@@ -464,6 +487,8 @@ pub fn server_cpu(
         },
         ops,
         us_per_op,
+        user_us_per_op: per_op(user_cpu_secs),
+        kernel_us_per_op: per_op(kernel_cpu_secs),
         capacity_per_core: us_per_op.filter(|&u| u > 0.0).map(|u| 1e6 / u),
     }
 }
@@ -888,25 +913,69 @@ mod tests {
         assert!(pos("versions") < pos("method") && pos("method") < pos("results"));
     }
 
+    fn ticks(user: u64, system: u64) -> CpuTicks {
+        CpuTicks { user, system }
+    }
+
     #[test]
     fn server_cpu_from_ticks() {
-        // 250 ticks at 100 Hz = 2.5 s of CPU over 5 s on 1 core for 25 000 handshakes.
-        let c = server_cpu(250, 100, 5.0, 25_000, 1, vec![7]);
+        // 200 user + 50 system ticks at 100 Hz = 2.5 s of CPU over 5 s on 1 core for
+        // 25 000 handshakes.
+        let c = server_cpu(ticks(200, 50), 100, 5.0, 25_000, 1, vec![7]);
         assert_eq!(c.cpu_secs, 2.5);
+        assert_eq!((c.user_cpu_secs, c.kernel_cpu_secs), (2.0, 0.5));
         assert_eq!(c.utilization, 0.5);
         assert_eq!(c.us_per_op, Some(100.0));
+        assert_eq!(c.user_us_per_op, Some(80.0));
+        assert_eq!(c.kernel_us_per_op, Some(20.0));
         assert_eq!(c.capacity_per_core, Some(10_000.0));
+        assert_eq!(c.pids, vec![7]);
         // Two cores: utilization is per core; per-operation cost is not.
-        let c = server_cpu(250, 100, 5.0, 25_000, 2, vec![]);
+        let c = server_cpu(ticks(200, 50), 100, 5.0, 25_000, 2, vec![]);
         assert_eq!(c.utilization, 0.25);
         assert_eq!(c.us_per_op, Some(100.0));
+        assert_eq!(
+            (c.user_us_per_op, c.kernel_us_per_op),
+            (Some(80.0), Some(20.0))
+        );
+        // Another clock rate: 1 000 Hz, all kernel time.
+        let c = server_cpu(ticks(0, 300), 1000, 1.0, 1000, 1, vec![]);
+        assert_eq!((c.user_cpu_secs, c.kernel_cpu_secs), (0.0, 0.3));
+        assert_eq!(
+            (c.user_us_per_op, c.kernel_us_per_op),
+            (Some(0.0), Some(300.0))
+        );
         // Nothing done: no per-operation figure rather than infinity.
-        let c = server_cpu(10, 100, 1.0, 0, 1, vec![]);
+        let c = server_cpu(ticks(7, 3), 100, 1.0, 0, 1, vec![]);
         assert_eq!((c.us_per_op, c.capacity_per_core), (None, None));
+        assert_eq!((c.user_us_per_op, c.kernel_us_per_op), (None, None));
+        assert_eq!(
+            (c.cpu_secs, c.user_cpu_secs, c.kernel_cpu_secs),
+            (0.1, 0.07, 0.03)
+        );
         // No CPU used: zero cost, no capacity figure.
-        let c = server_cpu(0, 100, 1.0, 10, 1, vec![]);
+        let c = server_cpu(ticks(0, 0), 100, 1.0, 10, 1, vec![]);
         assert_eq!((c.us_per_op, c.capacity_per_core), (Some(0.0), None));
-        assert_eq!(server_cpu(5, 100, 0.0, 1, 1, vec![]).utilization, 0.0);
+        assert_eq!(
+            (c.user_us_per_op, c.kernel_us_per_op),
+            (Some(0.0), Some(0.0))
+        );
+        assert_eq!(
+            server_cpu(ticks(5, 0), 100, 0.0, 1, 1, vec![]).utilization,
+            0.0
+        );
+    }
+
+    #[test]
+    fn server_cpu_json_has_the_split() {
+        let v =
+            serde_json::to_value(server_cpu(ticks(200, 50), 100, 5.0, 25_000, 1, vec![7])).unwrap();
+        assert_eq!(v["user_cpu_secs"], 2.0);
+        assert_eq!(v["kernel_cpu_secs"], 0.5);
+        assert_eq!(v["user_us_per_op"], 80.0);
+        assert_eq!(v["kernel_us_per_op"], 20.0);
+        let v = serde_json::to_value(server_cpu(ticks(1, 1), 100, 1.0, 0, 1, vec![])).unwrap();
+        assert!(v["user_us_per_op"].is_null() && v["kernel_us_per_op"].is_null());
     }
 
     #[test]

@@ -776,8 +776,10 @@ fn summarize(report: &StormReport) {
     );
     if let Some(c) = &r.server_cpu {
         println!(
-            "  server CPU: {:.1} us per client back, {:.0}% busy",
+            "  server CPU: {:.1} us per client back ({:.1} us user, {:.1} us kernel), {:.0}% busy",
             c.us_per_op.unwrap_or(f64::NAN),
+            c.user_us_per_op.unwrap_or(f64::NAN),
+            c.kernel_us_per_op.unwrap_or(f64::NAN),
             c.utilization * 100.0
         );
     }
