@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::metrics::{render, CloseReason, CoreMetrics};
+use crate::metrics::{render, CloseReason, ConfigMetrics, CoreMetrics};
 use crate::rates::{CounterRate, GaugeAvg, Utilisation, WINDOWS};
 
 /// Requests served at the same time; a connection beyond this is closed at once.
@@ -34,6 +34,8 @@ pub struct Admin {
     pub workers: Vec<String>,
     /// Set once draining: /healthz then answers 503 so load balancers stop sending.
     pub draining: Arc<AtomicBool>,
+    /// Configuration loads and reloads (SIGHUP).
+    pub config: Arc<ConfigMetrics>,
 }
 
 impl Admin {
@@ -108,6 +110,7 @@ impl Served {
 
     fn metrics_text(&self) -> String {
         let mut body = render(&self.admin.cores, &self.admin.workers);
+        self.admin.config.render(&mut body);
         body.push_str(&self.rates.lock().unwrap_or_else(|e| e.into_inner()));
         if let Some(l) = std::fs::read_to_string("/proc/net/netstat")
             .ok()

@@ -1,6 +1,7 @@
 //! The gateway's configuration: one struct, deserialised from TOML, overridden by CLI flags,
-//! validated once at start. Errors name the key or file at fault so the operator knows
-//! what to fix. This module reads files but opens no sockets.
+//! validated once at start and again on each reload (SIGHUP, [`Config::reload`]). Errors
+//! name the key or file at fault so the operator knows what to fix. This module reads
+//! files but opens no sockets.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -71,7 +72,7 @@ pub struct TlsConfig {
     pub session_tickets: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertConfig {
     pub cert: PathBuf,
@@ -333,6 +334,102 @@ impl Config {
     pub fn tls12_enabled(&self) -> bool {
         self.tls.versions.iter().any(|v| v == "1.2")
     }
+
+    /// What a reload (SIGHUP) to `new` means for a gateway running with `self`: the
+    /// reloadable settings come from `new`; the ones that sized or bound something at
+    /// start (listeners, cores, rings, buffer rings, fixed-file tables, worker links, the
+    /// HELLO name) keep their running value and are reported, for a warning.
+    pub fn reload(&self, new: Config) -> Reloaded {
+        let mut config = new;
+        let mut changed = Vec::new();
+        let mut fixed = Vec::new();
+        // `fixed!(key, field path)`: a setting in use since start; the running value stays.
+        macro_rules! fixed {
+            ($key:literal, $($f:ident).+) => {
+                if config.$($f).+ != self.$($f).+ {
+                    fixed.push(FixedSetting {
+                        key: $key,
+                        running: format!("{:?}", self.$($f).+),
+                        wanted: format!("{:?}", config.$($f).+),
+                    });
+                    config.$($f).+ = self.$($f).+.clone();
+                }
+            };
+        }
+        // `reloadable!(key, field path)`: taken from `new`; noted when it changed.
+        macro_rules! reloadable {
+            ($key:literal, $($f:ident).+) => {
+                if config.$($f).+ != self.$($f).+ {
+                    changed.push(format!(
+                        "{} {:?} -> {:?}",
+                        $key,
+                        self.$($f).+,
+                        config.$($f).+
+                    ));
+                }
+            };
+        }
+        fixed!("listen", listen);
+        fixed!("admin", admin);
+        fixed!("cores", cores);
+        fixed!("workers", workers);
+        fixed!("name", name);
+        fixed!("limits.max_conns_per_core", limits.max_conns_per_core);
+        fixed!("runtime.ring_entries", runtime.ring_entries);
+        fixed!("runtime.recv_buffers", runtime.recv_buffers);
+        fixed!("runtime.recv_buffer_size", runtime.recv_buffer_size);
+        fixed!("runtime.backlog", runtime.backlog);
+        fixed!("runtime.pin", runtime.pin);
+        fixed!("runtime.direct_descriptors", runtime.direct_descriptors);
+        reloadable!("tls.certs", tls.certs);
+        reloadable!("tls.versions", tls.versions);
+        reloadable!("tls.session_tickets", tls.session_tickets);
+        reloadable!("limits.max_frame", limits.max_frame);
+        reloadable!(
+            "limits.handshake_timeout_secs",
+            limits.handshake_timeout_secs
+        );
+        reloadable!("limits.idle_timeout_secs", limits.idle_timeout_secs);
+        reloadable!("limits.drain_grace_secs", limits.drain_grace_secs);
+        reloadable!("limits.max_outbound_per_conn", limits.max_outbound_per_conn);
+        reloadable!("limits.link_window_bytes", limits.link_window_bytes);
+        reloadable!("runtime.worker_retry_ms", runtime.worker_retry_ms);
+        reloadable!("runtime.worker_retry_max_ms", runtime.worker_retry_max_ms);
+        reloadable!(
+            "runtime.heartbeat_interval_ms",
+            runtime.heartbeat_interval_ms
+        );
+        reloadable!("runtime.heartbeat_timeout_ms", runtime.heartbeat_timeout_ms);
+        reloadable!("websocket.enabled", websocket.enabled);
+        reloadable!("websocket.path", websocket.path);
+        reloadable!("websocket.allowed_origins", websocket.allowed_origins);
+        reloadable!("websocket.subprotocols", websocket.subprotocols);
+        reloadable!("websocket.ping_interval_secs", websocket.ping_interval_secs);
+        Reloaded {
+            config,
+            changed,
+            fixed,
+        }
+    }
+}
+
+/// The outcome of [`Config::reload`], before anything is applied.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// The configuration to run with from now on: `new` with the fixed settings kept.
+    pub config: Config,
+    /// Reloadable settings whose value changed, as `key old -> new`.
+    pub changed: Vec<String>,
+    /// Settings fixed at start whose value changed in the file; not applied.
+    pub fixed: Vec<FixedSetting>,
+}
+
+/// A setting that changed on disk but is fixed at start (applies after a restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FixedSetting {
+    pub key: &'static str,
+    pub running: String,
+    pub wanted: String,
 }
 
 #[cfg(test)]
@@ -383,6 +480,48 @@ mod tests {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn reload_takes_limits_and_keeps_what_was_sized_at_start() {
+        let running = with_cert();
+        let mut new = with_cert();
+        new.limits.max_frame = 1024;
+        new.limits.idle_timeout_secs = 0;
+        new.tls.versions.push("1.2".into());
+        new.websocket.allowed_origins = vec!["https://a.example".into()];
+        new.cores = 7;
+        new.runtime.recv_buffers = 64;
+        new.workers = vec!["/tmp/other.sock".into()];
+        let r = running.reload(new);
+        assert_eq!(r.config.limits.max_frame, 1024);
+        assert_eq!(r.config.limits.idle_timeout_secs, 0);
+        assert!(r.config.tls12_enabled());
+        assert_eq!(r.config.websocket.allowed_origins.len(), 1);
+        assert_eq!(r.config.cores, running.cores);
+        assert_eq!(r.config.runtime.recv_buffers, running.runtime.recv_buffers);
+        assert_eq!(r.config.workers, running.workers);
+        let fixed: Vec<_> = r.fixed.iter().map(|f| f.key).collect();
+        assert_eq!(fixed, ["cores", "workers", "runtime.recv_buffers"]);
+        assert_eq!(r.fixed[0].running, "0");
+        assert_eq!(r.fixed[0].wanted, "7");
+        let changed = r.changed.join("; ");
+        for key in [
+            "limits.max_frame 65536 -> 1024",
+            "limits.idle_timeout_secs 600 -> 0",
+            "tls.versions",
+            "websocket.allowed_origins",
+        ] {
+            assert!(changed.contains(key), "{key} missing from {changed}");
+        }
+        assert_eq!(r.changed.len(), 4, "{changed}");
+        r.config.validate().unwrap();
+    }
+
+    #[test]
+    fn reload_to_the_same_config_changes_nothing() {
+        let r = with_cert().reload(with_cert());
+        assert!(r.changed.is_empty() && r.fixed.is_empty(), "{r:?}");
     }
 
     #[test]

@@ -47,9 +47,29 @@ pub struct CoreSpec {
     pub nofile: u64,
     /// Cross-core mail: a sender to every core's inbox (indexed by core) and this core's
     /// inbox, plus every core's ring fd (published at start) for MSG_RING wake-ups.
-    pub mail: Vec<mpsc::Sender<CrossMsg>>,
-    pub inbox: mpsc::Receiver<CrossMsg>,
+    pub mail: Vec<mpsc::Sender<Mail>>,
+    pub inbox: mpsc::Receiver<Mail>,
     pub ring_fds: Arc<Vec<std::sync::atomic::AtomicI32>>,
+}
+
+/// What arrives in a core's inbox, each followed by a MSG_RING wake-up of its ring.
+pub enum Mail {
+    /// From another core: a worker message for a connection this core owns.
+    Cross(CrossMsg),
+    /// From the control thread (SIGHUP): the configuration from now on.
+    Reload(Reload),
+}
+
+/// A reloaded configuration for one core. The core swaps it in between two completions:
+/// the TLS configuration serves handshakes that start afterwards (a session keeps the
+/// `Arc` it was created with); the limits apply to every connection from their next check.
+pub struct Reload {
+    /// The running configuration with the reloadable settings replaced; what was sized
+    /// at start (`Config::reload`) is unchanged.
+    pub config: Arc<Config>,
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Receives the core's index once it runs with the new configuration.
+    pub applied: mpsc::Sender<u8>,
 }
 
 /// A worker message for a connection that another core owns. Rare (a worker replies on the
@@ -245,8 +265,8 @@ pub struct Core {
     withheld: Vec<u16>,
     /// Unacknowledged envelopes of a dead link that no live worker could take yet.
     orphans: Vec<u8>,
-    mail: Vec<mpsc::Sender<CrossMsg>>,
-    inbox: mpsc::Receiver<CrossMsg>,
+    mail: Vec<mpsc::Sender<Mail>>,
+    inbox: mpsc::Receiver<Mail>,
     ring_fds: Arc<Vec<std::sync::atomic::AtomicI32>>,
     ws_cfg: ws::HandshakeConfig,
     /// This core's topic subscriptions: topic -> its subscribers among this core's
@@ -380,6 +400,13 @@ impl Core {
 
     /// Runs until drained. Returns when SIGTERM's grace period ends or every client is gone.
     pub fn run(mut self) -> anyhow::Result<()> {
+        let result = self.event_loop();
+        // Nobody may wake this ring once it is closed (its fd number could be reused).
+        self.ring_fds[self.idx as usize].store(-1, Ordering::Release);
+        result
+    }
+
+    fn event_loop(&mut self) -> anyhow::Result<()> {
         // Dial the workers before accepting, so accept can wait for their HELLOs.
         for w in 0..self.links.len() {
             self.try_connect(w);
@@ -1979,7 +2006,7 @@ impl Core {
     }
 
     fn mail_to(&mut self, core: usize, msg: CrossMsg) -> bool {
-        if self.mail[core].send(msg).is_err() {
+        if self.mail[core].send(Mail::Cross(msg)).is_err() {
             return false;
         }
         let fd = self.ring_fds[core].load(Ordering::Acquire);
@@ -1995,7 +2022,14 @@ impl Core {
     }
 
     fn drain_inbox(&mut self) {
-        while let Ok(m) = self.inbox.try_recv() {
+        while let Ok(mail) = self.inbox.try_recv() {
+            let m = match mail {
+                Mail::Cross(m) => m,
+                Mail::Reload(r) => {
+                    self.apply_reload(r);
+                    continue;
+                }
+            };
             let w = m.worker as usize;
             CoreMetrics::inc(&self.metrics.cross_core);
             match m.kind {
@@ -2007,6 +2041,62 @@ impl Core {
                 CrossKind::Subscribe => self.subscribe(w, m.conn, &m.data),
                 CrossKind::Unsubscribe => self.unsubscribe(w, m.conn, &m.data),
                 CrossKind::Publish => self.publish_local(&m.topic, m.flags, &m.data),
+            }
+        }
+    }
+
+    /// Runs with a reloaded configuration from now on (SIGHUP; see [`Reload`]).
+    fn apply_reload(&mut self, r: Reload) {
+        let old = std::mem::replace(&mut self.cfg, r.config);
+        // What sized this core at start never changes (`Config::reload` keeps it).
+        debug_assert_eq!(old.runtime.recv_buffers, self.cfg.runtime.recv_buffers);
+        debug_assert_eq!(
+            old.limits.max_conns_per_core,
+            self.cfg.limits.max_conns_per_core
+        );
+        debug_assert_eq!(old.workers, self.cfg.workers);
+        self.tls = r.tls;
+        let ws = &self.cfg.websocket;
+        self.ws_cfg = ws::HandshakeConfig {
+            path: ws.path.clone(),
+            allowed_origins: ws.allowed_origins.clone(),
+            subprotocols: ws.subprotocols.clone(),
+        };
+        if old.limits.idle_timeout_secs != self.cfg.limits.idle_timeout_secs
+            || old.websocket.ping_interval_secs != self.cfg.websocket.ping_interval_secs
+        {
+            self.rearm_idle_timers();
+        }
+        // A smaller window may already be exceeded; a larger one is seen by `flush`.
+        for w in 0..self.links.len() {
+            self.check_window(w);
+        }
+        debug!(core = self.idx, "configuration reloaded");
+        let _ = r.applied.send(self.idx);
+    }
+
+    /// Re-arms every established connection's timer for changed idle or keepalive
+    /// timeouts: a native connection's from its last activity (a connection idle past a
+    /// shorter timeout closes at the next tick), a WebSocket's at the next tick, where
+    /// `ws_keepalive` works out its next ping or close. Once per reload, not per event.
+    fn rearm_idle_timers(&mut self) {
+        let idle = self.cfg.limits.idle_timeout_secs;
+        let next_tick = self.tick() + 1;
+        for slot in 0..self.conns.len() {
+            let Some(c) = self.conns[slot].as_deref() else {
+                continue;
+            };
+            if c.phase != Phase::Open {
+                continue;
+            }
+            let slot = slot as u32;
+            if c.proto == Proto::WebSocket {
+                self.wheel.schedule(slot, next_tick);
+            } else if idle == 0 {
+                self.wheel.cancel(slot);
+            } else {
+                self.wheel
+                    .schedule(slot, u64::from(c.last_active) + idle + 1);
             }
         }
     }
@@ -2145,6 +2235,53 @@ impl std::os::fd::AsFd for BorrowedRaw {
         // SAFETY: the fd is a client socket owned by this core's table for the duration of
         // the borrow (it is closed only through the ring after its Close submission).
         unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0) }
+    }
+}
+
+/// Wakes core rings from the control thread, which has no ring of its own: a small plain
+/// ring used only to send MSG_RING (the same `OP_WAKE` the cores send each other), so a
+/// core reads its inbox at once instead of at its next 100 ms timeout.
+pub struct ControlWaker {
+    ring: IoUring,
+    ring_fds: Arc<Vec<std::sync::atomic::AtomicI32>>,
+}
+
+impl ControlWaker {
+    pub fn new(ring_fds: Arc<Vec<std::sync::atomic::AtomicI32>>) -> std::io::Result<ControlWaker> {
+        Ok(ControlWaker {
+            // One entry per core (at most 255), so the queue never fills.
+            ring: IoUring::new(256)?,
+            ring_fds,
+        })
+    }
+
+    /// Wakes every core whose ring is published; waits for the MSG_RINGs to be posted.
+    pub fn wake_all(&mut self) -> std::io::Result<()> {
+        let mut sent = 0;
+        for fd in self.ring_fds.iter() {
+            let fd = fd.load(Ordering::Acquire);
+            if fd < 0 {
+                continue;
+            }
+            let e = opcode::MsgRingData::new(types::Fd(fd), 0, ud(OP_WAKE, 0, 0), None)
+                .build()
+                .user_data(ud(OP_CANCEL, 0, 0));
+            // SAFETY: names only the target ring's fd, which stays open until its core has
+            // drained and unpublished it; the control thread wakes nobody while draining.
+            unsafe { self.ring.submission().push(&e) }
+                .map_err(|_| std::io::Error::other("control ring full"))?;
+            sent += 1;
+        }
+        self.ring.submit_and_wait(sent)?;
+        for cqe in self.ring.completion() {
+            if cqe.result() < 0 {
+                warn!(
+                    "waking a core failed: {}",
+                    std::io::Error::from_raw_os_error(-cqe.result())
+                );
+            }
+        }
+        Ok(())
     }
 }
 

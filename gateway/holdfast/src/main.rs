@@ -1,17 +1,20 @@
 //! `holdfast`, the gateway binary: parses the CLI and config, loads certificates, binds a
 //! SO_REUSEPORT listener per core, starts one pinned thread (and ring) per core and the
 //! admin thread, prints one ready line, and on SIGTERM waits for the cores to drain.
+//! SIGHUP reloads the configuration on the control thread (`Control`) and hands it to the
+//! cores through their inboxes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use holdfast::config::{CertConfig, Config};
-use holdfast::core::{run_core, CoreSpec};
-use holdfast::metrics::CoreMetrics;
+use holdfast::core::{run_core, ControlWaker, CoreSpec, Mail, Reload};
+use holdfast::metrics::{ConfigMetrics, CoreMetrics};
 use holdfast::{admin, ring, tls};
 
 #[derive(Parser)]
@@ -242,7 +245,12 @@ fn check(args: RunArgs) -> anyhow::Result<()> {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Arc::new(load_config(&args)?);
-    let server_tls = tls::server_config(&cfg)?;
+    let server_tls = tls::ServerTls::build(&cfg, None)?;
+    let config_metrics = Arc::new(ConfigMetrics::default());
+    config_metrics.loaded(SystemTime::now(), false);
+    // SIGHUP's default action ends the process: take it over before anything is served.
+    let hup = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
+        .context("cannot install the SIGHUP handler")?;
     let nofile = ring::raise_nofile_limit();
     // The same checks as `holdfast check`, as warnings: a short host still runs.
     match host_findings(&cfg) {
@@ -295,7 +303,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             index: i as u8,
             cores: cores as u8,
             config: cfg.clone(),
-            tls: server_tls.clone(),
+            tls: server_tls.server.clone(),
             listener,
             metrics: metrics[i].clone(),
             shutdown: shutdown.clone(),
@@ -350,10 +358,28 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(|p| p.display().to_string())
             .collect(),
         draining: shutdown.clone(),
+        config: config_metrics.clone(),
     };
     std::thread::Builder::new()
         .name("holdfast-admin".into())
         .spawn(move || admin.serve(admin_listener))?;
+    let waker = ControlWaker::new(ring_fds.clone())
+        .inspect_err(|e| {
+            tracing::warn!("no io_uring for waking cores ({e}); reloads apply within 100 ms")
+        })
+        .ok();
+    let control = Control {
+        args,
+        config: cfg,
+        tls: server_tls,
+        mail,
+        waker,
+        shutdown: shutdown.clone(),
+        metrics: config_metrics,
+    };
+    std::thread::Builder::new()
+        .name("holdfast-control".into())
+        .spawn(move || control.serve(hup))?;
     println!("holdfast ready listen={listen_addr} admin={admin_addr} cores={cores}");
     use std::io::Write as _;
     std::io::stdout().flush()?;
@@ -362,4 +388,124 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// How long a reload waits for every core to confirm it runs with the new configuration.
+const RELOAD_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The control thread: on SIGHUP, reads the configuration again (the same file and the
+/// same command-line overrides as at start), builds a new TLS configuration from the
+/// files on disk, and hands both to every core. Whatever fails leaves the running
+/// configuration as it was.
+struct Control {
+    args: RunArgs,
+    /// What the cores run with (after the last successful reload).
+    config: Arc<Config>,
+    tls: tls::ServerTls,
+    mail: Vec<mpsc::Sender<Mail>>,
+    waker: Option<ControlWaker>,
+    shutdown: Arc<AtomicBool>,
+    metrics: Arc<ConfigMetrics>,
+}
+
+impl Control {
+    fn serve(mut self, mut signals: signal_hook::iterator::Signals) {
+        for _ in signals.forever() {
+            if self.shutdown.load(Ordering::Relaxed) {
+                tracing::info!("SIGHUP while draining: not reloading");
+                continue;
+            }
+            if let Err(e) = self.reload() {
+                tracing::error!(
+                    "config reload from {} failed; still serving with the previous configuration: {e:#}",
+                    self.source()
+                );
+                self.metrics.failed();
+            }
+        }
+    }
+
+    fn source(&self) -> String {
+        match &self.args.config {
+            Some(path) => path.display().to_string(),
+            None => "the command line".to_string(),
+        }
+    }
+
+    fn reload(&mut self) -> anyhow::Result<()> {
+        let reloaded = self.config.reload(load_config(&self.args)?);
+        reloaded.config.validate()?;
+        let tls = tls::ServerTls::build(&reloaded.config, Some(&self.tls))?;
+        let config = Arc::new(reloaded.config);
+
+        let (applied_tx, applied_rx) = mpsc::channel();
+        let mut sent = 0;
+        for inbox in &self.mail {
+            let mail = Mail::Reload(Reload {
+                config: config.clone(),
+                tls: tls.server.clone(),
+                applied: applied_tx.clone(),
+            });
+            // A core that has exited (drained) has dropped its inbox.
+            if inbox.send(mail).is_ok() {
+                sent += 1;
+            }
+        }
+        drop(applied_tx);
+        if let Some(waker) = &mut self.waker {
+            if let Err(e) = waker.wake_all() {
+                tracing::warn!("cannot wake the cores ({e}); they apply the reload within 100 ms");
+            }
+        }
+        let deadline = Instant::now() + RELOAD_APPLY_TIMEOUT;
+        let mut applied = 0;
+        while applied < sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if applied_rx.recv_timeout(left).is_err() {
+                tracing::warn!(
+                    "config reload: {} of {sent} cores confirmed within {RELOAD_APPLY_TIMEOUT:?}; \
+                     the others apply it when they next read their inbox",
+                    applied
+                );
+                break;
+            }
+            applied += 1;
+        }
+
+        for f in &reloaded.fixed {
+            tracing::warn!(
+                "config reload: `{}` changed ({} -> {}) but is fixed at start; still running with {} until a restart",
+                f.key,
+                f.running,
+                f.wanted,
+                f.running
+            );
+        }
+        let certs: Vec<String> = config
+            .tls
+            .certs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let same = self.config.tls.certs.get(i) == Some(c)
+                    && self.tls.leaves.get(i) == tls.leaves.get(i);
+                let what = if same { "unchanged" } else { "new certificate" };
+                format!("{} ({what})", c.cert.display())
+            })
+            .collect();
+        let changed = if reloaded.changed.is_empty() {
+            "no other setting changed".to_string()
+        } else {
+            format!("changed: {}", reloaded.changed.join("; "))
+        };
+        tracing::info!(
+            "config reloaded from {} on {applied} cores: certificates reloaded from disk: {}; {changed}",
+            self.source(),
+            certs.join(", ")
+        );
+        self.config = config;
+        self.tls = tls;
+        self.metrics.loaded(SystemTime::now(), true);
+        Ok(())
+    }
 }

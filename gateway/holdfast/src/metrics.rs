@@ -206,6 +206,64 @@ impl CoreMetrics {
     }
 }
 
+/// The process's configuration state, written by the control thread (start and SIGHUP),
+/// never by a core.
+#[derive(Default)]
+pub struct ConfigMetrics {
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    /// 1 if the last load (start or reload) succeeded, 0 if the last reload failed.
+    pub last_reload_ok: AtomicU64,
+    /// Unix time in milliseconds of the last successful load (start or reload).
+    pub last_success_unix_ms: AtomicU64,
+}
+
+impl ConfigMetrics {
+    /// Records a successful load at `now`.
+    pub fn loaded(&self, now: std::time::SystemTime, reload: bool) {
+        let ms = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_success_unix_ms.store(ms, Relaxed);
+        self.last_reload_ok.store(1, Relaxed);
+        if reload {
+            self.reloads_ok.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn failed(&self) {
+        self.last_reload_ok.store(0, Relaxed);
+        self.reloads_failed.fetch_add(1, Relaxed);
+    }
+
+    /// Appends the config families to a scrape.
+    pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP holdfast_config_reloads_total Configuration reloads (SIGHUP) by result; a failed one changed nothing.\n\
+             # TYPE holdfast_config_reloads_total counter\n\
+             holdfast_config_reloads_total{{result=\"ok\"}} {}\n\
+             holdfast_config_reloads_total{{result=\"failed\"}} {}",
+            self.reloads_ok.load(Relaxed),
+            self.reloads_failed.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP holdfast_config_last_reload_successful 1 if the last configuration load succeeded, 0 if the last reload failed.\n\
+             # TYPE holdfast_config_last_reload_successful gauge\n\
+             holdfast_config_last_reload_successful {}",
+            self.last_reload_ok.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP holdfast_config_reload_timestamp_seconds Unix time of the last successful configuration load (start or reload).\n\
+             # TYPE holdfast_config_reload_timestamp_seconds gauge\n\
+             holdfast_config_reload_timestamp_seconds {}",
+            self.last_success_unix_ms.load(Relaxed) as f64 / 1000.0
+        );
+    }
+}
+
 /// Renders every core's block in Prometheus text format (version 0.0.4).
 pub fn render(cores: &[std::sync::Arc<CoreMetrics>], workers: &[String]) -> String {
     let mut out = String::with_capacity(8192);
@@ -612,5 +670,25 @@ mod tests {
             2 * CloseReason::ALL.len()
         );
         assert_eq!(std::mem::align_of::<CoreMetrics>(), 128);
+    }
+
+    #[test]
+    fn config_families_count_reloads() {
+        let m = ConfigMetrics::default();
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_250);
+        m.loaded(t, false);
+        m.failed();
+        m.loaded(t, true);
+        m.failed();
+        let mut text = String::new();
+        m.render(&mut text);
+        assert!(
+            text.contains("holdfast_config_reloads_total{result=\"ok\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("holdfast_config_reloads_total{result=\"failed\"} 2\n"));
+        assert!(text.contains("holdfast_config_last_reload_successful 0\n"));
+        assert!(text.contains("holdfast_config_reload_timestamp_seconds 1700000000.25\n"));
+        assert_eq!(text.matches("# TYPE ").count(), 3);
     }
 }

@@ -117,47 +117,77 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// Builds the shared server configuration. Called at start and on reload.
+/// Builds the shared server configuration at start (see [`ServerTls`] for reloads).
 pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    let mut by_name = HashMap::new();
-    let mut default = None;
-    for c in &config.tls.certs {
-        let ck = Arc::new(load_certified_key(c)?);
-        for name in &c.server_names {
-            by_name
-                .entry(name.to_ascii_lowercase())
-                .or_insert_with(|| ck.clone());
+    ServerTls::build(config, None).map(|t| t.server)
+}
+
+/// The server configuration the cores use for new handshakes, with the end-entity
+/// certificate of each `[[tls.certs]]` entry, so a reload can say which ones changed.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub server: Arc<ServerConfig>,
+    /// The end-entity certificate of each configured entry, in order.
+    pub leaves: Vec<CertificateDer<'static>>,
+}
+
+impl ServerTls {
+    /// Loads every certificate and key from disk and builds the configuration. With
+    /// `previous` (a reload), the session-ticket key is kept when tickets stay on, so
+    /// tickets issued before the reload still resume after it.
+    pub fn build(
+        config: &Config,
+        previous: Option<&ServerTls>,
+    ) -> Result<ServerTls, TlsSetupError> {
+        let mut by_name = HashMap::new();
+        let mut default = None;
+        let mut leaves = Vec::with_capacity(config.tls.certs.len());
+        for c in &config.tls.certs {
+            let ck = Arc::new(load_certified_key(c)?);
+            leaves.push(ck.cert[0].clone());
+            for name in &c.server_names {
+                by_name
+                    .entry(name.to_ascii_lowercase())
+                    .or_insert_with(|| ck.clone());
+            }
+            default.get_or_insert(ck);
         }
-        default.get_or_insert(ck);
+        let default = default.ok_or_else(|| TlsSetupError::NoCertificate {
+            path: "(no [[tls.certs]])".into(),
+        })?;
+        let versions: &[&'static rustls::SupportedProtocolVersion] = if config.tls12_enabled() {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13]
+        };
+        let mut sc = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
+            .with_protocol_versions(versions)?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(SniResolver { by_name, default }));
+        // holdfast/1 first; http/1.1 (browsers name it for wss://) when WebSocket is served.
+        sc.alpn_protocols = vec![holdfast_wire::frame::ALPN.to_vec()];
+        if config.websocket.enabled {
+            sc.alpn_protocols.push(b"http/1.1".to_vec());
+        }
+        // Session tickets let a reconnect storm resume instead of paying full handshakes. They
+        // are stateless (encrypted with a rotating key): the default server-side session cache
+        // holds 256 sessions, which a storm of thousands of clients would overrun, and a cache
+        // sized for millions would cost memory per connection.
+        if config.tls.session_tickets {
+            sc.ticketer = match previous {
+                // The ticketer rotates its own keys; sharing it keeps its schedule too.
+                Some(p) if p.server.ticketer.enabled() => p.server.ticketer.clone(),
+                _ => provider::Ticketer::new()?,
+            };
+            sc.send_tls13_tickets = 1;
+        } else {
+            sc.send_tls13_tickets = 0;
+        }
+        Ok(ServerTls {
+            server: Arc::new(sc),
+            leaves,
+        })
     }
-    let default = default.ok_or_else(|| TlsSetupError::NoCertificate {
-        path: "(no [[tls.certs]])".into(),
-    })?;
-    let versions: &[&'static rustls::SupportedProtocolVersion] = if config.tls12_enabled() {
-        &[&rustls::version::TLS13, &rustls::version::TLS12]
-    } else {
-        &[&rustls::version::TLS13]
-    };
-    let mut sc = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
-        .with_protocol_versions(versions)?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver { by_name, default }));
-    // holdfast/1 first; http/1.1 (browsers name it for wss://) when WebSocket is served.
-    sc.alpn_protocols = vec![holdfast_wire::frame::ALPN.to_vec()];
-    if config.websocket.enabled {
-        sc.alpn_protocols.push(b"http/1.1".to_vec());
-    }
-    // Session tickets let a reconnect storm resume instead of paying full handshakes. They
-    // are stateless (encrypted with a rotating key): the default server-side session cache
-    // holds 256 sessions, which a storm of thousands of clients would overrun, and a cache
-    // sized for millions would cost memory per connection.
-    if config.tls.session_tickets {
-        sc.ticketer = provider::Ticketer::new()?;
-        sc.send_tls13_tickets = 1;
-    } else {
-        sc.send_tls13_tickets = 0;
-    }
-    Ok(Arc::new(sc))
 }
 
 /// What a TLS session hands back while it is driven.
