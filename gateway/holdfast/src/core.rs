@@ -537,9 +537,63 @@ impl Core {
             .build()
             .user_data(ud(OP_ACCEPT, 0, 0));
         // SAFETY: multishot accept names only the listener fd, which lives in `self.listener`
-        // until the core exits (drain shuts it down but keeps it open).
+        // until the core exits (drain shuts it down but keeps it open); `resume_listening`
+        // replaces it only while no accept is armed.
         unsafe { self.push(e) };
         self.accept_armed = true;
+    }
+
+    /// The table is full: stop listening, so that SO_REUSEPORT hashes new clients to the
+    /// other cores' listeners (or the kernel refuses them when every core is full) instead
+    /// of leaving them in this listener's backlog, connected as far as they can tell and
+    /// never served. Shutting the listener down also ends the multishot accept.
+    fn pause_listening(&mut self) {
+        if self.table_full {
+            return;
+        }
+        self.table_full = true;
+        CoreMetrics::inc(&self.metrics.listen_paused);
+        warn!(
+            core = self.idx,
+            open = self.open,
+            "connection table full; stopped listening until slots free (new clients go to the other cores)"
+        );
+        if let Some(l) = &self.listener {
+            let _ = l.shutdown(std::net::Shutdown::Read);
+        }
+    }
+
+    /// Slots are free again (a sixty-fourth of the table, so a table at its edge does not
+    /// flap): listen again with a fresh socket on the same address, which joins the
+    /// SO_REUSEPORT group as the start-up listeners did. (Calling listen() again on the
+    /// shut-down socket succeeds but does not reliably put it back in the group: clients
+    /// were refused while it "listened".) The old socket is closed once its multishot
+    /// accept has ended.
+    fn resume_listening(&mut self) {
+        if self.accept_armed {
+            return;
+        }
+        let Some(old) = &self.listener else { return };
+        let fresh = old
+            .local_addr()
+            .and_then(|a| {
+                a.as_socket()
+                    .ok_or_else(|| std::io::Error::other("not an IP address"))
+            })
+            .and_then(|addr| bind_listener(addr, self.cfg.runtime.backlog));
+        match fresh {
+            Ok(l) => {
+                self.listener = Some(l);
+                self.table_full = false;
+                info!(
+                    core = self.idx,
+                    open = self.open,
+                    "slots free again; listening"
+                );
+            }
+            // Stay paused; the next loop tries again.
+            Err(e) => debug!(core = self.idx, "cannot listen again yet: {e}"),
+        }
     }
 
     fn on_accept(&mut self, res: i32, flags: u32) {
@@ -548,20 +602,17 @@ impl Core {
         }
         if res < 0 {
             let errno = -res;
-            if errno == libc::ECANCELED || errno == libc::EINVAL && self.drain_deadline.is_some() {
+            // A listener shut down (drain, or a full table) ends the multishot accept.
+            if errno == libc::ECANCELED
+                || errno == libc::EINVAL && (self.drain_deadline.is_some() || self.table_full)
+            {
                 return;
             }
             CoreMetrics::inc(&self.metrics.accept_errors);
             if errno == libc::ENFILE || errno == libc::EMFILE {
-                if !self.table_full {
-                    warn!(
-                        core = self.idx,
-                        open = self.open,
-                        "connection table full; accepting paused until a slot frees"
-                    );
-                }
-                self.table_full = true;
+                // The kernel had accepted a client it could not give a slot: it is gone.
                 self.metrics.close(CloseReason::TableFull);
+                self.pause_listening();
             } else {
                 warn!(
                     core = self.idx,
@@ -597,6 +648,9 @@ impl Core {
         self.metrics
             .connections_open
             .store(self.open, Ordering::Relaxed);
+        if self.open as usize >= self.conns.len() {
+            self.pause_listening();
+        }
         let gen = self.gens[slot as usize];
         let now = self.tick();
         self.conns[slot as usize] = Some(Box::new(Conn {
@@ -1251,8 +1305,11 @@ impl Core {
                 .store(self.links[w].unacked_bytes() as u64, Ordering::Relaxed);
         }
         self.bufs.publish();
-        if self.table_full && (self.open as usize) < self.conns.len() {
-            self.table_full = false;
+        if self.table_full && self.drain_deadline.is_none() {
+            let free = self.conns.len() - (self.open as usize).min(self.conns.len());
+            if free >= (self.conns.len() / 64).max(1) {
+                self.resume_listening();
+            }
         }
         self.arm_accept();
         self.metrics
@@ -2283,6 +2340,26 @@ impl ControlWaker {
         }
         Ok(())
     }
+}
+
+/// One SO_REUSEPORT listener on `addr`: what `main` binds per core at start, and what a
+/// core binds again when it listens after a full table.
+pub fn bind_listener(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.cloexec(),
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    // Accepted sockets inherit TCP_NODELAY (small frames must not wait for Nagle) and
+    // SO_KEEPALIVE (so the kernel reaps clients that vanished, per the tuning profile's
+    // tcp_keepalive_* settings, at no cost to the event loop).
+    s.set_nodelay(true)?;
+    s.set_keepalive(true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(s)
 }
 
 /// Runs one core to completion on the current thread.

@@ -184,21 +184,8 @@ fn bind_listeners(
     let mut addr = addr;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM.cloexec(),
-            None,
-        )?;
-        s.set_reuse_address(true)?;
-        s.set_reuse_port(true)?;
-        // Accepted sockets inherit TCP_NODELAY (small frames must not wait for Nagle) and
-        // SO_KEEPALIVE (so the kernel reaps clients that vanished, per the tuning profile's
-        // tcp_keepalive_* settings, at no cost to the event loop).
-        s.set_nodelay(true)?;
-        s.set_keepalive(true)?;
-        s.bind(&addr.into())
-            .with_context(|| format!("cannot bind {addr}"))?;
-        s.listen(backlog.min(i32::MAX as u32) as i32)?;
+        let s = holdfast::core::bind_listener(addr, backlog)
+            .with_context(|| format!("cannot listen on {addr}"))?;
         addr = s
             .local_addr()?
             .as_socket()

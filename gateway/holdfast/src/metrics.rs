@@ -99,6 +99,8 @@ pub struct CoreMetrics {
     pub connections_open: AtomicU64,
     pub accepts: AtomicU64,
     pub accept_errors: AtomicU64,
+    /// Times the core stopped listening because its connection table was full.
+    pub listen_paused: AtomicU64,
     pub handshakes_ok: AtomicU64,
     pub handshakes_failed: AtomicU64,
     pub closes: [AtomicU64; CloseReason::ALL.len()],
@@ -145,6 +147,7 @@ impl Default for CoreMetrics {
             connections_open: AtomicU64::new(0),
             accepts: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
+            listen_paused: AtomicU64::new(0),
             handshakes_ok: AtomicU64::new(0),
             handshakes_failed: AtomicU64::new(0),
             closes: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -311,6 +314,16 @@ pub fn render(cores: &[std::sync::Arc<CoreMetrics>], workers: &[String]) -> Stri
         &mut |o| {
             per_core(o, "holdfast_accept_errors_total", &|c| {
                 c.accept_errors.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_listen_paused_total",
+        "counter",
+        "Times the core stopped listening because its connection table was full (new clients go to the other cores).",
+        &mut |o| {
+            per_core(o, "holdfast_listen_paused_total", &|c| {
+                c.listen_paused.load(Relaxed)
             })
         },
     );
