@@ -97,7 +97,7 @@ if [[ -s $work/idle.json ]]; then
         "$(bytes "$(json_value "$work/idle.json" userspace_bytes_per_conn)")" \
         "$(bytes "$(json_value "$work/idle.json" kernel_bytes_per_conn)")"
     echo "                                 (a few thousand connections still include allocator"
-    echo "                                 warm-up; scripts/scale-idle.sh measures 10 000 -> 39 000)"
+    echo "                                 warm-up; scripts/scale-idle.sh measures 10 000 -> 40 000)"
 fi
 if [[ -s $work/echo.json ]]; then
     printf '  echo: %s frames/s echoed of %s/s scheduled, %s lost\n' \

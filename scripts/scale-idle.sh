@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The scale proof: one gateway process, with its defaults on every core, holds CONNS
-# idle TLS connections (39 000 by default: more than one process's 20 000 open-file
-# limit, and just under the 2 x 19 936 that two cores' fixed-file tables hold under it), every one of which still echoes at the end. Memory is sampled at 10 000 and at
-# CONNS connections and reported per connection as the slope between the two.
+# idle TLS connections (40 000 by default: twice one process's 20 000 open-file limit,
+# which bounds each core's fixed-file table separately; a core that fills stops listening
+# and the rest go to the other), every one of which still echoes at the end. Memory is
+# sampled at 10 000 and at CONNS connections and reported per connection as the slope
+# between the two.
 #
 # It changes no sysctl: where the host's settings look too small it only warns. The load
 # generator spreads its side over processes of at most 9 000 connections each.
 #
 # Environment (all optional):
-#   CONNS                connections at the last step (default 39000)
+#   CONNS                connections at the last step (default 40000)
 #   SCALE_RATE           connections opened per second (default 2000)
 #   HOLDFAST_PORT        client port on 127.0.0.1 (default 0: any free port)
 #   HOLDFAST_ADMIN_PORT  admin port on 127.0.0.1 (default 0: any free port)
@@ -17,7 +19,7 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bin=$PWD/target/release
-conns=${CONNS:-39000}
+conns=${CONNS:-40000}
 first=10000
 rate=${SCALE_RATE:-2000}
 port=${HOLDFAST_PORT:-0}

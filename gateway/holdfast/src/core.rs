@@ -280,9 +280,10 @@ impl Core {
     pub fn new(spec: CoreSpec) -> anyhow::Result<(Core, CoreReady)> {
         let cfg = spec.config.clone();
         let (ring, features) = build_ring(cfg.runtime.ring_entries)?;
-        // The fixed-file table of a ring is bounded by the soft RLIMIT_NOFILE; keep a
-        // little headroom in the regular table for listeners, links and the admin port.
-        let limit = spec.nofile.saturating_sub(64).clamp(16, u32::MAX as u64) as u32;
+        // The fixed-file table of a ring is bounded by the soft RLIMIT_NOFILE, per ring and
+        // apart from the regular fd table (where listeners, links and the admin port live),
+        // so it can take the whole limit.
+        let limit = spec.nofile.clamp(16, u32::MAX as u64) as u32;
         let mut table = cfg.limits.max_conns_per_core.min(limit);
         let mut direct = false;
         if cfg.runtime.direct_descriptors {
