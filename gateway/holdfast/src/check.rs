@@ -40,8 +40,10 @@ pub const CAPACITY_KEYS: &[&str] = &[
     "vm.max_map_count",
 ];
 
-/// Descriptors the gateway keeps below the soft open-file limit for listeners, worker
-/// links and the admin port: each ring's fixed-file table is `soft limit - 64` slots.
+/// Descriptors asked for beyond one core's connections: listeners, worker links and the
+/// admin port live in the regular fd table, which shares the limit with client sockets
+/// in the regular-fd fallback. (With direct descriptors each ring's fixed-file table is
+/// separate and takes up to the whole soft limit.)
 pub const FD_HEADROOM: u64 = 64;
 
 /// Memory estimate per connection in user space (rustls session, tables), bytes.
