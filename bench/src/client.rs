@@ -9,13 +9,15 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context};
 use holdfast_wire::frame;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
-use rustls::ClientConfig;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 use crate::report::StageFailures;
 
@@ -36,14 +38,101 @@ pub fn client_config(ca_pem: &Path) -> anyhow::Result<Arc<ClientConfig>> {
         bail!("{}: no certificate in it", ca_pem.display());
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .context("building the certificate verifier")?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .context("TLS 1.3 with the ring provider")?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinAfterFirst::new(webpki)))
         .with_no_client_auth();
     config.alpn_protocols = vec![frame::ALPN.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+/// The server's certificate chain is verified in full (webpki, against the given CA) the
+/// first time; after that a byte-identical chain for the same name is accepted without
+/// verifying it again. A load generator makes the same handshake thousands of times a
+/// second, and re-validating one unchanging chain each time would spend the client's CPU,
+/// the scarce side of a handshake benchmark, on work that tells nothing new. The server's
+/// handshake signature (CertificateVerify) is still checked on every connection, and any
+/// other chain is verified in full.
+#[derive(Debug)]
+struct PinAfterFirst {
+    inner: Arc<WebPkiServerVerifier>,
+    /// (server name, end-entity certificate, intermediates) of the first verified chain.
+    pinned: OnceLock<(String, Vec<u8>, Vec<Vec<u8>>)>,
+}
+
+impl PinAfterFirst {
+    fn new(inner: Arc<WebPkiServerVerifier>) -> PinAfterFirst {
+        PinAfterFirst {
+            inner,
+            pinned: OnceLock::new(),
+        }
+    }
+
+    fn is_pinned(&self, ee: &[u8], intermediates: &[CertificateDer<'_>], name: &str) -> bool {
+        self.pinned.get().is_some_and(|(n, e, i)| {
+            n == name
+                && e == ee
+                && i.len() == intermediates.len()
+                && i.iter().zip(intermediates).all(|(a, b)| a[..] == b[..])
+        })
+    }
+}
+
+impl ServerCertVerifier for PinAfterFirst {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let name = server_name.to_str();
+        if self.is_pinned(end_entity, intermediates, &name) {
+            return Ok(ServerCertVerified::assertion());
+        }
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let _ = self.pinned.set((
+            name.into_owned(),
+            end_entity.to_vec(),
+            intermediates.iter().map(|c| c.to_vec()).collect(),
+        ));
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// `base` with a session store of its own that keeps the tickets servers send (rustls
@@ -176,5 +265,123 @@ mod tests {
         assert_ne!(payload(64, 1, 0), payload(64, 2, 0));
         assert_ne!(payload(64, 1, 0), payload(64, 1, 1));
         assert_eq!(payload(64, 7, 3), payload(64, 7, 3));
+    }
+
+    /// A server config for a freshly generated CA and certificate; returns the CA's PEM.
+    fn server(names: &[&str]) -> (Arc<rustls::ServerConfig>, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let g = crate::certs::generate(&names).expect("certificates");
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(g.cert.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("chain");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(g.key.as_bytes()).expect("key");
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+        config.alpn_protocols = vec![frame::ALPN.to_vec()];
+        (Arc::new(config), g.ca)
+    }
+
+    fn handshake(
+        client: &Arc<ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+    ) -> Result<(), String> {
+        handshake_as(client, server, "localhost")
+    }
+
+    /// Runs a handshake in memory for `name`; Err is the client's error.
+    fn handshake_as(
+        client: &Arc<ClientConfig>,
+        server: &Arc<rustls::ServerConfig>,
+        name: &str,
+    ) -> Result<(), String> {
+        let name = ServerName::try_from(name.to_string()).expect("name");
+        let mut c =
+            rustls::ClientConnection::new(client.clone(), name).map_err(|e| e.to_string())?;
+        let mut s = rustls::ServerConnection::new(server.clone()).expect("server");
+        for _ in 0..8 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).expect("client write");
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).expect("server read");
+                if s.process_new_packets().is_err() {
+                    break;
+                }
+            }
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).expect("server write");
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).expect("client read");
+                c.process_new_packets().map_err(|e| e.to_string())?;
+            }
+            if !c.is_handshaking() {
+                return Ok(());
+            }
+        }
+        Err("the handshake did not finish".into())
+    }
+
+    fn config_for(ca_pem: &str, tag: &str) -> Arc<ClientConfig> {
+        let path = std::env::temp_dir().join(format!(
+            "holdfast-bench-pin-{}-{tag}.pem",
+            std::process::id()
+        ));
+        std::fs::write(&path, ca_pem).expect("write the CA");
+        let config = client_config(&path).expect("client config");
+        let _ = std::fs::remove_file(&path);
+        config
+    }
+
+    #[test]
+    fn a_pinned_chain_passes_and_any_other_is_verified_in_full() {
+        let (server_a, ca_a) = server(&["localhost"]);
+        let (server_b, _) = server(&["localhost"]);
+        let client = config_for(&ca_a, "a");
+        // First verified in full, then accepted as pinned, again and again.
+        for _ in 0..3 {
+            handshake(&client, &server_a).expect("the CA's own server");
+        }
+        // A chain from another CA is verified in full and refused, pin or not.
+        let err = handshake(&client, &server_b).expect_err("a foreign CA's server");
+        assert!(
+            err.contains("UnknownIssuer") || err.contains("certificate"),
+            "{err}"
+        );
+        // And the pinned chain still passes afterwards.
+        handshake(&client, &server_a).expect("the CA's own server again");
+    }
+
+    #[test]
+    fn the_first_chain_must_verify_before_it_is_pinned() {
+        let (server_a, ca_a) = server(&["localhost"]);
+        let (server_b, _) = server(&["localhost"]);
+        let client = config_for(&ca_a, "first");
+        // The wrong server first: refused, and nothing pinned by it.
+        assert!(handshake(&client, &server_b).is_err());
+        assert!(handshake(&client, &server_b).is_err());
+        handshake(&client, &server_a).expect("the CA's own server");
+    }
+
+    #[test]
+    fn a_pinned_chain_is_pinned_for_its_name_only() {
+        let (server_a, ca_a) = server(&["localhost"]);
+        let client = config_for(&ca_a, "name");
+        handshake(&client, &server_a).expect("pin it");
+        let refused = handshake_as(&client, &server_a, "other.example").is_err();
+        assert!(
+            refused,
+            "a certificate for localhost passed for other.example"
+        );
     }
 }
