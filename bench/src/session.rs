@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use holdfast::tls::{Records, TlsEnd, TlsSink};
+use holdfast::tls::{Records, TlsEnd, VecSink};
 use holdfast_wire::frame::{self, FrameBuf, FrameType, OwnedFrame};
 use rustls::client::UnbufferedClientConnection;
 use rustls::pki_types::ServerName;
@@ -41,48 +41,6 @@ pub struct Session {
     inbox: FrameBuf,
     /// TLS bytes waiting to be sent.
     out: Vec<u8>,
-}
-
-struct Sink<'a> {
-    inbox: &'a mut FrameBuf,
-    out: &'a mut Vec<u8>,
-    /// Where the region `out_spare` last handed out starts.
-    spare_at: usize,
-}
-
-impl<'a> Sink<'a> {
-    fn new(inbox: &'a mut FrameBuf, out: &'a mut Vec<u8>) -> Sink<'a> {
-        let spare_at = out.len();
-        Sink {
-            inbox,
-            out,
-            spare_at,
-        }
-    }
-}
-
-impl Drop for Sink<'_> {
-    fn drop(&mut self) {
-        // A region handed out but never committed holds no TLS bytes.
-        self.out.truncate(self.spare_at);
-    }
-}
-
-impl TlsSink for Sink<'_> {
-    fn plaintext(&mut self, data: &[u8]) {
-        self.inbox.push(data);
-    }
-
-    fn out_spare(&mut self, min: usize) -> &mut [u8] {
-        self.out.truncate(self.spare_at);
-        self.out.resize(self.spare_at + min, 0);
-        &mut self.out[self.spare_at..]
-    }
-
-    fn commit(&mut self, n: usize) {
-        self.spare_at += n;
-        self.out.truncate(self.spare_at);
-    }
 }
 
 impl Session {
@@ -138,7 +96,7 @@ impl Session {
     pub fn send(&mut self, kind: FrameType, payload: &[u8]) -> Result<(), String> {
         let mut plain = Vec::with_capacity(frame::HEADER_LEN + payload.len());
         frame::encode(kind, payload, &mut plain);
-        let mut sink = Sink::new(&mut self.inbox, &mut self.out);
+        let mut sink = VecSink::new(&mut self.out, &mut self.inbox);
         self.tls
             .encrypt(&mut self.staging, &plain, &mut sink)
             .map_err(|_| "TLS refused to encrypt".to_string())
@@ -146,7 +104,7 @@ impl Session {
 
     /// Queues TLS close_notify (best effort).
     pub fn close_notify(&mut self) {
-        let mut sink = Sink::new(&mut self.inbox, &mut self.out);
+        let mut sink = VecSink::new(&mut self.out, &mut self.inbox);
         self.tls.close_notify(&mut self.staging, &mut sink);
     }
 
@@ -164,7 +122,7 @@ impl Session {
 
     fn feed_tls(&mut self, bytes: &mut [u8], received: &mut Received) -> usize {
         let was_established = self.tls.is_established();
-        let mut sink = Sink::new(&mut self.inbox, &mut self.out);
+        let mut sink = VecSink::new(&mut self.out, &mut self.inbox);
         let fed = self.tls.feed(bytes, &mut sink);
         if fed.handshake_done && !was_established {
             let common = self.tls.common();

@@ -196,42 +196,69 @@ pub trait TlsSink {
     fn plaintext(&mut self, data: &[u8]);
     /// Space to write outgoing TLS bytes into: the sink grows its buffer to `min` free bytes
     /// and returns the spare part. What is written is committed with [`TlsSink::commit`];
-    /// every spare part is committed (with 0 if nothing was written) before the next one
-    /// is asked for.
+    /// a spare part that is not committed (rustls wanted more room, or failed) holds no
+    /// TLS bytes and is discarded by the next `out_spare` and when the sink is dropped.
     fn out_spare(&mut self, min: usize) -> &mut [u8];
     fn commit(&mut self, n: usize);
 }
 
-/// The [`TlsSink`] the gateway uses: TLS output appended to `out` (a connection's send
-/// queue), plaintext to `plain` (a scratch buffer). A spare region starts at the end of
-/// `out`; a commit keeps only what was written into it.
-pub struct VecSink<'a> {
-    out: &'a mut Vec<u8>,
-    base: usize,
-    plain: &'a mut Vec<u8>,
+/// Where a [`VecSink`] puts decrypted application data.
+pub trait Plaintext {
+    fn push(&mut self, data: &[u8]);
 }
 
-impl<'a> VecSink<'a> {
-    pub fn new(out: &'a mut Vec<u8>, plain: &'a mut Vec<u8>) -> VecSink<'a> {
+impl Plaintext for Vec<u8> {
+    fn push(&mut self, data: &[u8]) {
+        self.extend_from_slice(data);
+    }
+}
+
+/// Plaintext goes straight into the frame decoder (the load generator's clients).
+impl Plaintext for holdfast_wire::frame::FrameBuf {
+    fn push(&mut self, data: &[u8]) {
+        holdfast_wire::frame::FrameBuf::push(self, data);
+    }
+}
+
+/// The [`TlsSink`] over vectors: TLS output appended to `out` (a connection's send
+/// queue), plaintext to `plain` (the gateway's scratch buffer, or a client's frame
+/// decoder). A spare region starts at the end of `out`; a commit keeps only what was
+/// written into it.
+pub struct VecSink<'a, P: Plaintext = Vec<u8>> {
+    out: &'a mut Vec<u8>,
+    /// Bytes of `out` committed: TLS bytes to send. Beyond it lies at most one spare part.
+    len: usize,
+    plain: &'a mut P,
+}
+
+impl<'a, P: Plaintext> VecSink<'a, P> {
+    pub fn new(out: &'a mut Vec<u8>, plain: &'a mut P) -> VecSink<'a, P> {
         VecSink {
-            base: out.len(),
+            len: out.len(),
             out,
             plain,
         }
     }
 }
 
-impl TlsSink for VecSink<'_> {
+impl<P: Plaintext> Drop for VecSink<'_, P> {
+    fn drop(&mut self) {
+        self.out.truncate(self.len);
+    }
+}
+
+impl<P: Plaintext> TlsSink for VecSink<'_, P> {
     fn plaintext(&mut self, data: &[u8]) {
-        self.plain.extend_from_slice(data);
+        self.plain.push(data);
     }
     fn out_spare(&mut self, min: usize) -> &mut [u8] {
-        self.base = self.out.len();
-        self.out.resize(self.base + min, 0);
-        &mut self.out[self.base..]
+        self.out.truncate(self.len);
+        self.out.resize(self.len + min, 0);
+        &mut self.out[self.len..]
     }
     fn commit(&mut self, n: usize) {
-        self.out.truncate(self.base + n);
+        self.len += n;
+        self.out.truncate(self.len);
     }
 }
 
@@ -399,25 +426,13 @@ impl<C: Unbuffered> Records<C> {
                     while !data.is_empty() {
                         let n = data.len().min(MAX_FRAGMENT * 4);
                         let want = n + (n / MAX_FRAGMENT + 1) * RECORD_OVERHEAD;
-                        let out = sink.out_spare(want);
-                        match w.encrypt(&data[..n], out) {
-                            Ok(written) => sink.commit(written),
+                        let r = match w.encrypt(&data[..n], sink.out_spare(want)) {
                             Err(EncryptError::InsufficientSize(s)) => {
-                                sink.commit(0);
-                                let out = sink.out_spare(s.required_size);
-                                match w.encrypt(&data[..n], out) {
-                                    Ok(written) => sink.commit(written),
-                                    Err(_) => {
-                                        sink.commit(0);
-                                        return Err(TlsEnd::Error);
-                                    }
-                                }
+                                w.encrypt(&data[..n], sink.out_spare(s.required_size))
                             }
-                            Err(EncryptError::EncryptExhausted) => {
-                                sink.commit(0);
-                                return Err(TlsEnd::Error);
-                            }
-                        }
+                            r => r,
+                        };
+                        sink.commit(r.map_err(|_| TlsEnd::Error)?);
                         data = &data[n..];
                     }
                     return Ok(());
@@ -435,9 +450,9 @@ impl<C: Unbuffered> Records<C> {
             return;
         }
         if let Ok(ConnectionState::WriteTraffic(mut w)) = self.conn.process(pending).state {
-            let out = sink.out_spare(RECORD_OVERHEAD);
-            let n = w.queue_close_notify(out).unwrap_or(0);
-            sink.commit(n);
+            if let Ok(n) = w.queue_close_notify(sink.out_spare(RECORD_OVERHEAD)) {
+                sink.commit(n);
+            }
         }
     }
 }
@@ -524,10 +539,7 @@ fn encode<D>(e: &mut rustls::unbuffered::EncodeTlsData<'_, D>, sink: &mut impl T
         let out = sink.out_spare(want);
         match e.encode(out) {
             Ok(n) => return sink.commit(n),
-            Err(EncodeError::InsufficientSize(s)) => {
-                sink.commit(0);
-                want = s.required_size;
-            }
+            Err(EncodeError::InsufficientSize(s)) => want = s.required_size,
             Err(EncodeError::AlreadyEncoded) => return,
         }
     }
