@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::metrics::{render, CloseReason, ConfigMetrics, CoreMetrics};
+use crate::metrics::{escape, render, CloseReason, ConfigMetrics, CoreMetrics};
 use crate::rates::{CounterRate, GaugeAvg, Utilisation, WINDOWS};
 
 /// Requests served at the same time; a connection beyond this is closed at once.
@@ -464,12 +464,6 @@ fn num(v: f64) -> f64 {
     } else {
         0.0
     }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

@@ -655,7 +655,8 @@ pub fn render(cores: &[std::sync::Arc<CoreMetrics>], workers: &[String]) -> Stri
     out
 }
 
-fn escape(s: &str) -> String {
+/// A Prometheus label value with its backslashes, quotes and newlines escaped.
+pub(crate) fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
