@@ -64,6 +64,22 @@ die() {
     exit 1
 }
 
+# spawn NAME WHAT READY SECS CMD...: starts CMD in the background, stdout to
+# $work/NAME.out and stderr to $work/NAME.err, adds it to `pids`, and waits at most SECS
+# (failing early if it exits) for a stdout line starting with READY; dies naming WHAT, with
+# the end of its stderr, when none comes. Sets `spawned_pid`, and `spawned_line` to the
+# ready line. Call it directly, not in $(...), so the variables reach the caller.
+spawn() {
+    local name=$1 what=$2 ready=$3 secs=$4
+    shift 4
+    "$@" >"$work/$name.out" 2>"$work/$name.err" &
+    spawned_pid=$!
+    pids+=("$spawned_pid")
+    # shellcheck disable=SC2034 # read by the sourcing script
+    spawned_line=$(wait_line "$work/$name.out" "$ready" "$secs" "$spawned_pid") ||
+        die "$what did not start; its log: $(tail -n 20 "$work/$name.err")"
+}
+
 # wait_line FILE PREFIX SECS PID: prints the first line of FILE starting with PREFIX,
 # waiting at most SECS seconds, and fails early if process PID exits first.
 wait_line() {

@@ -31,22 +31,15 @@ url=nats://127.0.0.1:$port
 addrs=()
 for gw in gwa gwb; do
     for n in 1 2; do
-        "$bin/holdfast-worker" nats --socket "$work/$gw-$n.sock" --nats "$url" --gateway "$gw" \
-            --name "$gw-bridge-$n" >"$work/$gw-$n.out" 2>"$work/$gw-$n.err" &
-        bridge_pid=$!
-        pids+=("$bridge_pid")
-        wait_line "$work/$gw-$n.out" "holdfast-worker: listening" 20 "$bridge_pid" >/dev/null ||
-            die "bridge $gw-bridge-$n did not start; its log: $(tail -n 20 "$work/$gw-$n.err")"
+        spawn "$gw-$n" "bridge $gw-bridge-$n" "holdfast-worker: listening" 20 \
+            "$bin/holdfast-worker" nats --socket "$work/$gw-$n.sock" --nats "$url" --gateway "$gw" \
+            --name "$gw-bridge-$n"
     done
-    "$bin/holdfast" run --listen 127.0.0.1:0 --admin 127.0.0.1:0 --cores 2 \
+    spawn "$gw" "gateway $gw" "holdfast ready" 20 \
+        "$bin/holdfast" run --listen 127.0.0.1:0 --admin 127.0.0.1:0 --cores 2 \
         --cert "$work/cert.pem" --key "$work/key.pem" \
-        --worker "$work/$gw-1.sock" --worker "$work/$gw-2.sock" \
-        >"$work/$gw.out" 2>"$work/$gw.err" &
-    gw_pid=$!
-    pids+=("$gw_pid")
-    line=$(wait_line "$work/$gw.out" "holdfast ready" 20 "$gw_pid") ||
-        die "gateway $gw did not become ready; its log: $(tail -n 20 "$work/$gw.err")"
-    addr=$(field "$line" listen)
+        --worker "$work/$gw-1.sock" --worker "$work/$gw-2.sock"
+    addr=$(field "$spawned_line" listen)
     echo "gateway $gw on $addr (bridges $gw-1, $gw-2)"
     addrs+=("$gw=$addr")
 done

@@ -53,28 +53,18 @@ url=nats://127.0.0.1:$port
 
 "$bin/holdfast-bench" gen-cert --out "$work/certs" >/dev/null
 
-"$bin/holdfast-bench" nats-echo --nats "$url" --max-secs $((duration + 120)) \
-    >"$work/echo.out" 2>"$work/echo.err" &
-echo_pid=$!
-pids+=("$echo_pid")
-wait_line "$work/echo.out" "nats-echo: ready" 20 "$echo_pid" >/dev/null ||
-    die "the NATS echo backend did not start; its log: $(tail -n 20 "$work/echo.err")"
-
-"$bin/holdfast-worker" nats --socket "$work/bridge.sock" --nats "$url" --gateway gw1 \
-    --name gw1-bridge >"$work/bridge.out" 2>"$work/bridge.err" &
-bridge_pid=$!
-pids+=("$bridge_pid")
-wait_line "$work/bridge.out" "holdfast-worker: listening" 20 "$bridge_pid" >/dev/null ||
-    die "the bridge did not start; its log: $(tail -n 20 "$work/bridge.err")"
-
-"$bin/holdfast" run --listen 127.0.0.1:0 --admin 127.0.0.1:0 --cores 1 \
-    --cert "$work/certs/cert.pem" --key "$work/certs/key.pem" --worker "$work/bridge.sock" \
-    >"$work/gw.out" 2>"$work/gw.err" &
-gw_pid=$!
-pids+=("$gw_pid")
-line=$(wait_line "$work/gw.out" "holdfast ready" 20 "$gw_pid") ||
-    die "the gateway did not become ready; its log: $(tail -n 20 "$work/gw.err")"
-addr=$(field "$line" listen)
+spawn echo "the NATS echo backend" "nats-echo: ready" 20 \
+    "$bin/holdfast-bench" nats-echo --nats "$url" --max-secs $((duration + 120))
+echo_pid=$spawned_pid
+spawn bridge "the bridge" "holdfast-worker: listening" 20 \
+    "$bin/holdfast-worker" nats --socket "$work/bridge.sock" --nats "$url" --gateway gw1 \
+    --name gw1-bridge
+bridge_pid=$spawned_pid
+spawn gw "the gateway" "holdfast ready" 20 \
+    "$bin/holdfast" run --listen 127.0.0.1:0 --admin 127.0.0.1:0 --cores 1 \
+    --cert "$work/certs/cert.pem" --key "$work/certs/key.pem" --worker "$work/bridge.sock"
+gw_pid=$spawned_pid
+addr=$(field "$spawned_line" listen)
 echo "nats-server $url (pid $nats_pid), bridge pid $bridge_pid, backend pid $echo_pid"
 echo "gateway $addr (pid $gw_pid, 1 core)"
 sleep 0.5

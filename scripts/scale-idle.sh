@@ -54,19 +54,13 @@ cargo build --release --workspace --bins
 "$bin/holdfast-bench" gen-cert --out "$work" >/dev/null
 
 say "starting the echo worker and the gateway (defaults, every core)"
-"$bin/holdfast-worker" echo --socket "$work/worker.sock" >"$work/worker.out" 2>"$work/worker.log" &
-worker=$!
-pids+=("$worker")
-wait_line "$work/worker.out" "holdfast-worker: listening on" 10 "$worker" >/dev/null ||
-    die "the worker did not start; its log: $(cat "$work/worker.log")"
-
-"$bin/holdfast" run --listen "127.0.0.1:$port" --cert "$work/cert.pem" --key "$work/key.pem" \
-    --worker "$work/worker.sock" --admin "127.0.0.1:$admin_port" \
-    >"$work/gateway.out" 2>"$work/gateway.log" &
-gateway=$!
-pids+=("$gateway")
-ready=$(wait_line "$work/gateway.out" "holdfast ready" 60 "$gateway") ||
-    die "the gateway did not become ready; its log: $(tail -n 20 "$work/gateway.log")"
+spawn worker "the echo worker" "holdfast-worker: listening on" 10 \
+    "$bin/holdfast-worker" echo --socket "$work/worker.sock"
+spawn gateway "the gateway" "holdfast ready" 60 \
+    "$bin/holdfast" run --listen "127.0.0.1:$port" --cert "$work/cert.pem" --key "$work/key.pem" \
+    --worker "$work/worker.sock" --admin "127.0.0.1:$admin_port"
+gateway=$spawned_pid
+ready=$spawned_line
 echo "$ready"
 target=$(field "$ready" listen)
 
