@@ -4,11 +4,17 @@
 //!
 //! Lifetimes of memory named by submissions (the `unsafe` in this module is all about this):
 //! - receive buffers belong to the [`BufRing`] (see `ring.rs`);
-//! - a connection's outbound bytes live in `Conn::out`, which is never touched while
-//!   `send_inflight` is set, and the `Conn` (boxed, so it never moves) is freed only after
-//!   the Close completion, which is submitted only when no receive or send is in flight;
+//! - a connection's outbound bytes in flight are owned by its [`SocketOps`], which hands
+//!   out their address for one send and keeps them frozen until that send completes; the
+//!   `Conn` is freed only after the Close completion, which `SocketOps` allows only when no
+//!   receive or send is in flight;
 //! - a link's `rbuf` and `out` are likewise frozen while its receive or send is in flight,
 //!   and the link's socket is closed only when neither is.
+//!
+//! The protocol of a connection (TLS, frames, WebSocket, timeouts, closing) is its
+//! [`Session`], which does no I/O: this module feeds it completions and ticks, and after
+//! each input reads what it asks for (`Core::drive`): events for the worker link, bytes to
+//! send, its next deadline, and whether to close.
 //!
 //! The connection slot is the direct-descriptor slot the kernel picked at accept (or the
 //! fd number in the regular-fd fallback), so a connection needs no separate index.
@@ -21,17 +27,19 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use holdfast_wire::envelope::{self, Message, Role};
-use holdfast_wire::frame::{self, close_code, Frame, FrameError, FrameType};
-use holdfast_wire::{ws, ConnId};
+use holdfast_wire::frame;
+use holdfast_wire::ConnId;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::inflight::{CloseStep, SocketOps};
 use crate::link::{Link, LinkState};
 use crate::metrics::{CloseReason, CoreMetrics};
 use crate::ring::{build_ring, peer_of_installed_fd, BufRing, RingFeatures};
 use crate::route;
-use crate::tls::{TlsEnd, TlsSession, VecSink as Sink};
+use crate::session::{CloseCause, Deadline, Event, Session, SessionConfig, Turn};
+use crate::tls::TlsSession;
 use crate::wheel::TimerWheel;
 
 /// What a core thread is started with.
@@ -136,82 +144,23 @@ macro_rules! on_socket {
     };
 }
 
-/// What an established connection speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proto {
-    /// No ALPN and no byte yet: the first byte decides ('G' starts an HTTP request).
-    Sniff,
-    Native,
-    /// Waiting for (the rest of) the HTTP upgrade request.
-    Http,
-    WebSocket,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Handshake,
-    Open,
-    Closing,
-}
-
-/// One client connection. Boxed in the table so its buffers never move while the kernel
-/// reads them. An idle established connection holds the rustls session and empty Vecs.
+/// One client connection: its protocol ([`Session`]), what the kernel holds of it
+/// ([`SocketOps`]), and what the core's worker links need to know about it.
 struct Conn {
     gen: u32,
-    phase: Phase,
-    recv_armed: bool,
-    send_inflight: bool,
-    shutdown_submitted: bool,
-    /// The Shutdown completed. Close waits for it: a Shutdown still queued on an io-wq
-    /// thread after the slot was closed and reused would shut the next client down.
-    shutdown_done: bool,
-    /// The close-flush deadline passed: stop lingering, cut the connection.
-    force_close: bool,
-    cancel_submitted: bool,
-    /// Close gracefully: FIN after our last bytes, then wait for the client's FIN.
-    linger: bool,
-    proto: Proto,
-    /// WebSocket: message assembly state (2 bytes) and whether our ping awaits its pong.
-    ws: ws::MessageAssembler,
-    ping_outstanding: bool,
-    /// Tick at which the outstanding ping went out.
-    ping_sent: u32,
-    close_submitted: bool,
+    session: Session,
+    sock: SocketOps,
+    /// Queued in `Core::dirty` for a send at the next flush.
     dirty: bool,
     /// The worker that was sent OPEN for this connection, if any.
     worker: Option<u8>,
     /// Per-connection sequence of frames sent to the worker (OPEN is 0).
     seq: u64,
-    /// Tick (second) of the last client traffic; u32 covers 136 years of uptime.
-    last_active: u32,
     /// Milliseconds since core start at accept, for the handshake-duration histogram.
     born_ms: u32,
     peer: Option<SocketAddr>,
-    tls: TlsSession,
-    /// TLS input rustls has not consumed yet (a record split across receives).
-    staging: Vec<u8>,
-    /// Plaintext of a frame (or HTTP request) not yet complete.
-    partial: Vec<u8>,
-    /// A fragmented WebSocket message being assembled; empty (unallocated) otherwise.
-    ws_msg: Vec<u8>,
-    /// Bytes being sent; frozen while `send_inflight`.
-    out: Vec<u8>,
-    out_off: usize,
-    /// Bytes produced while a send was in flight.
-    queued: Vec<u8>,
 }
 
-impl Conn {
-    fn backlog(&self) -> usize {
-        self.out.len() - self.out_off + self.queued.len()
-    }
-}
-
-// Records and handshake messages from a client are far below this; more is an attack.
-const MAX_STAGING: usize = 128 * 1024;
-// Seconds a closing connection may take to flush its last bytes and, when it lingers, for
-// the client to read them and close its side, before it is cut.
-const CLOSE_FLUSH_SECS: u64 = 3;
 // How often closed connections are pruned from topics nobody publishes to.
 const TOPIC_SWEEP_SECS: u64 = 60;
 // How long a starting core waits for connected workers' HELLOs before it accepts clients.
@@ -247,9 +196,9 @@ pub struct Core {
     dirty: Vec<u32>,
     expired: Vec<u32>,
     cqes: Vec<(u64, i32, u32)>,
-    plain: Vec<u8>,
-    reply: Vec<u8>,
-    scratch: Vec<u8>,
+    /// The sessions' scratch space and event queue, shared by every connection.
+    turn: Turn,
+    scfg: SessionConfig,
     drain_deadline: Option<Instant>,
     /// Drain progress: connections open when it began, how many were told, where the
     /// walk over the table is, and when it began.
@@ -268,7 +217,6 @@ pub struct Core {
     mail: Vec<mpsc::Sender<Mail>>,
     inbox: mpsc::Receiver<Mail>,
     ring_fds: Arc<Vec<std::sync::atomic::AtomicI32>>,
-    ws_cfg: ws::HandshakeConfig,
     /// This core's topic subscriptions: topic -> its subscribers among this core's
     /// connections (raw connection ids; closed ones are pruned lazily).
     topics: HashMap<Box<[u8]>, HashSet<u64>>,
@@ -339,9 +287,8 @@ impl Core {
             dirty: Vec::new(),
             expired: Vec::new(),
             cqes: Vec::with_capacity(1024),
-            plain: Vec::new(),
-            reply: Vec::new(),
-            scratch: Vec::new(),
+            turn: Turn::new(),
+            scfg: SessionConfig::new(&cfg),
             drain_deadline: None,
             drain_total: 0,
             drain_told: 0,
@@ -354,11 +301,6 @@ impl Core {
             mail: spec.mail,
             inbox: spec.inbox,
             ring_fds: spec.ring_fds,
-            ws_cfg: ws::HandshakeConfig {
-                path: cfg.websocket.path.clone(),
-                allowed_origins: cfg.websocket.allowed_origins.clone(),
-                subprotocols: cfg.websocket.subprotocols.clone(),
-            },
             topics: HashMap::new(),
             last_sweep: 0,
             cfg,
@@ -653,38 +595,18 @@ impl Core {
             self.pause_listening();
         }
         let gen = self.gens[slot as usize];
-        let now = self.tick();
-        self.conns[slot as usize] = Some(Box::new(Conn {
+        let mut conn = Box::new(Conn {
             gen,
-            phase: Phase::Handshake,
-            recv_armed: false,
-            send_inflight: false,
-            shutdown_submitted: false,
-            shutdown_done: false,
-            force_close: false,
-            cancel_submitted: false,
-            linger: false,
-            proto: Proto::Sniff,
-            ws: ws::MessageAssembler::new(),
-            ping_outstanding: false,
-            ping_sent: 0,
-            close_submitted: false,
+            session: Session::new(tls, self.tick(), &self.scfg),
+            sock: SocketOps::new(),
             dirty: false,
             worker: None,
             seq: 0,
-            last_active: now as u32,
             born_ms: self.now_ms as u32,
             peer: None,
-            tls,
-            staging: Vec::new(),
-            partial: Vec::new(),
-            ws_msg: Vec::new(),
-            out: Vec::new(),
-            out_off: 0,
-            queued: Vec::new(),
-        }));
-        self.wheel
-            .schedule(slot, now + self.cfg.limits.handshake_timeout_secs + 1);
+        });
+        self.drive(&mut conn, slot);
+        self.put(slot, conn);
         self.arm_recv(slot, gen);
         if self.direct {
             let e = opcode::FixedFdInstall::new(types::Fixed(slot), 0)
@@ -722,7 +644,7 @@ impl Core {
         // SAFETY: buffers come from the buffer ring, which outlives the ring (module docs).
         unsafe { self.push(e) };
         if let Some(c) = self.conn_mut(slot, gen) {
-            c.recv_armed = true;
+            c.sock.recv_submitted();
         }
     }
 
@@ -762,35 +684,35 @@ impl Core {
             return;
         };
         if !more {
-            conn.recv_armed = false;
+            conn.sock.recv_ended();
         }
+        let now = self.tick();
         if res > 0 {
             let b = bid.expect("a receive with data names its buffer");
-            if conn.phase != Phase::Closing {
-                self.ingest(&mut conn, slot, b, res as usize);
-            }
+            let bytes = self.bufs.buffer_mut(b, res as usize);
+            conn.session
+                .on_receive(bytes, now, &self.scfg, &mut self.turn);
             self.recycle(b);
-            if !more && conn.phase != Phase::Closing {
+            if !more && !conn.session.is_closing() {
                 self.rearm.push(slot);
             }
         } else if res == 0 {
-            let reason = if conn.partial.is_empty() && conn.staging.is_empty() {
-                CloseReason::PeerClosed
-            } else {
-                CloseReason::EofMidFrame
-            };
-            self.begin_close(&mut conn, slot, reason, None);
+            conn.session.on_eof(now, &self.scfg, &mut self.turn);
         } else {
             match -res {
                 libc::ENOBUFS => {
                     CoreMetrics::inc(&self.metrics.recv_buffers_exhausted);
-                    if conn.phase != Phase::Closing {
+                    if !conn.session.is_closing() {
                         self.rearm.push(slot);
                     }
                 }
                 libc::ECANCELED => {}
                 libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::EHOSTUNREACH => {
-                    self.begin_close(&mut conn, slot, CloseReason::PeerReset, None)
+                    conn.session.close(
+                        CloseCause::silent(CloseReason::PeerReset),
+                        now,
+                        &mut self.turn,
+                    )
                 }
                 e => {
                     debug!(
@@ -799,384 +721,103 @@ impl Core {
                         "receive failed: {}",
                         std::io::Error::from_raw_os_error(e)
                     );
-                    self.begin_close(&mut conn, slot, CloseReason::Internal, None)
+                    conn.session.close(
+                        CloseCause::silent(CloseReason::Internal),
+                        now,
+                        &mut self.turn,
+                    )
                 }
             }
         }
-        self.progress_close(&mut conn, slot, false);
+        self.drive(&mut conn, slot);
         self.put(slot, conn);
     }
 
-    /// Feeds received TLS bytes to the session, then the plaintext to the frame decoder.
-    fn ingest(&mut self, conn: &mut Conn, slot: u32, bid: u16, n: usize) {
-        self.plain.clear();
-        let fed = if conn.staging.is_empty() {
-            let buf = self.bufs.buffer_mut(bid, n);
-            let fed = conn
-                .tls
-                .feed(buf, &mut Sink::new(&mut conn.queued, &mut self.plain));
-            if fed.consumed < n && fed.end.is_none() {
-                conn.staging.extend_from_slice(&buf[fed.consumed..]);
+    /// Acts on what the session asked for after an input, in its order: events for the
+    /// worker link (and the metrics), the bytes to send, the next deadline, closing.
+    fn drive(&mut self, conn: &mut Conn, slot: u32) {
+        let id = ConnId::new(self.idx, conn.gen, slot);
+        let now = self.tick();
+        CoreMetrics::add(&self.metrics.pings, std::mem::take(&mut self.turn.pings));
+        loop {
+            if !conn.session.is_closing()
+                && conn.sock.in_flight_bytes() + conn.session.transmit().len()
+                    > self.cfg.limits.max_outbound_per_conn
+            {
+                let cause = CloseCause::silent(CloseReason::SlowConsumer);
+                conn.session.close(cause, now, &mut self.turn);
             }
-            fed
-        } else {
-            conn.staging.extend_from_slice(self.bufs.buffer_mut(bid, n));
-            let fed = conn.tls.feed(
-                &mut conn.staging,
-                &mut Sink::new(&mut conn.queued, &mut self.plain),
-            );
-            conn.staging.drain(..fed.consumed);
-            if conn.staging.is_empty() {
-                conn.staging = Vec::new();
+            if self.turn.events.is_empty() {
+                break;
             }
-            fed
-        };
-        if !conn.queued.is_empty() {
-            self.mark_dirty(conn, slot);
-        }
-        if fed.handshake_done {
-            conn.phase = Phase::Open;
-            conn.proto = match conn.tls.alpn() {
-                Some(b"http/1.1") => Proto::Http,
-                Some(_) => Proto::Native,
-                None if self.cfg.websocket.enabled => Proto::Sniff,
-                None => Proto::Native,
-            };
-            CoreMetrics::inc(&self.metrics.handshakes_ok);
-            let now_ms = self.now_ms as u32;
-            self.metrics
-                .observe_handshake(now_ms.wrapping_sub(conn.born_ms));
-            self.schedule_idle(slot);
-            // Tell a worker now, so it sees connections that never send a frame.
-            let id = ConnId::new(self.idx, conn.gen, slot);
-            if let Some(w) = route::pick_mask(id.raw(), self.live_mask) {
-                self.open_on(conn, id, w as u8);
-            }
-        }
-        conn.last_active = self.tick() as u32;
-        if !self.plain.is_empty() && conn.phase == Phase::Open {
-            self.on_plaintext(conn, slot);
-        }
-        match fed.end {
-            Some(TlsEnd::PeerClosed) => {
-                let reason = if conn.partial.is_empty() {
-                    CloseReason::PeerClosed
-                } else {
-                    CloseReason::EofMidFrame
-                };
-                self.begin_close(conn, slot, reason, None);
-            }
-            Some(TlsEnd::Error) => {
-                if conn.phase == Phase::Handshake {
-                    CoreMetrics::inc(&self.metrics.handshakes_failed);
-                }
-                self.begin_close(conn, slot, CloseReason::TlsError, None);
-            }
-            None if conn.staging.len() > MAX_STAGING => {
-                self.begin_close(conn, slot, CloseReason::TlsError, None)
-            }
-            None => {}
-        }
-    }
-
-    fn schedule_idle(&mut self, slot: u32) {
-        let idle = self.cfg.limits.idle_timeout_secs;
-        if idle == 0 {
-            self.wheel.cancel(slot);
-        } else {
-            self.wheel.schedule(slot, self.tick() + idle + 1);
-        }
-    }
-
-    /// WebSocket connections are kept alive by the gateway's pings instead of the idle timeout.
-    fn schedule_keepalive(&mut self, slot: u32) {
-        let every = self.cfg.websocket.ping_interval_secs;
-        let idle = self.cfg.limits.idle_timeout_secs;
-        match [every, idle].into_iter().filter(|&t| t > 0).min() {
-            None => {
-                self.wheel.cancel(slot);
-            }
-            Some(t) => self.wheel.schedule(slot, self.tick() + t + 1),
-        }
-    }
-
-    /// A WebSocket connection's timer fired: ping it if it has been silent, close it if
-    /// the last ping went unanswered.
-    fn ws_keepalive(&mut self, conn: &mut Conn, slot: u32, now: u64) {
-        let every = self.cfg.websocket.ping_interval_secs;
-        let idle = self.cfg.limits.idle_timeout_secs;
-        let last = u64::from(conn.last_active);
-        if idle > 0 && last + idle <= now {
-            let why = "idle timeout";
-            let close = Some((close_code::GOING_AWAY, why));
-            self.begin_close(conn, slot, CloseReason::IdleTimeout, close);
-            return;
-        }
-        // Any traffic from the client answers a ping as well as a pong does.
-        if conn.ping_outstanding && last >= u64::from(conn.ping_sent) {
-            conn.ping_outstanding = false;
-        }
-        let mut next = if idle > 0 { last + idle } else { u64::MAX };
-        if every > 0 {
-            if conn.ping_outstanding {
-                if now >= u64::from(conn.ping_sent) + every {
-                    let close = Some((close_code::GOING_AWAY, "no pong"));
-                    self.begin_close(conn, slot, CloseReason::IdleTimeout, close);
-                    return;
-                }
-                next = next.min(u64::from(conn.ping_sent) + every);
-            } else if last + every <= now {
-                let mut f = std::mem::take(&mut self.scratch);
-                f.clear();
-                ws::encode_ping(b"holdfast", &mut f);
-                self.send_plain(conn, slot, &f);
-                self.scratch = f;
-                conn.ping_outstanding = true;
-                conn.ping_sent = now as u32;
-                next = next.min(now + every);
-            } else {
-                next = next.min(last + every);
-            }
-        }
-        if next != u64::MAX {
-            self.wheel.schedule(slot, next + 1);
-        }
-    }
-
-    /// Decodes frames from the plaintext just received (after any partial frame).
-    fn on_plaintext(&mut self, conn: &mut Conn, slot: u32) {
-        if conn.proto == Proto::Sniff {
-            conn.proto = if self.plain[0] == b'G' {
-                Proto::Http
-            } else {
-                Proto::Native
-            };
-        }
-        match conn.proto {
-            Proto::Native | Proto::Sniff => self.native_input(conn, slot),
-            Proto::Http => self.http_input(conn, slot),
-            Proto::WebSocket => self.ws_input(conn, slot),
-        }
-    }
-
-    /// The HTTP upgrade request (accumulated in `partial`): 101 and WebSocket from here on,
-    /// or an HTTP error and a close.
-    fn http_input(&mut self, conn: &mut Conn, slot: u32) {
-        conn.partial.extend_from_slice(&self.plain);
-        let mut response = Vec::new();
-        match ws::parse_upgrade(&conn.partial, &self.ws_cfg) {
-            Ok(None) => {}
-            Ok(Some((upgrade, used))) => {
-                ws::write_accept_response(&upgrade, &mut response);
-                let rest = conn.partial[used..].to_vec();
-                conn.partial = Vec::new();
-                self.send_plain(conn, slot, &response);
-                conn.proto = Proto::WebSocket;
-                self.schedule_keepalive(slot);
-                if !rest.is_empty() {
-                    self.plain.clear();
-                    self.plain.extend_from_slice(&rest);
-                    self.ws_input(conn, slot);
-                }
-            }
-            Err(e) => {
-                e.http_response(&mut response);
-                conn.partial = Vec::new();
-                self.send_plain(conn, slot, &response);
-                debug!(core = self.idx, slot, "refused HTTP request: {e}");
-                self.begin_close(conn, slot, CloseReason::BadUpgrade, None);
-            }
-        }
-    }
-
-    /// WebSocket frames: messages to the worker, pings answered here, close handshake.
-    fn ws_input(&mut self, conn: &mut Conn, slot: u32) {
-        let mut plain = std::mem::take(&mut self.plain);
-        let mut data = std::mem::take(&mut conn.partial);
-        let input: &mut Vec<u8> = if data.is_empty() {
-            &mut plain
-        } else {
-            data.extend_from_slice(&plain);
-            &mut data
-        };
-        let mut msg = std::mem::take(&mut conn.ws_msg);
-        let max = self.cfg.limits.max_frame;
-        let mut off = 0;
-        let mut stop = false;
-        while !stop {
-            let limit = conn.ws.frame_limit(&msg, max);
-            let frame = match ws::decode_frame(&mut input[off..], limit) {
-                Ok(Some((frame, used))) => {
-                    off += used;
-                    frame
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    self.ws_fail(conn, slot, e);
-                    break;
-                }
-            };
-            match conn.ws.push(frame, &mut msg, max) {
-                Ok(None) => {}
-                Ok(Some(ws::Event::Message { text, data })) => {
-                    let flags = if text { envelope::flags::TEXT } else { 0 };
-                    stop = !self.forward(conn, slot, data, flags);
-                }
-                Ok(Some(ws::Event::Ping(p))) => {
-                    CoreMetrics::inc(&self.metrics.pings);
-                    ws::encode_pong(p, &mut self.reply);
-                }
-                Ok(Some(ws::Event::Pong(_))) => conn.ping_outstanding = false,
-                Ok(Some(ws::Event::Close { code, .. })) => {
-                    self.reply_frame(conn, slot);
-                    let code = code.unwrap_or(NO_STATUS);
-                    self.begin_close(conn, slot, CloseReason::PeerClosed, Some((code, "")));
-                    stop = true;
-                }
-                Err(e) => {
-                    self.ws_fail(conn, slot, e);
-                    stop = true;
-                }
-            }
-        }
-        if conn.phase != Phase::Closing && off < input.len() {
-            conn.partial = input[off..].to_vec();
-        }
-        // An idle connection keeps no message buffer.
-        conn.ws_msg = if conn.ws.in_message() {
-            msg
-        } else {
-            Vec::new()
-        };
-        self.reply_frame(conn, slot);
-        plain.clear();
-        self.plain = plain;
-    }
-
-    fn ws_fail(&mut self, conn: &mut Conn, slot: u32, e: ws::WsError) {
-        self.reply_frame(conn, slot);
-        let reason = match e.close_code() {
-            close_code::TOO_LARGE => CloseReason::FrameTooLarge,
-            close_code::INVALID_PAYLOAD => CloseReason::InvalidPayload,
-            _ => CloseReason::ProtocolError,
-        };
-        let why = e.to_string();
-        self.begin_close(conn, slot, reason, Some((e.close_code(), &why)));
-    }
-
-    /// Native frames: DATA to the worker, PING answered here, CLOSE, errors.
-    fn native_input(&mut self, conn: &mut Conn, slot: u32) {
-        let plain = std::mem::take(&mut self.plain);
-        let mut data = std::mem::take(&mut conn.partial);
-        let input: &[u8] = if data.is_empty() {
-            &plain
-        } else {
-            data.extend_from_slice(&plain);
-            &data
-        };
-        let max = self.cfg.limits.max_frame;
-        let mut off = 0;
-        let mut stop = false;
-        while !stop {
-            match frame::decode(&input[off..], max) {
-                Ok(Some((f, used))) => {
-                    off += used;
-                    match f {
-                        Frame::Data(p) => stop = !self.forward(conn, slot, p, 0),
-                        Frame::Ping(p) => {
-                            CoreMetrics::inc(&self.metrics.pings);
-                            frame::encode(FrameType::Pong, p, &mut self.reply);
+            let mut events = std::mem::take(&mut self.turn.events);
+            // After a frame no worker could take, the rest of the input is not relayed.
+            let mut refused = false;
+            for &ev in &events.list {
+                match ev {
+                    Event::Established => {
+                        CoreMetrics::inc(&self.metrics.handshakes_ok);
+                        let now_ms = self.now_ms as u32;
+                        self.metrics
+                            .observe_handshake(now_ms.wrapping_sub(conn.born_ms));
+                        // Tell a worker now, so it sees connections that never send a frame.
+                        if let Some(w) = route::pick_mask(id.raw(), self.live_mask) {
+                            self.open_on(conn, id, w as u8);
                         }
-                        Frame::Pong(_) => {}
-                        Frame::Close { .. } => {
-                            self.reply_frame(conn, slot);
-                            self.begin_close(
-                                conn,
-                                slot,
-                                CloseReason::PeerClosed,
-                                Some((close_code::NORMAL, "")),
-                            );
-                            stop = true;
+                    }
+                    Event::HandshakeFailed => CoreMetrics::inc(&self.metrics.handshakes_failed),
+                    Event::Frame { .. } if refused => {}
+                    Event::Frame { flags, start, end } => {
+                        let payload = events.payload(start, end);
+                        if !self.forward(conn, id, payload, flags) {
+                            refused = true;
+                            conn.session
+                                .close(CloseCause::no_worker(), now, &mut self.turn);
                         }
-                        Frame::GoAway(_) => {
-                            self.reply_frame(conn, slot);
-                            let why = "GOAWAY is sent by the gateway only";
-                            self.begin_close(
-                                conn,
-                                slot,
-                                CloseReason::ProtocolError,
-                                Some((close_code::PROTOCOL_ERROR, why)),
-                            );
-                            stop = true;
+                    }
+                    Event::Closed { reason, code } => {
+                        self.metrics.close(reason);
+                        debug!(
+                            core = self.idx,
+                            slot,
+                            reason = reason.label(),
+                            "closing connection"
+                        );
+                        if let Some(w) = conn.worker {
+                            let link = &mut self.links[w as usize];
+                            if link.state == LinkState::Up {
+                                link.queue_close(id, conn.seq + 1, code, reason.label());
+                            }
                         }
                     }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    self.reply_frame(conn, slot);
-                    let (reason, why) = match e {
-                        FrameError::TooLarge { .. } => {
-                            (CloseReason::FrameTooLarge, "frame too large")
-                        }
-                        FrameError::UnknownType(_) => {
-                            (CloseReason::UnknownFrameType, "unknown frame type")
-                        }
-                        FrameError::BadClose => (CloseReason::ProtocolError, "malformed CLOSE"),
-                    };
-                    self.begin_close(conn, slot, reason, Some((e.close_code(), why)));
-                    stop = true;
-                }
+            }
+            events.clear();
+            if self.turn.events.is_empty() {
+                self.turn.events = events;
             }
         }
-        if !stop && off < input.len() {
-            let rest = input[off..].to_vec();
-            conn.partial = rest;
+        match conn.session.poll_timer() {
+            Some(Deadline::At(t)) => self.wheel.schedule(slot, t),
+            Some(Deadline::Never) => {
+                self.wheel.cancel(slot);
+            }
+            None => {}
         }
-        self.reply_frame(conn, slot);
-        self.plain = plain;
+        if let Some(c) = conn.session.closing() {
+            conn.sock.begin_close(c.linger);
+            if c.cut {
+                conn.sock.cut();
+            }
+        }
+        if conn.session.wants_transmit() {
+            self.mark_dirty(conn, slot);
+        }
+        self.progress_close(conn, slot);
     }
 
-    /// Encrypts the frames gathered in `self.reply` (PONGs) towards the client.
-    fn reply_frame(&mut self, conn: &mut Conn, slot: u32) {
-        if self.reply.is_empty() {
-            return;
-        }
-        let reply = std::mem::take(&mut self.reply);
-        self.send_plain(conn, slot, &reply);
-        self.reply = reply;
-        self.reply.clear();
-    }
-
-    /// Queues plaintext towards the client, encrypted; closes a slow consumer.
-    fn send_plain(&mut self, conn: &mut Conn, slot: u32, data: &[u8]) {
-        if conn.phase == Phase::Closing && conn.shutdown_submitted {
-            return;
-        }
-        let r = conn.tls.encrypt(
-            &mut conn.staging,
-            data,
-            &mut Sink::new(&mut conn.queued, &mut self.plain),
-        );
-        if r.is_err() {
-            // A record that failed earlier in the same receive (a PING answered before the
-            // bad record was reached) is the TLS error it is, not an internal one.
-            let reason = if conn.tls.has_failed() {
-                CloseReason::TlsError
-            } else {
-                CloseReason::Internal
-            };
-            self.begin_close(conn, slot, reason, None);
-            return;
-        }
-        self.mark_dirty(conn, slot);
-        if conn.backlog() > self.cfg.limits.max_outbound_per_conn && conn.phase != Phase::Closing {
-            self.begin_close(conn, slot, CloseReason::SlowConsumer, None);
-        }
-    }
-
-    /// Relays one DATA payload to the connection's worker. False if the connection closed.
-    fn forward(&mut self, conn: &mut Conn, slot: u32, payload: &[u8], flags: u8) -> bool {
-        let id = ConnId::new(self.idx, conn.gen, slot);
+    /// Relays one client message to the connection's worker. False if no worker is up.
+    fn forward(&mut self, conn: &mut Conn, id: ConnId, payload: &[u8], flags: u8) -> bool {
         // A connection stays with its worker while that worker is up, so its frames are
         // never split between two workers; it re-hashes only when its worker is gone.
         let sticky = conn
@@ -1184,13 +825,6 @@ impl Core {
             .filter(|&w| self.live_mask & (1 << w) != 0)
             .map(u16::from);
         let Some(w) = sticky.or_else(|| route::pick_mask(id.raw(), self.live_mask)) else {
-            self.reply_frame(conn, slot);
-            self.begin_close(
-                conn,
-                slot,
-                CloseReason::NoWorker,
-                Some((close_code::TRY_AGAIN_LATER, "no worker available")),
-            );
             return false;
         };
         let w = w as u8;
@@ -1208,7 +842,7 @@ impl Core {
 
     /// Sends OPEN for the connection to worker `w`, which then owns its frames.
     fn open_on(&mut self, conn: &mut Conn, id: ConnId, w: u8) {
-        let (sni, alpn) = (conn.tls.server_name(), conn.tls.alpn());
+        let (sni, alpn) = (conn.session.server_name(), conn.session.alpn());
         self.links[w as usize].queue_open(id, conn.peer.unwrap_or(UNKNOWN_PEER), sni, alpn);
         conn.worker = Some(w);
     }
@@ -1224,25 +858,17 @@ impl Core {
 
     /// Starts a send of the connection's queued bytes if none is in flight.
     fn start_send(&mut self, conn: &mut Conn, slot: u32) {
-        if conn.send_inflight || conn.shutdown_submitted {
+        let Some(op) = conn.sock.start_send(conn.session.transmit()) else {
             return;
-        }
-        if conn.out_off >= conn.out.len() {
-            if conn.queued.is_empty() {
-                return;
-            }
-            std::mem::swap(&mut conn.out, &mut conn.queued);
-            conn.queued.clear();
-            conn.out_off = 0;
-        }
-        let rest = &conn.out[conn.out_off..];
-        let (ptr, len) = (rest.as_ptr(), rest.len() as u32);
-        let e = on_socket!(self.direct, slot, |fd| opcode::Send::new(fd, ptr, len)
-            .build())
+        };
+        let e = on_socket!(self.direct, slot, |fd| opcode::Send::new(
+            fd, op.ptr, op.len
+        )
+        .build())
         .user_data(ud(OP_SEND, conn.gen, slot));
-        conn.send_inflight = true;
-        // SAFETY: `conn.out` is frozen while send_inflight is set and the boxed Conn lives
-        // until the Close completion, which waits for this send's completion.
+        // SAFETY: `SocketOps` keeps the bytes frozen until `send_done`, and the Conn that
+        // owns it is freed only after the Close completion, which `SocketOps` allows only
+        // once this send has completed.
         unsafe { self.push(e) };
     }
 
@@ -1251,28 +877,20 @@ impl Core {
             debug_assert!(false, "send completion for a freed connection");
             return;
         };
-        conn.send_inflight = false;
-        if res < 0 {
-            conn.out = Vec::new();
-            conn.out_off = 0;
-            conn.queued = Vec::new();
-            let reason = match -res {
-                libc::EPIPE | libc::ECONNRESET | libc::ETIMEDOUT => CloseReason::PeerReset,
-                _ => CloseReason::Internal,
-            };
-            self.begin_close(&mut conn, slot, reason, None);
-        } else {
-            conn.out_off += res as usize;
-            if conn.out_off >= conn.out.len() && conn.queued.is_empty() {
-                // Nothing in flight: an idle connection owns no send buffer.
-                conn.out = Vec::new();
-                conn.queued = Vec::new();
-                conn.out_off = 0;
-            } else {
-                self.start_send(&mut conn, slot);
+        let conn_ref = &mut *conn;
+        match conn_ref.sock.send_done(res, conn_ref.session.transmit()) {
+            Err(errno) => {
+                let reason = match errno {
+                    libc::EPIPE | libc::ECONNRESET | libc::ETIMEDOUT => CloseReason::PeerReset,
+                    _ => CloseReason::Internal,
+                };
+                let now = self.tick();
+                conn.session
+                    .close(CloseCause::silent(reason), now, &mut self.turn);
             }
+            Ok(()) => self.start_send(&mut conn, slot),
         }
-        self.progress_close(&mut conn, slot, false);
+        self.drive(&mut conn, slot);
         self.put(slot, conn);
     }
 
@@ -1283,7 +901,7 @@ impl Core {
             };
             conn.dirty = false;
             self.start_send(&mut conn, slot);
-            self.progress_close(&mut conn, slot, false);
+            self.progress_close(&mut conn, slot);
             self.put(slot, conn);
         }
         if self.paused {
@@ -1292,7 +910,7 @@ impl Core {
         while !self.paused {
             let Some(slot) = self.rearm.pop() else { break };
             if let Some(c) = self.conns[slot as usize].as_ref() {
-                if !c.recv_armed && c.phase != Phase::Closing {
+                if c.sock.wants_recv() {
                     let gen = c.gen;
                     self.arm_recv(slot, gen);
                 }
@@ -1320,127 +938,36 @@ impl Core {
 
     // ---- close -------------------------------------------------------------------------
 
-    /// Starts closing: counts the reason, tells the client (CLOSE frame, close_notify) and
-    /// the worker, then lets `progress_close` shut the socket once the bytes are out.
-    fn begin_close(
-        &mut self,
-        conn: &mut Conn,
-        slot: u32,
-        reason: CloseReason,
-        frame_out: Option<(u16, &str)>,
-    ) {
-        if conn.phase == Phase::Closing {
-            return;
-        }
-        let established = conn.phase == Phase::Open;
-        conn.phase = Phase::Closing;
-        // Linger (half-close, keep reading until the client's FIN) only when the client has
-        // a last message to read: a CLOSE frame, a GOAWAY or an HTTP error.
-        conn.linger =
-            established && (frame_out.is_some() || !conn.queued.is_empty() || conn.send_inflight);
-        self.metrics.close(reason);
-        debug!(
-            core = self.idx,
-            slot,
-            reason = reason.label(),
-            "closing connection"
-        );
-        if established {
-            if let Some((code, why)) = frame_out {
-                let mut f = std::mem::take(&mut self.scratch);
-                f.clear();
-                encode_close_for(conn.proto, code, why, &mut f);
-                if !f.is_empty()
-                    && conn
-                        .tls
-                        .encrypt(
-                            &mut conn.staging,
-                            &f,
-                            &mut Sink::new(&mut conn.queued, &mut self.plain),
-                        )
-                        .is_err()
-                {
-                    debug!(core = self.idx, slot, "could not encrypt CLOSE");
+    /// Moves a closing connection on with whatever `SocketOps` says is next: shutdown once
+    /// its bytes are out (or at once when cut), cancel a lingering receive when cut, Close
+    /// once nothing is in flight.
+    fn progress_close(&mut self, conn: &mut Conn, slot: u32) {
+        while let Some(step) = conn.sock.next_close_step(!conn.session.wants_transmit()) {
+            let e = match step {
+                CloseStep::Shutdown(how) => {
+                    on_socket!(self.direct, slot, |fd| opcode::Shutdown::new(fd, how)
+                        .build())
+                    .user_data(ud(OP_SHUTDOWN, conn.gen, slot))
                 }
-                self.scratch = f;
-            }
-            conn.tls.close_notify(
-                &mut conn.staging,
-                &mut Sink::new(&mut conn.queued, &mut self.plain),
-            );
-        }
-        if !conn.queued.is_empty() {
-            self.mark_dirty(conn, slot);
-        }
-        conn.staging = Vec::new();
-        conn.partial = Vec::new();
-        if let Some(w) = conn.worker {
-            let link = &mut self.links[w as usize];
-            if link.state == LinkState::Up {
-                let code = frame_out.map(|f| f.0).unwrap_or(close_code::NORMAL);
-                link.queue_close(
-                    ConnId::new(self.idx, conn.gen, slot),
-                    conn.seq + 1,
-                    code,
-                    reason.label(),
-                );
-            }
-        }
-        self.wheel.schedule(slot, self.tick() + CLOSE_FLUSH_SECS);
-    }
-
-    /// Moves a closing connection on: shutdown once its bytes are out (or `force`), then
-    /// Close once nothing is in flight.
-    fn progress_close(&mut self, conn: &mut Conn, slot: u32, force: bool) {
-        if conn.phase != Phase::Closing {
-            return;
-        }
-        let force = force || conn.force_close;
-        if !conn.shutdown_submitted && (force || (!conn.send_inflight && conn.backlog() == 0)) {
-            conn.shutdown_submitted = true;
-            // A graceful close only shuts our sending side (FIN after the last bytes) and
-            // keeps reading until the client's FIN: closing with unread input would make
-            // the kernel answer with a reset, which can destroy our CLOSE frame in flight.
-            let how = if force || !conn.recv_armed || !conn.linger {
-                libc::SHUT_RDWR
-            } else {
-                libc::SHUT_WR
-            };
-            let e = on_socket!(self.direct, slot, |fd| opcode::Shutdown::new(fd, how)
-                .build())
-            .user_data(ud(OP_SHUTDOWN, conn.gen, slot));
-            // SAFETY: names only the descriptor.
-            unsafe { self.push(e) };
-            return;
-        }
-        if !conn.shutdown_done || conn.close_submitted || conn.send_inflight {
-            return;
-        }
-        if conn.recv_armed {
-            // Lingering for the client's FIN; past the deadline, end the receive.
-            if force && !conn.cancel_submitted {
-                conn.cancel_submitted = true;
-                let e = opcode::AsyncCancel::new(ud(OP_RECV, conn.gen, slot))
+                CloseStep::CancelRecv => opcode::AsyncCancel::new(ud(OP_RECV, conn.gen, slot))
                     .build()
-                    .user_data(ud(OP_CANCEL, 0, 0));
-                // SAFETY: a cancel names only a user_data value.
-                unsafe { self.push(e) };
-            }
-            return;
+                    .user_data(ud(OP_CANCEL, 0, 0)),
+                CloseStep::Close => on_socket!(self.direct, slot, |fd| opcode::Close::new(fd)
+                    .build())
+                .user_data(ud(OP_CLOSE, conn.gen, slot)),
+            };
+            // SAFETY: shutdown and close name only the descriptor (close is returned only
+            // once nothing else is in flight on it); a cancel names only a user_data value.
+            unsafe { self.push(e) };
         }
-        conn.close_submitted = true;
-        let e = on_socket!(self.direct, slot, |fd| opcode::Close::new(fd).build())
-            .user_data(ud(OP_CLOSE, conn.gen, slot));
-        // SAFETY: names only the descriptor; nothing else is in flight on it.
-        unsafe { self.push(e) };
     }
 
     fn on_shutdown(&mut self, slot: u32, gen: u32) {
         let Some(mut conn) = self.take(slot, gen) else {
             return;
         };
-        conn.shutdown_done = true;
-        self.progress_close(&mut conn, slot, false);
+        conn.sock.shutdown_done();
+        self.progress_close(&mut conn, slot);
         self.put(slot, conn);
     }
 
@@ -1448,7 +975,10 @@ impl Core {
         let Some(conn) = self.take(slot, gen) else {
             return;
         };
-        debug_assert!(!conn.send_inflight && !conn.recv_armed);
+        assert!(
+            conn.sock.is_quiet(),
+            "a connection is freed only when nothing is in flight on it"
+        );
         drop(conn);
         self.gens[slot as usize] = (gen + 1) & ConnId::MAX_GENERATION;
         self.wheel.cancel(slot);
@@ -1472,34 +1002,8 @@ impl Core {
             let Some(mut conn) = self.conns[slot as usize].take() else {
                 continue;
             };
-            match conn.phase {
-                Phase::Handshake => {
-                    CoreMetrics::inc(&self.metrics.handshakes_failed);
-                    self.begin_close(&mut conn, slot, CloseReason::HandshakeTimeout, None);
-                }
-                Phase::Open if conn.proto == Proto::WebSocket => {
-                    self.ws_keepalive(&mut conn, slot, now)
-                }
-                Phase::Open => {
-                    let idle = self.cfg.limits.idle_timeout_secs;
-                    let last = u64::from(conn.last_active);
-                    if idle > 0 && last + idle > now {
-                        self.wheel.schedule(slot, last + idle + 1);
-                    } else if idle > 0 {
-                        self.begin_close(
-                            &mut conn,
-                            slot,
-                            CloseReason::IdleTimeout,
-                            Some((close_code::IDLE_TIMEOUT, "idle timeout")),
-                        );
-                    }
-                }
-                Phase::Closing => {
-                    conn.force_close = true;
-                    self.progress_close(&mut conn, slot, true);
-                }
-            }
-            self.progress_close(&mut conn, slot, false);
+            conn.session.on_timeout(now, &self.scfg, &mut self.turn);
+            self.drive(&mut conn, slot);
             self.put(slot, conn);
         }
         expired.clear();
@@ -1545,28 +1049,17 @@ impl Core {
         } else {
             (self.drain_total as f64 * elapsed.as_secs_f64() / spread.as_secs_f64()).ceil() as u64
         };
-        let mut goaway = Vec::new();
-        frame::encode(FrameType::GoAway, b"draining", &mut goaway);
+        let now = self.tick();
         while self.drain_told < due && self.drain_cursor < self.conns.len() {
             let slot = self.drain_cursor as u32;
             self.drain_cursor += 1;
             let Some(mut conn) = self.conns[slot as usize].take() else {
                 continue;
             };
-            if conn.phase != Phase::Closing {
+            if !conn.session.is_closing() {
                 self.drain_told += 1;
-                let mut frame_out = None;
-                match (conn.phase, conn.proto) {
-                    (Phase::Open, Proto::WebSocket) => {
-                        frame_out = Some((close_code::GOING_AWAY, "draining"))
-                    }
-                    (Phase::Open, Proto::Native | Proto::Sniff) => {
-                        self.send_plain(&mut conn, slot, &goaway)
-                    }
-                    _ => {}
-                }
-                self.begin_close(&mut conn, slot, CloseReason::Drain, frame_out);
-                self.progress_close(&mut conn, slot, false);
+                conn.session.drain(now, &mut self.turn);
+                self.drive(&mut conn, slot);
             }
             self.put(slot, conn);
         }
@@ -1825,7 +1318,7 @@ impl Core {
             None
         };
         match found {
-            Some(c) if c.phase == Phase::Open => Some(c),
+            Some(c) if c.session.is_open() => Some(c),
             other => {
                 if let Some(c) = other {
                     self.put(id.slot(), c);
@@ -1850,26 +1343,12 @@ impl Core {
         self.put(slot, conn);
     }
 
-    /// Frames a worker's message in the connection's protocol and queues it encrypted.
+    /// Hands a worker's message to the connection's session (framed and encrypted there).
     fn send_message(&mut self, conn: &mut Conn, slot: u32, flags: u8, payload: &[u8]) {
-        if payload.len() > frame::MAX_LEN_FIELD && conn.proto != Proto::WebSocket {
-            return;
-        }
-        let mut f = std::mem::take(&mut self.scratch);
-        f.clear();
-        match conn.proto {
-            Proto::WebSocket => {
-                // A browser fails the whole connection on text that is not UTF-8, so such
-                // a message goes as binary.
-                match std::str::from_utf8(payload) {
-                    Ok(text) if flags & envelope::flags::TEXT != 0 => ws::encode_text(text, &mut f),
-                    _ => ws::encode_binary(payload, &mut f),
-                }
-            }
-            _ => frame::encode(FrameType::Data, payload, &mut f),
-        }
-        self.send_plain(conn, slot, &f);
-        self.scratch = f;
+        let now = self.tick();
+        conn.session
+            .send_message(flags, payload, now, &mut self.turn);
+        self.drive(conn, slot);
         CoreMetrics::inc(&self.metrics.frames_to_client);
         CoreMetrics::add(&self.metrics.bytes_to_client, payload.len() as u64);
     }
@@ -2114,12 +1593,7 @@ impl Core {
         );
         debug_assert_eq!(old.workers, self.cfg.workers);
         self.tls = r.tls;
-        let ws = &self.cfg.websocket;
-        self.ws_cfg = ws::HandshakeConfig {
-            path: ws.path.clone(),
-            allowed_origins: ws.allowed_origins.clone(),
-            subprotocols: ws.subprotocols.clone(),
-        };
+        self.scfg = SessionConfig::new(&self.cfg);
         if old.limits.idle_timeout_secs != self.cfg.limits.idle_timeout_secs
             || old.websocket.ping_interval_secs != self.cfg.websocket.ping_interval_secs
         {
@@ -2134,27 +1608,20 @@ impl Core {
     }
 
     /// Re-arms every established connection's timer for changed idle or keepalive
-    /// timeouts: a native connection's from its last activity (a connection idle past a
-    /// shorter timeout closes at the next tick), a WebSocket's at the next tick, where
-    /// `ws_keepalive` works out its next ping or close. Once per reload, not per event.
+    /// timeouts (see [`Session::on_reload`]). Once per reload, not per event.
     fn rearm_idle_timers(&mut self) {
-        let idle = self.cfg.limits.idle_timeout_secs;
-        let next_tick = self.tick() + 1;
+        let now = self.tick();
         for slot in 0..self.conns.len() {
-            let Some(c) = self.conns[slot].as_deref() else {
+            let Some(c) = self.conns[slot].as_deref_mut() else {
                 continue;
             };
-            if c.phase != Phase::Open {
-                continue;
-            }
-            let slot = slot as u32;
-            if c.proto == Proto::WebSocket {
-                self.wheel.schedule(slot, next_tick);
-            } else if idle == 0 {
-                self.wheel.cancel(slot);
-            } else {
-                self.wheel
-                    .schedule(slot, u64::from(c.last_active) + idle + 1);
+            c.session.on_reload(now, &self.scfg);
+            match c.session.poll_timer() {
+                Some(Deadline::At(t)) => self.wheel.schedule(slot as u32, t),
+                Some(Deadline::Never) => {
+                    self.wheel.cancel(slot as u32);
+                }
+                None => {}
             }
         }
     }
@@ -2219,7 +1686,7 @@ impl Core {
             let Some(mut conn) = self.take(id.slot(), id.generation()) else {
                 continue;
             };
-            if conn.phase == Phase::Open {
+            if conn.session.is_open() {
                 self.send_message(&mut conn, id.slot(), flags, payload);
                 live.insert(raw);
             }
@@ -2252,30 +1719,14 @@ impl Core {
             return;
         };
         let slot = conn.slot();
-        self.begin_close(&mut c, slot, CloseReason::WorkerClose, Some((code, reason)));
-        self.progress_close(&mut c, slot, false);
+        let cause = CloseCause {
+            reason: CloseReason::WorkerClose,
+            tell: Some((code, reason)),
+        };
+        let now = self.tick();
+        c.session.close(cause, now, &mut self.turn);
+        self.drive(&mut c, slot);
         self.put(slot, c);
-    }
-}
-
-/// The close message of a connection's protocol: a native CLOSE frame, a WebSocket close
-/// frame (codes WebSocket does not allow become 1001 for our idle close, else 1011), or
-/// nothing before a protocol is spoken.
-/// RFC 6455's "no status code" (1005): never sent on the wire; here it marks an empty close.
-const NO_STATUS: u16 = 1005;
-
-fn encode_close_for(proto: Proto, code: u16, why: &str, out: &mut Vec<u8>) {
-    match proto {
-        Proto::Native | Proto::Sniff => frame::encode_close(code, why, out),
-        Proto::WebSocket => {
-            match code {
-                // The client closed without a code: answer likewise (RFC 6455 5.5.1).
-                NO_STATUS => ws::encode_frame(ws::Opcode::Close, true, &[], out),
-                c if ws::is_valid_close_code(c) => ws::encode_close(c, why, out),
-                _ => ws::encode_close(close_code::INTERNAL, why, out),
-            }
-        }
-        Proto::Http => {}
     }
 }
 

@@ -11,12 +11,14 @@ pub mod check;
 pub mod config;
 #[allow(unsafe_code)]
 pub mod core;
+pub mod inflight;
 pub mod link;
 pub mod metrics;
 pub mod rates;
 #[allow(unsafe_code)]
 pub mod ring;
 pub mod route;
+pub mod session;
 pub mod tls;
 pub mod top;
 pub mod wheel;

@@ -390,6 +390,36 @@ impl<C: Unbuffered> Records<C> {
         }
     }
 
+    /// Drives the connection over the bytes of one receive, with `staging` holding what
+    /// earlier receives left unconsumed (a record or handshake message split across
+    /// receives). This is the one staging loop: when nothing is staged the receive buffer
+    /// is fed in place and only an unconsumed tail is copied into `staging`; otherwise the
+    /// bytes are appended and the staged whole is fed. `staging` is left empty (and
+    /// unallocated) once nothing is partial, so an idle connection owns no buffer.
+    pub fn feed_staged(
+        &mut self,
+        staging: &mut Vec<u8>,
+        input: &mut [u8],
+        sink: &mut impl TlsSink,
+    ) -> Fed {
+        if staging.is_empty() {
+            let fed = self.feed(input, sink);
+            if fed.consumed < input.len() && fed.end.is_none() {
+                staging.extend_from_slice(&input[fed.consumed..]);
+            }
+            fed
+        } else {
+            staging.extend_from_slice(input);
+            let fed = self.feed(staging, sink);
+            if fed.end.is_some() || fed.consumed >= staging.len() {
+                *staging = Vec::new();
+            } else {
+                staging.drain(..fed.consumed);
+            }
+            fed
+        }
+    }
+
     /// After an error rustls may have queued an alert: encode it so the peer learns why.
     /// `rest` is the input not yet discarded: rustls may still hold ranges into it (a
     /// handshake message joined from several records), and offering it anything else
@@ -502,6 +532,26 @@ impl TlsSession {
             SEEN_SNI.with(|s| s.borrow_mut().take());
         }
         let fed = self.records.feed(input, sink);
+        if !established || fed.handshake_done {
+            if let Some(name) = SEEN_SNI.with(|s| s.borrow_mut().take()) {
+                self.sni = Some(name);
+            }
+        }
+        fed
+    }
+
+    /// See [`Records::feed_staged`].
+    pub fn feed_staged(
+        &mut self,
+        staging: &mut Vec<u8>,
+        input: &mut [u8],
+        sink: &mut impl TlsSink,
+    ) -> Fed {
+        let established = self.records.is_established();
+        if !established {
+            SEEN_SNI.with(|s| s.borrow_mut().take());
+        }
+        let fed = self.records.feed_staged(staging, input, sink);
         if !established || fed.handshake_done {
             if let Some(name) = SEEN_SNI.with(|s| s.borrow_mut().take()) {
                 self.sni = Some(name);

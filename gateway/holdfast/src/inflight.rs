@@ -1,0 +1,313 @@
+//! What the kernel holds of one client connection: whether a multishot receive is armed,
+//! the send in flight and the outbound bytes it names, and how far the shutdown and close
+//! have come. [`SocketOps`] is the only way to reach that memory, so a buffer the kernel
+//! is reading cannot be touched by protocol code, and a slot is freed only when
+//! [`SocketOps::is_quiet`] says nothing is in flight on it.
+//!
+//! It decides *what* to submit next; `core.rs` builds and pushes the entries. Nothing here
+//! touches a ring or a descriptor (the model is monoio's ownership of an operation's
+//! buffer: the operation, not the caller, holds the bytes while the kernel may read them).
+#![forbid(unsafe_code)]
+
+/// The next step of a closing connection, for the core to submit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseStep {
+    /// `shutdown(how)`: `SHUT_WR` to linger (FIN after the last bytes, keep reading until
+    /// the client's FIN), `SHUT_RDWR` otherwise.
+    Shutdown(i32),
+    /// Cancel the armed receive: lingering is over.
+    CancelRecv,
+    /// Close the descriptor: nothing is in flight any more.
+    Close,
+}
+
+/// One send to submit: the bytes stay frozen inside [`SocketOps`] until
+/// [`SocketOps::send_done`].
+#[derive(Debug, Clone, Copy)]
+pub struct SendOp {
+    pub ptr: *const u8,
+    pub len: u32,
+}
+
+/// The kernel-facing state of one connection. Private fields: the outbound buffer is
+/// reachable only while no send names it.
+#[derive(Debug, Default)]
+pub struct SocketOps {
+    recv_armed: bool,
+    send_inflight: bool,
+    /// The bytes of the send in flight (and what remains of them); frozen while
+    /// `send_inflight`.
+    out: Vec<u8>,
+    out_off: usize,
+    closing: bool,
+    /// Close gracefully: FIN after our last bytes, then wait for the client's FIN.
+    linger: bool,
+    /// The flush deadline passed: stop lingering, cut the connection.
+    cut: bool,
+    shutdown_submitted: bool,
+    /// The Shutdown completed. Close waits for it: a Shutdown still queued on an io-wq
+    /// thread after the slot was closed and reused would shut the next client down.
+    shutdown_done: bool,
+    cancel_submitted: bool,
+    close_submitted: bool,
+}
+
+impl SocketOps {
+    pub fn new() -> SocketOps {
+        SocketOps::default()
+    }
+
+    pub fn recv_armed(&self) -> bool {
+        self.recv_armed
+    }
+
+    /// A multishot receive was submitted.
+    pub fn recv_submitted(&mut self) {
+        debug_assert!(!self.recv_armed, "one receive armed at a time");
+        self.recv_armed = true;
+    }
+
+    /// The receive ended (a completion without F_MORE).
+    pub fn recv_ended(&mut self) {
+        self.recv_armed = false;
+    }
+
+    /// Whether a receive should be armed again after one ended.
+    pub fn wants_recv(&self) -> bool {
+        !self.recv_armed && !self.closing
+    }
+
+    /// Bytes handed to the kernel and not yet sent.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.out.len() - self.out_off
+    }
+
+    /// Starts a send of what is left of the current bytes or, once they are out, of
+    /// `queued` (swapped in, so `queued` becomes an empty buffer that keeps its
+    /// capacity). None while a send is in flight, after shutdown, or with nothing to send.
+    pub fn start_send(&mut self, queued: &mut Vec<u8>) -> Option<SendOp> {
+        if self.send_inflight || self.shutdown_submitted {
+            return None;
+        }
+        if self.out_off >= self.out.len() {
+            if queued.is_empty() {
+                return None;
+            }
+            std::mem::swap(&mut self.out, queued);
+            queued.clear();
+            self.out_off = 0;
+        }
+        let rest = &self.out[self.out_off..];
+        self.send_inflight = true;
+        Some(SendOp {
+            ptr: rest.as_ptr(),
+            len: rest.len().min(u32::MAX as usize) as u32,
+        })
+    }
+
+    /// The send completed with `res` (bytes sent, or -errno). On an error every outbound
+    /// byte is dropped (the connection is going) and the errno returned. When everything
+    /// is out, both buffers are freed: an idle connection owns no send buffer.
+    pub fn send_done(&mut self, res: i32, queued: &mut Vec<u8>) -> Result<(), i32> {
+        debug_assert!(self.send_inflight, "a send completion without a send");
+        self.send_inflight = false;
+        if res < 0 {
+            self.out = Vec::new();
+            self.out_off = 0;
+            *queued = Vec::new();
+            return Err(-res);
+        }
+        self.out_off += res as usize;
+        debug_assert!(self.out_off <= self.out.len());
+        if self.out_off >= self.out.len() && queued.is_empty() {
+            self.out = Vec::new();
+            *queued = Vec::new();
+            self.out_off = 0;
+        }
+        Ok(())
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
+    /// The connection began closing. It lingers when asked to (the client has a last
+    /// message to read) or when a send is still in flight.
+    pub fn begin_close(&mut self, linger: bool) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        self.linger = linger || self.send_inflight;
+    }
+
+    /// The flush deadline passed: shut down now, and stop lingering.
+    pub fn cut(&mut self) {
+        debug_assert!(self.closing);
+        self.cut = true;
+    }
+
+    /// The Shutdown completed.
+    pub fn shutdown_done(&mut self) {
+        self.shutdown_done = true;
+    }
+
+    /// What to submit next for a closing connection, given whether its session still has
+    /// bytes queued: shutdown once every byte is out (or at once when cut), cancel a
+    /// lingering receive when cut, close once nothing is in flight. Each step is
+    /// returned once.
+    pub fn next_close_step(&mut self, nothing_queued: bool) -> Option<CloseStep> {
+        if !self.closing {
+            return None;
+        }
+        let flushed = !self.send_inflight && self.in_flight_bytes() == 0 && nothing_queued;
+        if !self.shutdown_submitted && (self.cut || flushed) {
+            self.shutdown_submitted = true;
+            // A graceful close only shuts our sending side and keeps reading until the
+            // client's FIN: closing with unread input would make the kernel answer with a
+            // reset, which can destroy our last message in flight.
+            let how = if self.cut || !self.recv_armed || !self.linger {
+                libc::SHUT_RDWR
+            } else {
+                libc::SHUT_WR
+            };
+            return Some(CloseStep::Shutdown(how));
+        }
+        if !self.shutdown_done || self.close_submitted || self.send_inflight {
+            return None;
+        }
+        if self.recv_armed {
+            if self.cut && !self.cancel_submitted {
+                self.cancel_submitted = true;
+                return Some(CloseStep::CancelRecv);
+            }
+            return None;
+        }
+        self.close_submitted = true;
+        Some(CloseStep::Close)
+    }
+
+    /// Nothing is in flight: the slot may be freed (after the Close completion).
+    pub fn is_quiet(&self) -> bool {
+        !self.recv_armed && !self.send_inflight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_bytes_are_frozen_while_a_send_is_in_flight() {
+        let mut ops = SocketOps::new();
+        let mut queued = b"hello".to_vec();
+        let op = ops.start_send(&mut queued).expect("a send");
+        assert_eq!(op.len, 5);
+        assert!(queued.is_empty());
+        // More bytes queue behind the send in flight, which is not restarted.
+        queued.extend_from_slice(b" world");
+        assert!(ops.start_send(&mut queued).is_none());
+        assert_eq!(ops.in_flight_bytes(), 5);
+        // A short send: the rest of the same bytes goes next.
+        ops.send_done(2, &mut queued).unwrap();
+        let op = ops.start_send(&mut queued).expect("the rest");
+        assert_eq!(op.len, 3);
+        ops.send_done(3, &mut queued).unwrap();
+        let op = ops.start_send(&mut queued).expect("the queued bytes");
+        assert_eq!(op.len, 6);
+        ops.send_done(6, &mut queued).unwrap();
+        assert_eq!(ops.in_flight_bytes(), 0);
+        assert_eq!(
+            queued.capacity(),
+            0,
+            "an idle connection owns no send buffer"
+        );
+        assert!(ops.is_quiet());
+    }
+
+    #[test]
+    fn a_failed_send_drops_every_outbound_byte() {
+        let mut ops = SocketOps::new();
+        let mut queued = b"abc".to_vec();
+        ops.start_send(&mut queued).unwrap();
+        queued.extend_from_slice(b"def");
+        assert_eq!(ops.send_done(-libc::EPIPE, &mut queued), Err(libc::EPIPE));
+        assert!(queued.is_empty());
+        assert_eq!(ops.in_flight_bytes(), 0);
+    }
+
+    #[test]
+    fn a_graceful_close_waits_for_the_bytes_then_lingers_for_the_fin() {
+        let mut ops = SocketOps::new();
+        ops.recv_submitted();
+        let mut queued = b"CLOSE".to_vec();
+        ops.start_send(&mut queued).unwrap();
+        ops.begin_close(true);
+        assert_eq!(ops.next_close_step(true), None, "the send is in flight");
+        ops.send_done(5, &mut queued).unwrap();
+        assert_eq!(
+            ops.next_close_step(true),
+            Some(CloseStep::Shutdown(libc::SHUT_WR))
+        );
+        assert_eq!(ops.next_close_step(true), None, "shutdown not done yet");
+        ops.shutdown_done();
+        assert_eq!(ops.next_close_step(true), None, "lingering for the FIN");
+        ops.recv_ended();
+        assert_eq!(ops.next_close_step(true), Some(CloseStep::Close));
+        assert_eq!(ops.next_close_step(true), None, "each step once");
+        assert!(ops.is_quiet());
+    }
+
+    #[test]
+    fn a_cut_connection_shuts_both_ways_and_cancels_its_receive() {
+        let mut ops = SocketOps::new();
+        ops.recv_submitted();
+        let mut queued = b"unsent".to_vec();
+        ops.begin_close(true);
+        assert_eq!(ops.next_close_step(false), None, "bytes still queued");
+        ops.cut();
+        assert_eq!(
+            ops.next_close_step(false),
+            Some(CloseStep::Shutdown(libc::SHUT_RDWR))
+        );
+        assert!(
+            ops.start_send(&mut queued).is_none(),
+            "no send after shutdown"
+        );
+        ops.shutdown_done();
+        assert_eq!(ops.next_close_step(false), Some(CloseStep::CancelRecv));
+        assert_eq!(ops.next_close_step(false), None);
+        ops.recv_ended();
+        assert_eq!(ops.next_close_step(false), Some(CloseStep::Close));
+    }
+
+    #[test]
+    fn a_close_without_a_last_message_shuts_both_ways() {
+        let mut ops = SocketOps::new();
+        ops.recv_submitted();
+        ops.begin_close(false);
+        assert_eq!(
+            ops.next_close_step(true),
+            Some(CloseStep::Shutdown(libc::SHUT_RDWR))
+        );
+        ops.shutdown_done();
+        // The shut-down socket ends the receive; until then nothing more is submitted.
+        assert_eq!(ops.next_close_step(true), None);
+        ops.recv_ended();
+        assert_eq!(ops.next_close_step(true), Some(CloseStep::Close));
+    }
+
+    #[test]
+    fn a_send_in_flight_at_close_makes_it_linger() {
+        let mut ops = SocketOps::new();
+        ops.recv_submitted();
+        let mut queued = b"x".to_vec();
+        ops.start_send(&mut queued).unwrap();
+        ops.begin_close(false);
+        ops.send_done(1, &mut queued).unwrap();
+        assert_eq!(
+            ops.next_close_step(true),
+            Some(CloseStep::Shutdown(libc::SHUT_WR))
+        );
+    }
+}
