@@ -68,20 +68,7 @@ impl Session {
     /// Takes a batch of received TLS bytes (decrypted in place where possible).
     pub fn receive(&mut self, bytes: &mut [u8]) -> Received {
         let mut received = Received::default();
-        if self.staging.is_empty() {
-            let consumed = self.feed_tls(bytes, &mut received);
-            if received.ended.is_none() && consumed < bytes.len() {
-                self.staging.extend_from_slice(&bytes[consumed..]);
-            }
-        } else {
-            let mut staging = std::mem::take(&mut self.staging);
-            staging.extend_from_slice(bytes);
-            let consumed = self.feed_tls(&mut staging, &mut received);
-            staging.drain(..consumed);
-            if !staging.is_empty() {
-                self.staging = staging;
-            }
-        }
+        self.feed_tls(bytes, &mut received);
         // Frames decrypted before a close_notify or an error still count, and a CLOSE among
         // them is the better reason: it came first.
         let tls_end = received.ended.take();
@@ -120,10 +107,11 @@ impl Session {
         std::mem::replace(&mut self.out, spare)
     }
 
-    fn feed_tls(&mut self, bytes: &mut [u8], received: &mut Received) -> usize {
+    /// Feeds received bytes through the gateway's own staging loop.
+    fn feed_tls(&mut self, bytes: &mut [u8], received: &mut Received) {
         let was_established = self.tls.is_established();
         let mut sink = VecSink::new(&mut self.out, &mut self.inbox);
-        let fed = self.tls.feed(bytes, &mut sink);
+        let fed = self.tls.feed_staged(&mut self.staging, bytes, &mut sink);
         if fed.handshake_done && !was_established {
             let common = self.tls.common();
             let alpn = common.alpn_protocol();
@@ -132,7 +120,7 @@ impl Session {
                     "gateway chose ALPN {:?}, not holdfast/1",
                     alpn.map(String::from_utf8_lossy)
                 ));
-                return fed.consumed;
+                return;
             }
             received.established = Some(TlsInfo {
                 resumed: common.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
@@ -149,7 +137,6 @@ impl Session {
             Some(TlsEnd::PeerClosed) => received.ended = Some("TLS close_notify".into()),
             Some(TlsEnd::Error) => received.ended = Some("TLS error".into()),
         }
-        fed.consumed
     }
 
     fn cut_frames(&mut self, received: &mut Received) {

@@ -94,6 +94,9 @@ pub struct Turn {
     pub events: Events,
     /// Pings answered during this input (for the metrics).
     pub pings: u64,
+    /// When set, every decrypted byte is appended here: for tests that check the record
+    /// layer through the real session, and for debugging tools. None in the gateway.
+    pub tap: Option<Vec<u8>>,
 }
 
 impl Turn {
@@ -386,6 +389,9 @@ impl Session {
             t.timer = Some(idle_deadline(now, cfg));
         }
         t.last_active = now as u32;
+        if let Some(tap) = turn.tap.as_mut() {
+            tap.extend_from_slice(&plain);
+        }
         if !plain.is_empty() && t.phase == Phase::Open {
             self.on_plaintext(&mut plain, now, cfg, turn);
         }

@@ -404,6 +404,7 @@ impl<C: Unbuffered> Records<C> {
     ) -> Fed {
         if staging.is_empty() {
             let fed = self.feed(input, sink);
+            debug_assert!(fed.consumed <= input.len(), "consumed more than offered");
             if fed.consumed < input.len() && fed.end.is_none() {
                 staging.extend_from_slice(&input[fed.consumed..]);
             }
@@ -411,6 +412,7 @@ impl<C: Unbuffered> Records<C> {
         } else {
             staging.extend_from_slice(input);
             let fed = self.feed(staging, sink);
+            debug_assert!(fed.consumed <= staging.len(), "consumed more than offered");
             if fed.end.is_some() || fed.consumed >= staging.len() {
                 *staging = Vec::new();
             } else {
@@ -523,21 +525,6 @@ impl TlsSession {
 
     pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
         self.records.common().protocol_version()
-    }
-
-    /// Drives the session over `input` (received TLS bytes, decrypted in place).
-    pub fn feed(&mut self, input: &mut [u8], sink: &mut impl TlsSink) -> Fed {
-        let established = self.records.is_established();
-        if !established {
-            SEEN_SNI.with(|s| s.borrow_mut().take());
-        }
-        let fed = self.records.feed(input, sink);
-        if !established || fed.handshake_done {
-            if let Some(name) = SEEN_SNI.with(|s| s.borrow_mut().take()) {
-                self.sni = Some(name);
-            }
-        }
-        fed
     }
 
     /// See [`Records::feed_staged`].
