@@ -1044,11 +1044,7 @@ impl Core {
         }
         let spread = Duration::from_secs(self.cfg.limits.drain_grace_secs) / 2;
         let elapsed = self.now.saturating_duration_since(self.drain_started);
-        let due = if spread.is_zero() || elapsed >= spread {
-            u64::MAX
-        } else {
-            (self.drain_total as f64 * elapsed.as_secs_f64() / spread.as_secs_f64()).ceil() as u64
-        };
+        let due = drain_due(self.drain_total, elapsed, spread);
         let now = self.tick();
         while self.drain_told < due && self.drain_cursor < self.conns.len() {
             let slot = self.drain_cursor as u32;
@@ -1730,6 +1726,16 @@ impl Core {
     }
 }
 
+/// How many of `total` connections should have been told to go away `elapsed` into a
+/// drain whose GOAWAYs are spread evenly over `spread`: all of them once it has passed.
+pub fn drain_due(total: u64, elapsed: Duration, spread: Duration) -> u64 {
+    if spread.is_zero() || elapsed >= spread {
+        u64::MAX
+    } else {
+        (total as f64 * elapsed.as_secs_f64() / spread.as_secs_f64()).ceil() as u64
+    }
+}
+
 /// A raw fd borrowed for one socket call (the regular-fd fallback's client sockets).
 struct BorrowedRaw(i32);
 
@@ -1842,6 +1848,32 @@ mod tests {
             conn <= rustls + 256,
             "Conn is {conn} B, rustls' session {rustls} B"
         );
+    }
+
+    #[test]
+    fn drain_spreads_goaways_evenly_then_tells_everyone() {
+        use super::drain_due;
+        use std::time::Duration;
+        let spread = Duration::from_secs(5);
+        let ms = Duration::from_millis;
+        assert_eq!(drain_due(1000, ms(0), spread), 0);
+        assert_eq!(drain_due(1000, ms(1), spread), 1, "the first goes at once");
+        assert_eq!(drain_due(1000, ms(1000), spread), 200);
+        assert_eq!(drain_due(1000, ms(2500), spread), 500);
+        assert_eq!(drain_due(1000, ms(4999), spread), 1000);
+        assert_eq!(drain_due(1000, spread, spread), u64::MAX);
+        assert_eq!(
+            drain_due(3, ms(1), Duration::ZERO),
+            u64::MAX,
+            "no spread: all now"
+        );
+        // Monotonic: a later pass never owes fewer.
+        let mut last = 0;
+        for t in 0..5000 {
+            let due = drain_due(777, ms(t), spread);
+            assert!(due >= last);
+            last = due;
+        }
     }
 
     #[test]
