@@ -14,6 +14,7 @@ pub mod core;
 pub mod link;
 pub mod metrics;
 pub mod rates;
+pub mod record;
 #[allow(unsafe_code)]
 pub mod ring;
 pub mod route;
