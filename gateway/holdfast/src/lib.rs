@@ -15,6 +15,7 @@ pub mod inflight;
 pub mod link;
 pub mod metrics;
 pub mod rates;
+pub mod record;
 #[allow(unsafe_code)]
 pub mod ring;
 pub mod route;
