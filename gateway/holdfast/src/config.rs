@@ -70,6 +70,11 @@ pub struct TlsConfig {
     /// server CPU of a full handshake, and a reconnect storm of any size). Measured cost:
     /// about 0.9 KB more per idle connection; turn off for the densest boxes.
     pub session_tickets: bool,
+    /// An established TLS 1.3 connection idle this long, with nothing staged, queued or in
+    /// flight, sheds its rustls state and keeps only its traffic secrets and sequence
+    /// numbers (a few hundred bytes in all); keys are derived again when a record comes or
+    /// goes. 0 = never. TLS 1.2 connections keep rustls.
+    pub hibernate_after_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -147,12 +152,18 @@ impl Default for Config {
     }
 }
 
+/// Long enough that a connection in a conversation (a reply within seconds) stays awake
+/// and pays no wake-up per message; short enough that the idle majority sleeps within
+/// seconds of going quiet, so a reconnect storm's crowd is small again quickly.
+pub const DEFAULT_HIBERNATE_AFTER_SECS: u64 = 10;
+
 impl Default for TlsConfig {
     fn default() -> Self {
         TlsConfig {
             versions: vec!["1.3".to_string()],
             certs: Vec::new(),
             session_tickets: true,
+            hibernate_after_secs: DEFAULT_HIBERNATE_AFTER_SECS,
         }
     }
 }
@@ -384,6 +395,7 @@ impl Config {
         reloadable!("tls.certs", tls.certs);
         reloadable!("tls.versions", tls.versions);
         reloadable!("tls.session_tickets", tls.session_tickets);
+        reloadable!("tls.hibernate_after_secs", tls.hibernate_after_secs);
         reloadable!("limits.max_frame", limits.max_frame);
         reloadable!(
             "limits.handshake_timeout_secs",

@@ -158,6 +158,8 @@ struct Conn {
     seq: u64,
     /// Milliseconds since core start at accept, for the handshake-duration histogram.
     born_ms: u32,
+    /// Counted in the hibernated gauge.
+    asleep: bool,
     peer: Option<SocketAddr>,
 }
 
@@ -184,6 +186,8 @@ pub struct Core {
     conns: Vec<Option<Box<Conn>>>,
     gens: Vec<u32>,
     open: u64,
+    /// Connections hibernated now (the gauge).
+    hibernated: u64,
     wheel: TimerWheel,
     start: Instant,
     /// The clock as of the last wake-up, and milliseconds since `start` then: read once per
@@ -277,6 +281,7 @@ impl Core {
             conns,
             gens: vec![0; table as usize],
             open: 0,
+            hibernated: 0,
             wheel: TimerWheel::new(table, 1024),
             start: Instant::now(),
             now: Instant::now(),
@@ -603,6 +608,7 @@ impl Core {
             worker: None,
             seq: 0,
             born_ms: self.now_ms as u32,
+            asleep: false,
             peer: None,
         });
         self.drive(&mut conn, slot);
@@ -739,6 +745,14 @@ impl Core {
         let id = ConnId::new(self.idx, conn.gen, slot);
         let now = self.tick();
         CoreMetrics::add(&self.metrics.pings, std::mem::take(&mut self.turn.pings));
+        CoreMetrics::add(
+            &self.metrics.hibernations,
+            std::mem::take(&mut self.turn.hibernations),
+        );
+        CoreMetrics::add(
+            &self.metrics.wakeups,
+            std::mem::take(&mut self.turn.wakeups),
+        );
         loop {
             if !conn.session.is_closing()
                 && conn.sock.in_flight_bytes() + conn.session.transmit().len()
@@ -803,6 +817,18 @@ impl Core {
                 self.wheel.cancel(slot);
             }
             None => {}
+        }
+        let asleep = conn.session.is_asleep();
+        if asleep != conn.asleep {
+            conn.asleep = asleep;
+            self.hibernated = if asleep {
+                self.hibernated + 1
+            } else {
+                self.hibernated - 1
+            };
+            self.metrics
+                .connections_hibernated
+                .store(self.hibernated, Ordering::Relaxed);
         }
         if let Some(c) = conn.session.closing() {
             conn.sock.begin_close(c.linger);
@@ -979,6 +1005,12 @@ impl Core {
             conn.sock.is_quiet(),
             "a connection is freed only when nothing is in flight on it"
         );
+        if conn.asleep {
+            self.hibernated -= 1;
+            self.metrics
+                .connections_hibernated
+                .store(self.hibernated, Ordering::Relaxed);
+        }
         drop(conn);
         self.gens[slot as usize] = (gen + 1) & ConnId::MAX_GENERATION;
         self.wheel.cancel(slot);
@@ -1002,7 +1034,9 @@ impl Core {
             let Some(mut conn) = self.conns[slot as usize].take() else {
                 continue;
             };
-            conn.session.on_timeout(now, &self.scfg, &mut self.turn);
+            let quiet = conn.sock.send_idle();
+            conn.session
+                .on_timeout(now, &self.scfg, quiet, &mut self.turn);
             self.drive(&mut conn, slot);
             self.put(slot, conn);
         }

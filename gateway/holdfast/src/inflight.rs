@@ -77,6 +77,11 @@ impl SocketOps {
         !self.recv_armed && !self.closing
     }
 
+    /// No send is in flight and no handed-over byte is unsent.
+    pub fn send_idle(&self) -> bool {
+        !self.send_inflight && self.in_flight_bytes() == 0
+    }
+
     /// Bytes handed to the kernel and not yet sent.
     pub fn in_flight_bytes(&self) -> usize {
         self.out.len() - self.out_off

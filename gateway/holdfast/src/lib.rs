@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod check;
 pub mod config;
+pub mod conn_tls;
 #[allow(unsafe_code)]
 pub mod core;
 pub mod inflight;

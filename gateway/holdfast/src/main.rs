@@ -91,6 +91,9 @@ struct RunArgs {
     /// Also accept TLS 1.2.
     #[arg(long)]
     tls12: bool,
+    /// Seconds an idle TLS 1.3 connection waits before it hibernates (0 = never).
+    #[arg(long, value_name = "SECS")]
+    hibernate_after: Option<u64>,
     /// Unacknowledged bytes per worker link before a core stops reading its clients.
     #[arg(long, value_name = "BYTES")]
     link_window: Option<usize>,
@@ -166,6 +169,9 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
         cfg.runtime.heartbeat_timeout_ms = v;
         // Keep the interval well inside the timeout when only the timeout is given.
         cfg.runtime.heartbeat_interval_ms = cfg.runtime.heartbeat_interval_ms.min((v / 3).max(1));
+    }
+    if let Some(v) = args.hibernate_after {
+        cfg.tls.hibernate_after_secs = v;
     }
     if args.tls12 && !cfg.tls12_enabled() {
         cfg.tls.versions.push("1.2".to_string());

@@ -109,6 +109,11 @@ pub struct CoreMetrics {
     pub bytes_from_client: AtomicU64,
     pub bytes_to_client: AtomicU64,
     pub pings: AtomicU64,
+    /// Established connections holding only their traffic secrets (no rustls object).
+    pub connections_hibernated: AtomicU64,
+    pub hibernations: AtomicU64,
+    /// Hibernated connections that had a record to open or seal again.
+    pub wakeups: AtomicU64,
     pub recv_buffers_exhausted: AtomicU64,
     pub worker_link_up: [AtomicU64; MAX_WORKERS],
     pub worker_link_queued_bytes: [AtomicU64; MAX_WORKERS],
@@ -156,6 +161,9 @@ impl Default for CoreMetrics {
             bytes_from_client: AtomicU64::new(0),
             bytes_to_client: AtomicU64::new(0),
             pings: AtomicU64::new(0),
+            connections_hibernated: AtomicU64::new(0),
+            hibernations: AtomicU64::new(0),
+            wakeups: AtomicU64::new(0),
             recv_buffers_exhausted: AtomicU64::new(0),
             worker_link_up: std::array::from_fn(|_| AtomicU64::new(0)),
             worker_link_queued_bytes: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -300,6 +308,32 @@ pub fn render(cores: &[std::sync::Arc<CoreMetrics>], workers: &[String]) -> Stri
                 c.connections_open.load(Relaxed)
             })
         },
+    );
+    family(
+        "holdfast_connections_hibernated",
+        "gauge",
+        "Established TLS 1.3 connections hibernated: idle, holding only their traffic secrets and sequence numbers.",
+        &mut |o| {
+            per_core(o, "holdfast_connections_hibernated", &|c| {
+                c.connections_hibernated.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_hibernations_total",
+        "counter",
+        "Times an idle connection shed its TLS library state.",
+        &mut |o| {
+            per_core(o, "holdfast_hibernations_total", &|c| {
+                c.hibernations.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_wakeups_total",
+        "counter",
+        "Times a hibernated connection derived its keys again to open or seal a record.",
+        &mut |o| per_core(o, "holdfast_wakeups_total", &|c| c.wakeups.load(Relaxed)),
     );
     family(
         "holdfast_accepts_total",

@@ -24,8 +24,9 @@ use holdfast_wire::ws;
 use tracing::debug;
 
 use crate::config::Config;
+use crate::conn_tls::ConnTls;
 use crate::metrics::CloseReason;
-use crate::tls::{TlsEnd, TlsSession, VecSink};
+use crate::tls::{TlsEnd, TlsSession};
 
 // Records and handshake messages from a client are far below this; more is an attack.
 const MAX_STAGING: usize = 128 * 1024;
@@ -46,6 +47,8 @@ pub struct SessionConfig {
     pub websocket: bool,
     /// 0: no gateway keepalive.
     pub ping_interval_secs: u64,
+    /// An idle TLS 1.3 connection hibernates after this long; 0: never (rustls keeps it).
+    pub hibernate_after_secs: u64,
     pub ws: ws::HandshakeConfig,
 }
 
@@ -57,6 +60,7 @@ impl SessionConfig {
             idle_timeout_secs: cfg.limits.idle_timeout_secs,
             websocket: cfg.websocket.enabled,
             ping_interval_secs: cfg.websocket.ping_interval_secs,
+            hibernate_after_secs: cfg.tls.hibernate_after_secs,
             ws: ws::HandshakeConfig {
                 path: cfg.websocket.path.clone(),
                 allowed_origins: cfg.websocket.allowed_origins.clone(),
@@ -94,6 +98,9 @@ pub struct Turn {
     pub events: Events,
     /// Pings answered during this input (for the metrics).
     pub pings: u64,
+    /// Connections that hibernated, and that woke, during these inputs (for the metrics).
+    pub hibernations: u64,
+    pub wakeups: u64,
     /// When set, every decrypted byte is appended here: for tests that check the record
     /// layer through the real session, and for debugging tools. None in the gateway.
     pub tap: Option<Vec<u8>>,
@@ -247,6 +254,14 @@ impl App {
         }
     }
 
+    /// Nothing half-received: no partial frame, request or fragmented message.
+    fn is_idle(&self) -> bool {
+        match self {
+            App::WebSocket(ws) => ws.partial.is_empty() && !ws.asm.in_message(),
+            other => !other.mid_message(),
+        }
+    }
+
     /// Plaintext of an unfinished frame or request is waiting for more.
     fn mid_message(&self) -> bool {
         match self {
@@ -274,8 +289,14 @@ struct Ws {
 /// TLS and the byte streams: everything but the application protocol, so the protocol's
 /// code can write to the client and close while it holds its own state.
 struct Transport {
-    tls: TlsSession,
+    tls: ConnTls,
     phase: Phase,
+    /// What the handshake negotiated, kept here because rustls may be gone.
+    sni: Option<Box<str>>,
+    alpn: Option<&'static [u8]>,
+    version: Option<rustls::ProtocolVersion>,
+    /// Seconds idle before hibernating (0: never), from the configuration.
+    hibernate_after: u32,
     /// TLS input not consumed yet (a record split across receives).
     staging: Vec<u8>,
     /// TLS bytes to transmit.
@@ -296,8 +317,12 @@ impl Session {
     pub fn new(tls: TlsSession, now: u64, cfg: &SessionConfig) -> Session {
         Session {
             t: Transport {
-                tls,
+                tls: ConnTls::new(tls, cfg.hibernate_after_secs > 0),
                 phase: Phase::Handshake,
+                sni: None,
+                alpn: None,
+                version: None,
+                hibernate_after: cfg.hibernate_after_secs.min(u64::from(u32::MAX)) as u32,
                 staging: Vec::new(),
                 queued: Vec::new(),
                 last_active: now as u32,
@@ -340,15 +365,25 @@ impl Session {
     }
 
     pub fn server_name(&self) -> Option<&str> {
-        self.t.tls.server_name()
+        self.t.sni.as_deref()
     }
 
     pub fn alpn(&self) -> Option<&[u8]> {
-        self.t.tls.alpn()
+        self.t.alpn
     }
 
     pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
-        self.t.tls.protocol_version()
+        self.t.version
+    }
+
+    /// Hibernated: only traffic secrets and sequence numbers are held.
+    pub fn is_asleep(&self) -> bool {
+        self.t.tls.is_asleep()
+    }
+
+    /// On holdfast's own record layer (awake or asleep) rather than rustls.
+    pub fn is_on_own_record_layer(&self) -> bool {
+        self.t.tls.is_own()
     }
 
     /// Whether the application protocol is WebSocket (for tests and tools).
@@ -366,14 +401,22 @@ impl Session {
         let mut plain = std::mem::take(&mut turn.plain);
         plain.clear();
         let t = &mut self.t;
-        let fed = t.tls.feed_staged(
-            &mut t.staging,
-            bytes,
-            &mut VecSink::new(&mut t.queued, &mut plain),
-        );
+        let got = t
+            .tls
+            .receive(&mut t.staging, bytes, &mut t.queued, &mut plain);
+        let fed = got.fed;
+        if got.woke {
+            turn.wakeups += 1;
+            t.timer = Some(t.wake_deadline(now));
+        }
+        if let Some(n) = got.negotiated {
+            t.sni = n.sni;
+            t.alpn = n.alpn;
+            t.version = n.version;
+        }
         if fed.handshake_done {
             t.phase = Phase::Open;
-            self.app = match t.tls.alpn() {
+            self.app = match t.alpn {
                 Some(b"http/1.1") => App::Http {
                     request: Vec::new(),
                 },
@@ -386,7 +429,7 @@ impl Session {
                 },
             };
             turn.events.push(Event::Established);
-            t.timer = Some(idle_deadline(now, cfg));
+            t.timer = Some(earliest(idle_deadline(now, cfg), t.hibernate_deadline(now)));
         }
         t.last_active = now as u32;
         if let Some(tap) = turn.tap.as_mut() {
@@ -397,6 +440,10 @@ impl Session {
         }
         plain.clear();
         turn.plain = plain;
+        if got.lost {
+            self.close(CloseCause::silent(CloseReason::Internal), now, turn);
+            return;
+        }
         match fed.end {
             Some(TlsEnd::PeerClosed) => self.on_eof(now, cfg, turn),
             Some(TlsEnd::Error) => {
@@ -423,17 +470,51 @@ impl Session {
     }
 
     /// The deadline the driver armed was reached (it may be early: idle timers are
-    /// checked lazily against the last activity).
-    pub fn on_timeout(&mut self, now: u64, cfg: &SessionConfig, turn: &mut Turn) {
+    /// checked lazily against the last activity). `quiet`: the driver has no send in
+    /// flight for the connection, so it may hibernate.
+    pub fn on_timeout(&mut self, now: u64, cfg: &SessionConfig, quiet: bool, turn: &mut Turn) {
         match self.t.phase {
             Phase::Handshake => {
                 turn.events.push(Event::HandshakeFailed);
                 self.close(CloseCause::silent(CloseReason::HandshakeTimeout), now, turn);
             }
-            Phase::Open if matches!(self.app, App::WebSocket(_)) => {
-                self.ws_keepalive(now, cfg, turn)
-            }
             Phase::Open => {
+                self.maybe_hibernate(now, quiet, turn);
+                self.open_timeout(now, cfg, turn);
+                if !self.is_closing() {
+                    let current = self.t.timer.unwrap_or(Deadline::Never);
+                    self.t.timer = Some(earliest(current, self.t.hibernate_deadline(now)));
+                }
+            }
+            Phase::Closing(ref mut c) => c.cut = true,
+        }
+    }
+
+    /// Sheds the expanded keys of an idle connection on our record layer, when nothing
+    /// is staged, queued or in flight and no message is half-received.
+    fn maybe_hibernate(&mut self, now: u64, quiet: bool, turn: &mut Turn) {
+        let t = &mut self.t;
+        let after = u64::from(t.hibernate_after);
+        if after == 0 || !t.tls.is_own() || t.tls.is_asleep() {
+            return;
+        }
+        if now < u64::from(t.last_active) + after
+            || !quiet
+            || !t.staging.is_empty()
+            || !t.queued.is_empty()
+            || !self.app.is_idle()
+        {
+            return;
+        }
+        if t.tls.hibernate() {
+            turn.hibernations += 1;
+        }
+    }
+
+    fn open_timeout(&mut self, now: u64, cfg: &SessionConfig, turn: &mut Turn) {
+        match self.app {
+            App::WebSocket(_) => self.ws_keepalive(now, cfg, turn),
+            _ => {
                 let idle = cfg.idle_timeout_secs;
                 let last = u64::from(self.t.last_active);
                 if idle > 0 && last + idle > now {
@@ -446,7 +527,6 @@ impl Session {
                     self.close(cause, now, turn);
                 }
             }
-            Phase::Closing(ref mut c) => c.cut = true,
         }
     }
 
@@ -527,16 +607,18 @@ impl Session {
     /// closes at the next tick); a WebSocket's fires at the next tick, where the
     /// keepalive works out its next ping or close.
     pub fn on_reload(&mut self, now: u64, cfg: &SessionConfig) {
+        self.t.hibernate_after = cfg.hibernate_after_secs.min(u64::from(u32::MAX)) as u32;
         if !self.is_open() {
             return;
         }
-        self.t.timer = Some(if matches!(self.app, App::WebSocket(_)) {
+        let timer = if matches!(self.app, App::WebSocket(_)) {
             Deadline::At(now + 1)
         } else if cfg.idle_timeout_secs == 0 {
             Deadline::Never
         } else {
             Deadline::At(u64::from(self.t.last_active) + cfg.idle_timeout_secs + 1)
-        });
+        };
+        self.t.timer = Some(earliest(timer, self.t.hibernate_deadline(now)));
     }
 
     // ---- the application protocols --------------------------------------------------------
@@ -645,12 +727,7 @@ impl Session {
 impl Transport {
     /// Encrypts plaintext towards the client; a session that cannot is closed.
     fn send_plain(&mut self, data: &[u8], speaks: Speaks, now: u64, turn: &mut Turn) {
-        let r = self.tls.encrypt(
-            &mut self.staging,
-            data,
-            &mut VecSink::new(&mut self.queued, &mut turn.plain),
-        );
-        if r.is_err() {
+        if self.seal(data, now, turn).is_err() {
             // A record that failed earlier in the same receive (a PING answered before the
             // bad record was reached) is the TLS error it is, not an internal one.
             let reason = if self.tls.has_failed() {
@@ -660,6 +737,34 @@ impl Transport {
             };
             self.close(CloseCause::silent(reason), speaks, now, turn);
         }
+    }
+
+    /// Encrypts `data` into the transmit queue, waking a hibernated connection.
+    fn seal(&mut self, data: &[u8], now: u64, turn: &mut Turn) -> Result<(), TlsEnd> {
+        let woke = self
+            .tls
+            .encrypt(&mut self.staging, data, &mut self.queued, &mut turn.plain)?;
+        if woke {
+            turn.wakeups += 1;
+            let current = self.timer.unwrap_or(Deadline::At(u64::MAX));
+            self.timer = Some(earliest(current, self.wake_deadline(now)));
+        }
+        Ok(())
+    }
+
+    /// When an awake connection on our record layer should next try to hibernate.
+    fn hibernate_deadline(&self, now: u64) -> Deadline {
+        let after = u64::from(self.hibernate_after);
+        if after == 0 || !self.tls.is_own() || self.tls.is_asleep() {
+            return Deadline::Never;
+        }
+        let at = u64::from(self.last_active) + after + 1;
+        Deadline::At(if at > now { at } else { now + after })
+    }
+
+    /// A hibernated connection just woke: look at it again once it may sleep again.
+    fn wake_deadline(&self, now: u64) -> Deadline {
+        Deadline::At(now + u64::from(self.hibernate_after).max(1) + 1)
     }
 
     /// Encrypts the control frames gathered in `turn.reply` (PONGs).
@@ -696,24 +801,17 @@ impl Transport {
                 let mut f = std::mem::take(&mut turn.frame);
                 f.clear();
                 encode_close_for(speaks, code, why, &mut f);
-                if !f.is_empty()
-                    && self
-                        .tls
-                        .encrypt(
-                            &mut self.staging,
-                            &f,
-                            &mut VecSink::new(&mut self.queued, &mut turn.plain),
-                        )
-                        .is_err()
-                {
+                if !f.is_empty() && self.seal(&f, now, turn).is_err() {
                     debug!("could not encrypt the close message");
                 }
                 turn.frame = f;
             }
-            self.tls.close_notify(
-                &mut self.staging,
-                &mut VecSink::new(&mut self.queued, &mut turn.plain),
-            );
+            if self
+                .tls
+                .close_notify(&mut self.staging, &mut self.queued, &mut turn.plain)
+            {
+                turn.wakeups += 1;
+            }
         }
         self.staging = Vec::new();
         let code = cause.tell.map(|t| t.0).unwrap_or(close_code::NORMAL);
@@ -870,6 +968,14 @@ fn ws_input(
     } else {
         Vec::new()
     };
+}
+
+/// The sooner of two deadlines.
+fn earliest(a: Deadline, b: Deadline) -> Deadline {
+    match (a, b) {
+        (Deadline::At(x), Deadline::At(y)) => Deadline::At(x.min(y)),
+        (Deadline::Never, d) | (d, Deadline::Never) => d,
+    }
 }
 
 fn idle_deadline(now: u64, cfg: &SessionConfig) -> Deadline {

@@ -173,6 +173,13 @@ impl ServerTls {
         // are stateless (encrypted with a rotating key): the default server-side session cache
         // holds 256 sessions, which a storm of thousands of clients would overrun, and a cache
         // sized for millions would cost memory per connection.
+        // Hibernation takes an established TLS 1.3 connection off rustls: it needs the
+        // traffic secrets (logged to the record layer's thread-local key log) and the
+        // sequence numbers (secret extraction).
+        if config.tls.hibernate_after_secs > 0 {
+            sc.enable_secret_extraction = true;
+            sc.key_log = Arc::new(crate::record::SecretLog);
+        }
         if config.tls.session_tickets {
             sc.ticketer = match previous {
                 // The ticketer rotates its own keys; sharing it keeps its schedule too.
@@ -495,14 +502,46 @@ impl<C: Unbuffered> Records<C> {
 pub struct TlsSession {
     records: Records<UnbufferedServerConnection>,
     sni: Option<Box<str>>,
+    /// The configuration allows `into_secrets` (hibernation).
+    extractable: bool,
 }
 
 impl TlsSession {
     pub fn new(config: Arc<ServerConfig>) -> Result<TlsSession, rustls::Error> {
+        let extractable = config.enable_secret_extraction;
         Ok(TlsSession {
             records: Records::new(UnbufferedServerConnection::new(config)?),
             sni: None,
+            extractable,
         })
+    }
+
+    /// The SNI the client sent, moved out (the session keeps it from then on).
+    pub fn take_server_name(&mut self) -> Option<Box<str>> {
+        self.sni.take()
+    }
+
+    pub fn negotiated_cipher_suite(&self) -> Option<rustls::SupportedCipherSuite> {
+        self.records.common().negotiated_cipher_suite()
+    }
+
+    /// Whether the session could be converted now: established, secret extraction on,
+    /// nothing failed, and no TLS bytes waiting inside rustls.
+    pub fn can_extract(&self) -> bool {
+        self.extractable
+            && self.records.is_established()
+            && !self.records.has_failed()
+            && !self.records.common().wants_write()
+    }
+
+    /// Gives up the rustls connection for its sequence numbers and traffic keys
+    /// (`dangerous_into_kernel_connection`): only after every pending record was encoded
+    /// and every decrypted record read, or the sequence numbers would be off by one.
+    pub fn into_secrets(self) -> Result<rustls::ExtractedSecrets, rustls::Error> {
+        self.records
+            .conn
+            .dangerous_into_kernel_connection()
+            .map(|(secrets, _kernel)| secrets)
     }
 
     pub fn is_established(&self) -> bool {

@@ -255,7 +255,8 @@ impl Pair {
             self.now += 1;
             while let Some(t) = self.timer.filter(|&t| t <= self.now) {
                 self.timer = None;
-                self.session.on_timeout(self.now, &self.cfg, &mut self.turn);
+                self.session
+                    .on_timeout(self.now, &self.cfg, true, &mut self.turn);
                 self.drive();
                 if self.timer == Some(t) {
                     break;
@@ -726,10 +727,14 @@ fn websocket_keepalive_pings_a_silent_client_and_closes_it_without_a_pong() {
     assert_eq!(server_frames(&mut p), vec![(9, b"holdfast".to_vec())]);
     // A pong keeps it alive through the next interval.
     p.send(&ws_frame(ws::Opcode::Pong, b"holdfast"));
-    p.advance(10);
+    p.advance(9);
     assert!(p.session.is_open(), "{:?}", p.seen);
-    assert_eq!(server_frames(&mut p), vec![], "an interval after the pong");
-    p.advance(1);
+    assert_eq!(
+        server_frames(&mut p),
+        vec![],
+        "within an interval of the pong"
+    );
+    p.advance(2);
     assert_eq!(server_frames(&mut p), vec![(9, b"holdfast".to_vec())]);
     // No pong this time: closed with 1001.
     p.advance(11);

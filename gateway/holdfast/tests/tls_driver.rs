@@ -32,8 +32,11 @@ use rustls::{
 
 struct Pki {
     /// The server configuration, built by `holdfast::tls::server_config` with TLS 1.3 and
-    /// 1.2 enabled (WebSocket on, so ALPN offers `holdfast/1` then `http/1.1`).
+    /// 1.2 enabled (WebSocket on, so ALPN offers `holdfast/1` then `http/1.1`), with
+    /// hibernation on: after a TLS 1.3 handshake holdfast's own record layer takes over.
     server: Arc<ServerConfig>,
+    /// The same with hibernation off: rustls keeps every connection.
+    rustls_only: Arc<ServerConfig>,
     ca: CertificateDer<'static>,
 }
 
@@ -79,10 +82,13 @@ fn pki(extra_names: usize) -> Pki {
         server_names: vec!["localhost".into()],
     });
     let server = server_config(&config).expect("server config");
+    config.tls.hibernate_after_secs = 0;
+    let rustls_only = server_config(&config).expect("server config");
     // Loaded into memory: the files are not needed any more.
     let _ = std::fs::remove_dir_all(&dir);
     Pki {
         server,
+        rustls_only,
         ca: ca.der().clone(),
     }
 }
@@ -398,14 +404,26 @@ impl Forger {
 
 /// A gateway and a client that completed a handshake with the client's bytes in
 /// `splits`-sized receives.
-fn established(suite: usize, splits: &[usize]) -> (Gateway, ClientConnection) {
-    let mut gw = Gateway::new(&PKI.server);
+/// The server configuration whose post-handshake record layer is holdfast's own (`true`)
+/// or rustls (`false`).
+fn layer(own: bool) -> &'static Arc<ServerConfig> {
+    if own {
+        &PKI.server
+    } else {
+        &PKI.rustls_only
+    }
+}
+
+fn established(own: bool, suite: usize, splits: &[usize]) -> (Gateway, ClientConnection) {
+    let mut gw = Gateway::new(layer(own));
     let config = CLIENTS[suite % CLIENTS.len()].clone();
     let mut client =
         ClientConnection::new(config, ServerName::try_from("localhost").unwrap()).expect("client");
     assert!(handshake(&mut client, &mut gw, splits), "handshake failed");
     assert_eq!(gw.session.alpn(), Some(frame::ALPN));
     assert_eq!(gw.session.server_name(), Some("localhost"));
+    let tls13 = matches!(SUITES[suite % SUITES.len()], SupportedCipherSuite::Tls13(_));
+    assert_eq!(gw.session.is_on_own_record_layer(), own && tls13);
     (gw, client)
 }
 
@@ -645,8 +663,9 @@ proptest! {
         mutation in mutation(),
         splits in splits(),
         reply in any::<bool>(),
+        own in any::<bool>(),
     ) {
-        let (mut gw, mut client) = established(suite, &splits);
+        let (mut gw, mut client) = established(own, suite, &splits);
         let messages: Vec<Vec<u8>> = messages.iter().map(|m| message(m, reply)).collect();
         let records = client_records(&mut client, &messages);
         let k = target.index(records.len());
@@ -758,8 +777,9 @@ proptest! {
         garbage in prop::collection::vec(any::<u8>(), 0..64),
         splits in splits(),
         reply in any::<bool>(),
+        own in any::<bool>(),
     ) {
-        let (mut gw, client) = established(suite, &splits);
+        let (mut gw, client) = established(own, suite, &splits);
         let records: Vec<(u8, Vec<u8>)> = records
             .into_iter()
             .map(|(t, p)| if t == 23 { (t, message(&p, reply)) } else { (t, p) })
@@ -787,9 +807,15 @@ proptest! {
 /// A full conversation with every byte from the client in a receive of its own: the
 /// handshake completes, every frame arrives exactly, and the replies decrypt.
 fn byte_at_a_time(pki: &Pki) {
+    byte_at_a_time_on(&pki.server, &pki.ca);
+    byte_at_a_time_on(&pki.rustls_only, &pki.ca);
+}
+
+/// [`byte_at_a_time`] against one server configuration (one record layer).
+fn byte_at_a_time_on(server: &Arc<ServerConfig>, ca: &CertificateDer<'static>) {
     for (i, suite) in SUITES.iter().enumerate() {
-        let mut gw = Gateway::new(&pki.server);
-        let config = client_config(&pki.ca, *suite);
+        let mut gw = Gateway::new(server);
+        let config = client_config(ca, *suite);
         let mut client = ClientConnection::new(config, ServerName::try_from("localhost").unwrap())
             .expect("client");
         assert!(
@@ -872,12 +898,12 @@ fn a_certificate_larger_than_the_first_output_guess_is_sent_intact() {
 /// since the whole receive was fed in place. rustls still held ranges into that receive
 /// and panicked on the empty input (in release builds too), taking the core down. A
 /// failed session now encrypts nothing more: the client gets the alert, if any, and only
-/// that.
+/// that. holdfast's own record layer refuses the fragment itself, with one alert.
 #[test]
 fn a_failure_behind_a_held_handshake_fragment_is_refused_cleanly() {
-    for reply in [false, true] {
+    for (own, reply) in [(false, false), (false, true), (true, false), (true, true)] {
         for (suite, &cs) in SUITES[..3].iter().enumerate() {
-            let (mut gw, client) = established(suite, &[]);
+            let (mut gw, client) = established(own, suite, &[]);
             let first = message(b"a PING, say", reply);
             let mut forger = Forger::new(client, cs);
             let mut stream = forger.record(23, &first);
@@ -887,11 +913,18 @@ fn a_failure_behind_a_held_handshake_fragment_is_refused_cleanly() {
             gw.receive(&stream);
             assert_eq!(gw.end, Some(CloseReason::TlsError), "suite {suite}");
             assert_eq!(gw.plain, first, "suite {suite}");
-            // rustls sends no alert for this one; no PONG or close_notify either.
-            assert!(gw.out.is_empty(), "suite {suite}: {:?}", gw.out);
+            // rustls sends no alert for this one (ours, unexpected_message); no PONG or
+            // close_notify either.
+            let alerts = if own { 1 } else { 0 };
+            assert_eq!(
+                split_records(&gw.out).len(),
+                alerts,
+                "suite {suite}: {:?}",
+                gw.out
+            );
 
             // The same with a record that does not decrypt.
-            let (mut gw, client) = established(suite, &[]);
+            let (mut gw, client) = established(own, suite, &[]);
             let mut forger = Forger::new(client, cs);
             let mut stream = forger.record(23, &first);
             stream.extend_from_slice(&forger.record(22, &[24, 0, 0]));
@@ -911,7 +944,7 @@ fn a_failure_behind_a_held_handshake_fragment_is_refused_cleanly() {
 /// before it is delivered, the session goes on).
 #[test]
 fn a_key_update_split_across_records_and_receives_is_accepted() {
-    let (mut gw, client) = established(0, &[]);
+    let (mut gw, client) = established(false, 0, &[]);
     let mut forger = Forger::new(client, SUITES[0]);
     let before = message(b"before ", false);
     let mut stream = forger.record(23, &before);
