@@ -11,6 +11,7 @@ pub mod check;
 pub mod config;
 #[allow(unsafe_code)]
 pub mod core;
+pub mod hints;
 pub mod link;
 pub mod metrics;
 pub mod rates;
