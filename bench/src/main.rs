@@ -36,6 +36,7 @@ mod storm;
 mod sys;
 mod unix_echo;
 mod uring;
+mod why;
 
 use std::process::ExitCode;
 
