@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use holdfast::config::{CertConfig, Config};
 use holdfast::core::{run_core, ControlWaker, CoreSpec, Mail, Reload};
 use holdfast::metrics::{ConfigMetrics, CoreMetrics};
@@ -34,6 +34,9 @@ enum Command {
     Check(RunArgs),
     /// Live view of a running gateway, read from its admin /metrics.
     Top(TopArgs),
+    /// Write man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 #[derive(Args)]
@@ -113,6 +116,9 @@ fn main() {
         Command::Top(a) => std::time::Duration::try_from_secs_f64(a.interval)
             .context("--interval")
             .and_then(|d| holdfast::top::run(a.admin, d, a.once)),
+        Command::GenerateDocs { dir } => holdfast_clidocs::write(Cli::command(), &dir)
+            .map(|_| ())
+            .with_context(|| format!("writing docs under {}", dir.display())),
     };
     if let Err(e) = result {
         eprintln!("error: {}", holdfast::hints::one_line(&e));
