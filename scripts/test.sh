@@ -25,8 +25,8 @@
 # status is non-zero when anything failed.
 set -uo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-script=test
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+script="test"
 work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-test.XXXXXX")
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
