@@ -49,13 +49,12 @@
 #   CEILING_SECS     seconds per part of the rustls ceiling (default 2; QUICK 0.5)
 #   OUT_DIR          where reports go (default target/compare-peers/DATE-TIME)
 #   NO_BUILD=1       use the binaries in BIN_DIR as they are
-#   BIN_DIR          the binaries (default target/release)
+#   BIN_DIR          the binaries (default $CARGO_TARGET_DIR/release, or target/release)
 #   NO_INSTALL=1     never run apt-get
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
-bin=${BIN_DIR:-$root/target/release}
 quick=${QUICK:-0}
 if [[ $quick == 1 ]]; then
     runs=${RUNS:-2}
@@ -93,6 +92,7 @@ script=compare-peers
 say_fd=2 # progress on stderr: stdout carries only the table
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
+bin=${BIN_DIR:-$(target_dir)/release}
 install_cleanup 5
 
 # count_cpus LIST: how many CPUs a taskset list like 0-3,8 names.

@@ -17,7 +17,6 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bin=$PWD/target/release
 cores=${HOLDFAST_CORES:-2}
 port=${HOLDFAST_PORT:-0}
 admin_port=${HOLDFAST_ADMIN_PORT:-0}
@@ -30,6 +29,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-demo.XXXXXX")
 script=demo
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
+bin=$(target_dir)/release
 install_cleanup 10
 
 # bytes VALUE: a byte count rounded for people ("n/a" stays as is).

@@ -13,6 +13,14 @@
 pids=()
 stop_grace=5
 
+# target_dir: where cargo writes its build, as an absolute path: $CARGO_TARGET_DIR (a
+# relative one is taken from the repository root, where the scripts run cargo) or target/.
+target_dir() {
+    local dir=${CARGO_TARGET_DIR:-target}
+    [[ $dir == /* ]] || dir=$PWD/$dir
+    printf '%s\n' "$dir"
+}
+
 # stop PID...: SIGTERM to each PID, then, one after the other, up to stop_grace seconds
 # (install_cleanup's SECS: the gateway drains on SIGTERM) for it to exit before SIGKILL;
 # each is reaped and dropped from `pids`, so that the exit cleanup never signals a PID

@@ -14,7 +14,7 @@ nats_bin=$(nats_server_bin)
 
 cargo build -q -p holdfast -p holdfast-worker --bins
 cargo build -q -p holdfast-worker --example nats_demo
-bin=$PWD/target/debug
+bin=$(target_dir)/debug
 work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-nats-demo.XXXXXX")
 # 15 s: more than the gateway's default drain grace (10 s).
 install_cleanup 15

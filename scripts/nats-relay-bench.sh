@@ -31,7 +31,7 @@ source scripts/lib.sh
 nats_bin=$(nats_server_bin)
 
 cargo build -q --release -p holdfast -p holdfast-worker -p holdfast-bench --bins
-bin=$PWD/target/release
+bin=$(target_dir)/release
 work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-nats-relay.XXXXXX")
 # 15 s: more than the gateway's default drain grace (10 s).
 install_cleanup 15

@@ -18,7 +18,6 @@
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bin=$PWD/target/release
 conns=${CONNS:-40000}
 first=10000
 rate=${SCALE_RATE:-2000}
@@ -30,6 +29,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-scale.XXXXXX")
 script=scale-idle
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
+bin=$(target_dir)/release
 install_cleanup 15
 
 say "checking the host (nothing is changed)"

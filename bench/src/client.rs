@@ -97,13 +97,10 @@ impl ServerCertVerifier for PinAfterFirst {
         if self.is_pinned(end_entity, intermediates, &name) {
             return Ok(ServerCertVerified::assertion());
         }
-        let verified = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
+        let verified = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .inspect_err(crate::why::note_verify_error)?;
         let _ = self.pinned.set((
             name.into_owned(),
             end_entity.to_vec(),
@@ -203,9 +200,6 @@ impl fmt::Display for Failure {
     }
 }
 
-/// How many failures a [`StageCounters`] asks its owner to print before going quiet.
-const FAILURE_NOTES: u64 = 5;
-
 /// Failures of short connections counted by stage, shared by concurrent tasks.
 #[derive(Debug, Default)]
 pub struct StageCounters {
@@ -213,12 +207,12 @@ pub struct StageCounters {
     handshake_failed: AtomicU64,
     echo_failed: AtomicU64,
     timed_out: AtomicU64,
-    notes: AtomicU64,
 }
 
 impl StageCounters {
-    /// Counts `f` at its stage (and as a timeout where it was one). True for the first few
-    /// failures only: those are worth printing, the rest would flood the terminal.
+    /// Counts `f` at its stage (and as a timeout where it was one). True for the first
+    /// failure of each distinct reason in this process: that one is worth printing, the
+    /// rest would flood the terminal with the same line.
     pub fn record(&self, f: &Failure) -> bool {
         match f.stage {
             Stage::Connect => &self.connect_failed,
@@ -229,7 +223,7 @@ impl StageCounters {
         if f.timed_out {
             self.timed_out.fetch_add(1, Ordering::Relaxed);
         }
-        self.notes.fetch_add(1, Ordering::Relaxed) < FAILURE_NOTES
+        crate::why::first_of_its_kind(&f.to_string())
     }
 
     /// The counts so far.

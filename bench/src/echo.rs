@@ -309,8 +309,11 @@ impl Scenario for Echo {
                 self.conns_failed += 1;
                 self.shared.live.error();
                 self.relays[i].id = None;
-                if self.conns_failed <= 5 {
-                    eprintln!("holdfast-bench: connection {}: {f}", self.relays[i].index);
+                if crate::why::first_of_its_kind(&f.to_string()) {
+                    eprintln!(
+                        "holdfast-bench: connection {} (and any later one failing the same way): {f}",
+                        self.relays[i].index
+                    );
                 }
                 self.settled();
                 self.connect_more(engine, now);

@@ -216,9 +216,10 @@ impl Children {
                     self.latest[i] = c;
                     progress.show(&self.total());
                 }
+                // Children fail the same way: print each distinct reason once.
                 Event::Report(Report::Note(text)) => {
-                    self.notes += 1;
-                    if self.notes <= MAX_NOTES {
+                    if self.notes < MAX_NOTES && crate::why::first_of_its_kind(&text) {
+                        self.notes += 1;
                         progress.clear();
                         eprintln!("holdfast-bench: child {i}: {text}");
                     }

@@ -198,11 +198,16 @@ struct Worker {
 }
 
 impl Worker {
-    /// Sends a failure note to the parent, the first few times only.
+    /// Sends a failure note to the parent: the first of each distinct text, and never
+    /// more than a few.
     fn note(&mut self, text: impl FnOnce() -> String) {
-        self.notes += 1;
-        if self.notes <= MAX_NOTES {
-            say(&Report::Note(text()));
+        if self.notes >= MAX_NOTES {
+            return;
+        }
+        let text = text();
+        if crate::why::first_of_its_kind(&text) {
+            self.notes += 1;
+            say(&Report::Note(text));
         }
     }
 

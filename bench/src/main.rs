@@ -36,10 +36,11 @@ mod storm;
 mod sys;
 mod unix_echo;
 mod uring;
+mod why;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,6 +81,9 @@ enum Cmd {
     /// One child process of `idle` (started by `idle` itself).
     #[command(hide = true)]
     IdleWorker(idle_worker::WorkerArgs),
+    /// Write man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs { dir: std::path::PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -96,6 +100,9 @@ fn main() -> ExitCode {
         Cmd::UnixEcho(args) => unix_echo::run(args).map(|()| ExitCode::SUCCESS),
         Cmd::NatsEcho(args) => nats_echo::run(args).map(|()| ExitCode::SUCCESS),
         Cmd::IdleWorker(args) => idle_worker::run(args).map(|()| ExitCode::SUCCESS),
+        Cmd::GenerateDocs { dir } => holdfast_clidocs::write(Cli::command(), &dir)
+            .map(|_| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
     };
     result.unwrap_or_else(|e| {
         eprintln!("holdfast-bench: {e:#}");

@@ -47,6 +47,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::client::{Failure, Stage, TlsInfo};
 use crate::session::Session;
+use crate::why;
 
 /// Sizes of one engine.
 #[derive(Debug, Clone, Copy)]
@@ -174,6 +175,8 @@ pub struct Engine {
     to_send: Vec<u32>,
     cqes: Vec<(u64, i32, u32)>,
     ring_full_waits: u64,
+    /// A client configuration this engine connected with, for `why`'s probe handshake.
+    probe_config: Option<Arc<ClientConfig>>,
 }
 
 impl Engine {
@@ -211,6 +214,7 @@ impl Engine {
             to_send: Vec::new(),
             cqes: Vec::new(),
             ring_full_waits: 0,
+            probe_config: None,
         })
     }
 
@@ -226,6 +230,9 @@ impl Engine {
         deadline: Instant,
     ) -> ConnId {
         let session = Session::new(config.clone(), self.server_name.clone());
+        if self.probe_config.is_none() {
+            self.probe_config = Some(config.clone());
+        }
         let (slot, gen) = self.alloc();
         let id = ConnId { slot, gen };
         let session = match session {
@@ -702,8 +709,25 @@ impl Engine {
         let c = self.conns[slot as usize]
             .as_mut()
             .expect("checked above: the slot is live");
-        let received = c.session.receive(bytes);
+        // A failed handshake comes back as "TLS error": keep the front of what the server
+        // sent (an alert record says why) and ask `why` for the reason.
+        let handshaking = c.state == State::Handshaking;
+        let mut front = [0u8; 7];
+        let front_len = bytes.len().min(front.len());
+        if handshaking {
+            front[..front_len].copy_from_slice(&bytes[..front_len]);
+            why::clear();
+        }
+        let mut received = c.session.receive(bytes);
         self.bufs.recycle(b);
+        if handshaking && received.ended.as_deref() == Some("TLS error") {
+            let probe = why::Probe {
+                target: self.target_addr,
+                config: self.probe_config.as_ref(),
+                server_name: &self.server_name,
+            };
+            received.ended = Some(why::explain(&front[..front_len], &probe));
+        }
         let id = self.id(slot);
         if let Some(info) = received.established {
             self.conn(slot).state = State::Open;

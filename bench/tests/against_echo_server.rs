@@ -492,3 +492,140 @@ fn ceiling_report_and_unix_echo() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A TLS server that only handshakes (and then drops the connection), with `config`.
+fn serve_handshakes(config: rustls::ServerConfig) -> (SocketAddr, tokio::runtime::Runtime) {
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(tcp).await;
+            });
+        }
+    });
+    (addr, rt)
+}
+
+fn server_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[u8],
+) -> rustls::ServerConfig {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config
+}
+
+/// gen-cert's certificate and key in `dir`.
+fn gen_cert_pair(dir: &Path) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let certs = CertificateDer::pem_file_iter(dir.join("cert.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    (
+        certs,
+        PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap(),
+    )
+}
+
+/// Runs a short handshake benchmark that must fail, and returns its stderr, checked to
+/// name `reason` exactly once although every one of its connections failed.
+fn handshakes_fail_once_with(addr: SocketAddr, ca: &Path, extra: &[&str], reason: &str) -> String {
+    let target = addr.to_string();
+    let json = ca.with_extension("json");
+    let mut args = vec![
+        "handshake",
+        "--target",
+        &target,
+        "--ca",
+        ca.to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--conns-parallel",
+        "4",
+        "--duration",
+        "0.5",
+    ];
+    args.extend_from_slice(extra);
+    let out = run_bin(&args, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "every handshake failed: {stderr}");
+    assert_eq!(
+        stderr.matches(reason).count(),
+        1,
+        "want {reason:?} once:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("handshake: TLS error"),
+        "an unexplained failure:\n{stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn handshake_failures_name_their_reason_once_with_a_fix() {
+    // A self-signed CA:TRUE certificate served as the server's own (what `openssl req
+    // -x509` makes), trusted as its own CA.
+    let dir = cert_dir("why");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_leaf = params.self_signed(&key).unwrap();
+    let ca_leaf_pem = dir.join("ca-leaf.pem");
+    std::fs::write(&ca_leaf_pem, ca_leaf.pem()).unwrap();
+    let key_der = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+    let (addr, _rt) = serve_handshakes(server_config(
+        vec![ca_leaf.der().clone()],
+        key_der,
+        frame::ALPN,
+    ));
+    let stderr = handshakes_fail_once_with(
+        addr,
+        &ca_leaf_pem,
+        &[],
+        "presents a CA certificate (basicConstraints CA:TRUE) as its own",
+    );
+    assert!(
+        stderr.contains("fix: serve a certificate signed by a CA"),
+        "{stderr}"
+    );
+
+    // gen-cert's pair, but a foreign CA given, then another gen-cert CA (the same name,
+    // another key), then the wrong name.
+    let (certs, key) = gen_cert_pair(&dir);
+    let (addr, _rt2) = serve_handshakes(server_config(certs.clone(), key, frame::ALPN));
+    let other = cert_dir("why-other");
+    handshakes_fail_once_with(addr, &ca_leaf_pem, &[], "(unknown issuer)");
+    handshakes_fail_once_with(addr, &other.join("ca.pem"), &[], "(bad signature");
+    handshakes_fail_once_with(
+        addr,
+        &dir.join("ca.pem"),
+        &["--server-name", "other.example"],
+        "is not valid for \"other.example\"",
+    );
+
+    // A server that speaks another ALPN protocol only.
+    let (_, key) = gen_cert_pair(&dir);
+    let (addr, _rt3) = serve_handshakes(server_config(certs, key, b"h2"));
+    handshakes_fail_once_with(
+        addr,
+        &dir.join("ca.pem"),
+        &[],
+        "shares no ALPN protocol with the load generator",
+    );
+}

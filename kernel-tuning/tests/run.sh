@@ -5,9 +5,11 @@
 # Sysctl tests run against a fake /proc/sys in a temp dir; the real-kernel parts run only
 # inside network namespaces this script creates (holdfast-test-PID-*) and always deletes,
 # touching only per-namespace keys, so the host's settings are never changed. Every command
-# runs under `timeout`, and the whole run is bounded too. The last line is always
-# "N passed, N failed" (skips are listed above it); the exit status is non-zero on any
-# failure.
+# runs under `timeout`, and the whole run is bounded too. A part whose tool or privilege is
+# missing (root, ip, nft, ethtool, shellcheck, systemd-analyze) fails, naming it, unless
+# HOLDFAST_ALLOW_SKIP=1 asks for skipping; then it is counted as skipped. The last line is
+# always "N passed, N failed, N skipped" (skips are listed above it); the exit status is
+# non-zero on any failure.
 set -euo pipefail
 # Conditions are written `$(COND && echo 0 || echo 1)`: echo cannot fail, so SC2015's
 # A && B || C caveat does not apply.
@@ -47,7 +49,11 @@ fail() {
     printf 'FAIL  %s\n' "$1"
     if [[ -n ${2:-} ]]; then printf '%s\n' "$2" | sed 's/^/      | /' | head -40; fi
 }
-skip() {
+skip() { # NAME WHY: a part that cannot run here
+    if [[ ${HOLDFAST_ALLOW_SKIP:-} != 1 ]]; then
+        fail "$1: cannot run: $2 (set HOLDFAST_ALLOW_SKIP=1 to skip it)"
+        return
+    fi
     SKIP=$((SKIP + 1))
     SKIPPED+=("$1: $2")
     printf 'SKIP  %s (%s)\n' "$1" "$2"
@@ -487,5 +493,5 @@ if ((SKIP)); then
     echo "$SKIP skipped:"
     printf '  %s\n' "${SKIPPED[@]}"
 fi
-echo "$PASS passed, $FAIL failed"
+echo "$PASS passed, $FAIL failed, $SKIP skipped"
 ((FAIL == 0))

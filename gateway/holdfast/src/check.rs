@@ -339,6 +339,66 @@ pub fn render_table(findings: &[Finding]) -> String {
     out
 }
 
+/// What `holdfast run` logs at start from the host check (`holdfast check` prints the whole
+/// table): a line of its own, with its fix, for each finding that caps the configured
+/// tables or can stop the gateway (open-file limits, fs.nr_open, fs.file-max, memory,
+/// io_uring), and one line summing up the tuning-profile settings that differ.
+pub fn startup_warnings(findings: &[Finding], profile: &[(String, String)]) -> Vec<String> {
+    let in_profile = |item: &str| {
+        profile
+            .iter()
+            .any(|(k, _)| k.trim_start_matches('-') == item)
+    };
+    let mut out = Vec::new();
+    let soft = findings
+        .iter()
+        .find(|f| f.item == "open files, soft (per-core table)");
+    let hard = findings.iter().find(|f| f.item == "open files, hard");
+    if let Some(soft) = soft.filter(|f| !f.ok) {
+        let hard = hard.map_or("unknown".to_string(), |h| h.have.clone());
+        out.push(format!(
+            "open-file limit too low for the configured tables: soft {}, hard {hard}, and \
+             each core's connection table wants {}; the tables are capped at the limit, so \
+             this gateway holds fewer connections than limits.max_conns_per_core; fix: {}",
+            soft.have, soft.want, soft.fix
+        ));
+    } else if let Some(hard) = hard.filter(|f| !f.ok) {
+        out.push(format!(
+            "hard open-file limit {} is below one core's table ({}); fix: {}",
+            hard.have, hard.want, hard.fix
+        ));
+    }
+    let mut differ = Vec::new();
+    for f in findings.iter().filter(|f| !f.ok) {
+        if f.item.starts_with("open files") {
+            continue;
+        }
+        if in_profile(&f.item) {
+            differ.push(f.item.as_str());
+        } else {
+            out.push(format!(
+                "host check: {} is {} (want {}); fix: {}",
+                f.item, f.have, f.want, f.fix
+            ));
+        }
+    }
+    if !differ.is_empty() {
+        let shown: Vec<&str> = differ.iter().copied().take(3).collect();
+        let more = if differ.len() > shown.len() {
+            ", ..."
+        } else {
+            ""
+        };
+        out.push(format!(
+            "{} kernel setting(s) differ from the gateway tuning profile ({}{more}); fix: \
+             holdfast-tune apply gateway (`holdfast check` lists each with its value)",
+            differ.len(),
+            shown.join(", ")
+        ));
+    }
+    out
+}
+
 fn finding(item: &str, have: String, want: String, ok: bool, fix: &str) -> Finding {
     Finding {
         item: item.to_string(),
@@ -685,6 +745,33 @@ mod tests {
         let f = host.check(&profile, 16, 1_000_000);
         assert!(get(&f, "open files, hard").ok);
         assert_eq!(get(&f, "open files, hard").have, "unlimited");
+    }
+
+    #[test]
+    fn startup_warnings_name_the_limit_and_sum_up_the_profile() {
+        let profile = gateway();
+        let host = FakeProc::tuned(&profile);
+        assert!(startup_warnings(&host.check(&profile, 2, 1000), &profile).is_empty());
+
+        host.limits("200", "200");
+        host.sysctl("net.core.somaxconn", "4096");
+        host.sysctl("net.ipv4.tcp_fin_timeout", "60");
+        host.sysctl("kernel.io_uring_disabled", "2");
+        let w = startup_warnings(&host.check(&profile, 2, 1000), &profile);
+        assert_eq!(w.len(), 3, "{w:#?}");
+        assert!(
+            w[0].starts_with("open-file limit too low for the configured tables: soft 200")
+                && w[0].contains("fix: LimitNOFILE=2048"),
+            "{}",
+            w[0]
+        );
+        assert!(w[1].contains("kernel.io_uring_disabled is 2"), "{}", w[1]);
+        assert!(
+            w[2].starts_with("2 kernel setting(s) differ from the gateway tuning profile")
+                && w[2].contains("holdfast-tune apply gateway"),
+            "{}",
+            w[2]
+        );
     }
 
     #[test]

@@ -213,6 +213,37 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
+/// A TOML error on one line, naming the line and the key (`limits.idle_timeout_secs`)
+/// where the parser points at one: `line 3, key limits.idle_timout_secs: unknown field ...`.
+fn toml_error_line(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim_end().replace('\n', " ");
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    // The table the line is in: the last `[name]` or `[[name]]` header above it.
+    let table = before[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        let l = l
+            .strip_prefix("[[")
+            .and_then(|r| r.strip_suffix("]]"))
+            .or_else(|| l.strip_prefix('[').and_then(|r| r.strip_suffix(']')))?;
+        Some(l.trim().to_string())
+    });
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('[') && !k.starts_with('#'));
+    match (key, table) {
+        (Some(k), Some(t)) => format!("line {line_no}, key {t}.{k}: {message}"),
+        (Some(k), None) => format!("line {line_no}, key {k}: {message}"),
+        (None, _) => format!("line {line_no}: {message}"),
+    }
+}
+
 impl Config {
     /// Reads a TOML file. Relative certificate paths are taken relative to the file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
@@ -222,7 +253,7 @@ impl Config {
         })?;
         let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_string(),
+            message: toml_error_line(&text, &e),
         })?;
         if let Some(dir) = path.parent() {
             for c in &mut config.tls.certs {
@@ -456,6 +487,31 @@ mod tests {
             server_names: vec![],
         });
         c
+    }
+
+    #[test]
+    fn toml_errors_are_one_line_naming_line_and_key() {
+        let cases = [
+            (
+                "listen = \"127.0.0.1:0\"\nlisen = 3\n",
+                "line 2, key lisen: unknown field `lisen`",
+            ),
+            (
+                "cores = 2\n[limits]\nmax_frame = 10\nidle_timout_secs = 3\n",
+                "line 4, key limits.idle_timout_secs: unknown field `idle_timout_secs`",
+            ),
+            ("cores = \"two\"\n", "line 1, key cores: invalid type"),
+            (
+                "[[tls.certs]]\ncert = \"a\"\nkye = \"b\"\n",
+                "line 3, key tls.certs.kye: unknown field `kye`",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = toml::from_str::<Config>(text).expect_err(text);
+            let line = toml_error_line(text, &e);
+            assert!(line.starts_with(want), "{text:?}: {line}");
+            assert!(!line.contains('\n'), "{text:?}: {line}");
+        }
     }
 
     #[test]

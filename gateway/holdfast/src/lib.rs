@@ -12,6 +12,7 @@ pub mod config;
 pub mod conn_tls;
 #[allow(unsafe_code)]
 pub mod core;
+pub mod hints;
 pub mod inflight;
 pub mod link;
 pub mod metrics;

@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use holdfast::config::{CertConfig, Config};
 use holdfast::core::{run_core, ControlWaker, CoreSpec, Mail, Reload};
 use holdfast::metrics::{ConfigMetrics, CoreMetrics};
@@ -34,6 +34,9 @@ enum Command {
     Check(RunArgs),
     /// Live view of a running gateway, read from its admin /metrics.
     Top(TopArgs),
+    /// Write man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 #[derive(Args)]
@@ -116,9 +119,12 @@ fn main() {
         Command::Top(a) => std::time::Duration::try_from_secs_f64(a.interval)
             .context("--interval")
             .and_then(|d| holdfast::top::run(a.admin, d, a.once)),
+        Command::GenerateDocs { dir } => holdfast_clidocs::write(Cli::command(), &dir)
+            .map(|_| ())
+            .with_context(|| format!("writing docs under {}", dir.display())),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", holdfast::hints::one_line(&e));
         std::process::exit(1);
     }
 }
@@ -201,17 +207,21 @@ fn bind_listeners(
     Ok(out)
 }
 
-/// The host findings for `cfg`, after raising the open-file limit as `run` does.
-fn host_findings(cfg: &Config) -> anyhow::Result<Vec<holdfast::check::Finding>> {
+/// The host findings for `cfg` (after raising the open-file limit as `run` does), and the
+/// gateway tuning profile they were checked against.
+fn host_findings(cfg: &Config) -> anyhow::Result<(Vec<holdfast::check::Finding>, Profile)> {
     let profile = holdfast::check::parse_profile(holdfast::check::GATEWAY_PROFILE)
         .map_err(|e| anyhow::anyhow!("built-in gateway profile: {e}"))?;
-    Ok(holdfast::check::check_host(
+    let findings = holdfast::check::check_host(
         std::path::Path::new("/proc/sys"),
         &profile,
         cfg.core_count(),
         u64::from(cfg.limits.max_conns_per_core),
-    ))
+    );
+    Ok((findings, profile))
 }
+
+type Profile = Vec<(String, String)>;
 
 fn check(args: RunArgs) -> anyhow::Result<()> {
     let cfg = load_config(&args)?;
@@ -223,7 +233,7 @@ fn check(args: RunArgs) -> anyhow::Result<()> {
         cfg.core_count()
     );
     ring::raise_nofile_limit();
-    let findings = host_findings(&cfg)?;
+    let (findings, _) = host_findings(&cfg)?;
     print!("{}", holdfast::check::render_table(&findings));
     let short = findings.iter().filter(|f| !f.ok).count();
     if short > 0 {
@@ -247,18 +257,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let nofile = ring::raise_nofile_limit();
     // The same checks as `holdfast check`, as warnings: a short host still runs.
     match host_findings(&cfg) {
-        Ok(findings) => {
-            for f in findings.iter().filter(|f| !f.ok) {
-                tracing::warn!(
-                    "host check: {} is {} (want {}); fix: {}",
-                    f.item,
-                    f.have,
-                    f.want,
-                    f.fix
-                );
+        Ok((findings, profile)) => {
+            for line in holdfast::check::startup_warnings(&findings, &profile) {
+                tracing::warn!("{line}");
             }
         }
         Err(e) => tracing::warn!("host check skipped: {e:#}"),
+    }
+    for line in holdfast::hints::worker_warnings(&cfg) {
+        tracing::warn!("{line}");
     }
     let cores = cfg.core_count();
     let listeners = bind_listeners(cfg.listen, cores, cfg.runtime.backlog)?;

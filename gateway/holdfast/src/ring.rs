@@ -68,7 +68,10 @@ pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
             },
         ));
     }
-    let r = IoUring::builder().setup_cqsize(cq).build(entries)?;
+    let r = IoUring::builder()
+        .setup_cqsize(cq)
+        .build(entries)
+        .map_err(|e| explain_setup_error(e, std::path::Path::new("/proc/sys")))?;
     Ok((
         r,
         RingFeatures {
@@ -76,6 +79,46 @@ pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
             coop_taskrun: false,
         },
     ))
+}
+
+/// The error of `io_uring_setup` as an operator needs it: why the kernel refuses and what
+/// to do. EPERM comes from `kernel.io_uring_disabled` (read under `sysctl_root`) or, where
+/// that is 0, from a seccomp filter (a container runtime's default profile blocks
+/// io_uring); ENOSYS from a kernel without io_uring; ENOMEM from a locked-memory limit.
+pub fn explain_setup_error(e: io::Error, sysctl_root: &std::path::Path) -> io::Error {
+    let text = match e.raw_os_error() {
+        Some(libc::EPERM) => {
+            let disabled = std::fs::read_to_string(sysctl_root.join("kernel/io_uring_disabled"))
+                .map(|v| v.trim().to_string());
+            match disabled.as_deref() {
+                Ok("0") | Err(_) => format!(
+                    "the kernel refused io_uring ({e}) although kernel.io_uring_disabled is \
+                     not set: a seccomp filter blocks it (a container runtime's default profile \
+                     does); run the gateway with a profile that allows io_uring_setup, \
+                     io_uring_enter and io_uring_register"
+                ),
+                Ok("1") => format!(
+                    "io_uring is disabled for this user by sysctl (kernel.io_uring_disabled = 1, \
+                     {e}): run `sysctl -w kernel.io_uring_disabled=0`, or add the gateway's user \
+                     to the group that kernel.io_uring_group names"
+                ),
+                Ok(v) => format!(
+                    "io_uring is disabled by sysctl (kernel.io_uring_disabled = {v}, {e}): run \
+                     `sysctl -w kernel.io_uring_disabled=0` (and set it in /etc/sysctl.d to keep it)"
+                ),
+            }
+        }
+        Some(libc::ENOSYS) => format!(
+            "this kernel has no io_uring ({e}): holdfast needs Linux 5.19 or later built with \
+             CONFIG_IO_URING"
+        ),
+        Some(libc::ENOMEM) => format!(
+            "the kernel could not allocate the ring ({e}): raise the locked-memory limit \
+             (LimitMEMLOCK= in holdfast.service, or `ulimit -l`), or lower runtime.ring_entries"
+        ),
+        _ => return e,
+    };
+    io::Error::new(e.kind(), text)
 }
 
 /// An anonymous private mapping, page-aligned, unmapped on drop. Faulted in at once
@@ -290,4 +333,53 @@ pub fn peer_of_installed_fd(fd: i32) -> Option<std::net::SocketAddr> {
     let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     let sock = socket2::SockRef::from(&owned);
     sock.peer_addr().ok().and_then(|a| a.as_socket())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    /// The message for EPERM with `kernel.io_uring_disabled` at `value` (None: absent).
+    fn eperm_with(value: Option<&str>) -> String {
+        let root = std::env::temp_dir().join(format!(
+            "holdfast-ring-test-{}-{}",
+            std::process::id(),
+            value.unwrap_or("absent")
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("kernel")).unwrap();
+        if let Some(v) = value {
+            std::fs::write(root.join("kernel/io_uring_disabled"), format!("{v}\n")).unwrap();
+        }
+        let e = explain_setup_error(io::Error::from_raw_os_error(libc::EPERM), &root);
+        let _ = std::fs::remove_dir_all(&root);
+        e.to_string()
+    }
+
+    #[test]
+    fn a_refused_ring_says_why_and_what_to_do() {
+        let two = eperm_with(Some("2"));
+        assert!(
+            two.contains("kernel.io_uring_disabled = 2")
+                && two.contains("sysctl -w kernel.io_uring_disabled=0"),
+            "{two}"
+        );
+        let one = eperm_with(Some("1"));
+        assert!(one.contains("kernel.io_uring_group"), "{one}");
+        for seccomp in [eperm_with(Some("0")), eperm_with(None)] {
+            assert!(seccomp.contains("seccomp"), "{seccomp}");
+        }
+        let nosys = explain_setup_error(
+            io::Error::from_raw_os_error(libc::ENOSYS),
+            Path::new("/nonexistent"),
+        );
+        assert!(nosys.to_string().contains("5.19"), "{nosys}");
+        let other = explain_setup_error(
+            io::Error::from_raw_os_error(libc::EINVAL),
+            Path::new("/nonexistent"),
+        );
+        assert_eq!(other.raw_os_error(), Some(libc::EINVAL));
+    }
 }

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{find_program, run_with_timeout, ChildGuard, Stack};
+use common::{find_program, peer, run_with_timeout, ChildGuard, Stack};
 use holdfast_wire::frame::{FrameBuf, FrameType, OwnedFrame, MAX_LEN_FIELD};
 
 const PYTHON_CLIENT: &str = r#"
@@ -52,7 +52,7 @@ with socket.create_connection((host, port), timeout=10) as raw:
 #[test]
 fn python_ssl_client_handshakes_echoes_and_pings() {
     let Some(python) = find_program(&["/usr/bin/python3", "python3"]) else {
-        eprintln!("note: skipping, no python3 on this machine");
+        peer::missing("python3", "apt-get install python3");
         return;
     };
     let stack = Stack::start(&[]);
@@ -77,7 +77,7 @@ fn python_ssl_client_handshakes_echoes_and_pings() {
 #[test]
 fn openssl_s_client_echoes_a_data_frame() {
     let Some(openssl) = find_program(&["openssl"]) else {
-        eprintln!("note: skipping, no openssl command on this machine");
+        peer::missing("the openssl command", "apt-get install openssl");
         return;
     };
     let stack = Stack::start(&[]);

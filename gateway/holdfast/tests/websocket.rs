@@ -16,8 +16,8 @@
 //!
 //! The Python cases need `/usr/bin/python3` (with the `websockets` module for the library
 //! cases: Debian's python3-websockets) and the browser cases `/usr/bin/chromium`; a test
-//! whose tool is missing prints why and passes without running. CI installs both
-//! (`.ci/run`).
+//! whose tool is missing fails naming the package, or is counted as skipped under
+//! `HOLDFAST_ALLOW_SKIP=1` (`common::peer`). scripts/test.sh installs both.
 
 mod common;
 
@@ -31,7 +31,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    gateway_args, run_with_timeout, Client, ClientOptions, Closed, Gateway, Pki, Recv, Stack,
+    gateway_args, peer, run_with_timeout, Client, ClientOptions, Closed, Gateway, Pki, Recv, Stack,
     TestDir, Worker, IO_TIMEOUT,
 };
 use holdfast_wire::frame::OwnedFrame;
@@ -68,12 +68,17 @@ fn have_python(with_websockets: bool) -> bool {
             .is_ok_and(|s| s.success())
     });
     if !ok {
-        let what = if with_websockets {
-            "has no `websockets` module (Debian: python3-websockets)"
+        if with_websockets {
+            peer::missing(
+                "Python's websockets module",
+                "apt-get install python3-websockets",
+            );
         } else {
-            "is missing or has no ssl module"
-        };
-        eprintln!("SKIPPED: {PYTHON} {what}; .ci/run installs it");
+            peer::missing(
+                &format!("{PYTHON} with its ssl module"),
+                "apt-get install python3",
+            );
+        }
     }
     ok
 }
@@ -81,7 +86,7 @@ fn have_python(with_websockets: bool) -> bool {
 fn have_chromium() -> bool {
     let ok = Path::new(CHROMIUM).is_file();
     if !ok {
-        eprintln!("SKIPPED: {CHROMIUM} is missing (Debian: chromium); .ci/run installs it");
+        peer::missing(CHROMIUM, "apt-get install chromium");
     }
     ok
 }

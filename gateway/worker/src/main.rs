@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use holdfast_worker::{echo, WorkerListener, DEFAULT_NAME};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -73,6 +73,9 @@ enum Command {
         #[arg(long, default_value = "holdfast-nats-bridge")]
         name: String,
     },
+    /// Write man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -126,6 +129,9 @@ fn main() -> anyhow::Result<()> {
                 .context("cannot start the async runtime")?
                 .block_on(holdfast_worker::nats::run(options))
         }
+        Command::GenerateDocs { dir } => holdfast_clidocs::write(Cli::command(), &dir)
+            .map(|_| ())
+            .with_context(|| format!("writing docs under {}", dir.display())),
     }
 }
 

@@ -1,7 +1,8 @@
 //! End-to-end tests of `holdfast-worker nats` against a real `nats-server` (started here on
 //! a free loopback port) and the real `holdfast` gateway binary (build it first with
-//! `cargo build --workspace --bins`). Skipped, with a note, when nats-server (/usr/sbin or /usr/bin) or
-//! the gateway binary is missing. Every wait has a deadline.
+//! `cargo build --workspace --bins`). Without nats-server (/usr/sbin or /usr/bin) each test
+//! fails naming the package, or is counted as skipped under `HOLDFAST_ALLOW_SKIP=1`
+//! (`peer`, shared with the gateway's tests). Every wait has a deadline.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,6 +18,9 @@ use futures_util::StreamExt;
 use holdfast_wire::frame::{self, FrameBuf, FrameType, OwnedFrame};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+
+#[path = "../../holdfast/tests/common/peer.rs"]
+mod peer;
 
 /// Where Debian's `nats-server` package puts the server, and where others do.
 const NATS_SERVERS: &[&str] = &["/usr/sbin/nats-server", "/usr/bin/nats-server"];
@@ -59,16 +63,19 @@ fn gateway_bin() -> PathBuf {
     worker_bin().with_file_name("holdfast")
 }
 
-/// `None` (and a note on stderr) when the test cannot run here.
+/// `None` when the test cannot run here because nats-server is missing and skipping was
+/// asked for (`peer::missing` fails the test otherwise).
 fn prerequisites() -> Option<()> {
+    assert!(
+        gateway_bin().exists(),
+        "{} is missing: build every binary first (cargo build --workspace --bins; \
+         scripts/test.sh does)",
+        gateway_bin().display()
+    );
     if nats_server().is_none() {
-        eprintln!("SKIPPED: no nats-server in {NATS_SERVERS:?} (apt-get install nats-server)");
-        return None;
-    }
-    if !gateway_bin().exists() {
-        eprintln!(
-            "SKIPPED: {} is missing (cargo build --workspace --bins)",
-            gateway_bin().display()
+        peer::missing(
+            &format!("nats-server (looked in {NATS_SERVERS:?})"),
+            "apt-get install nats-server",
         );
         return None;
     }

@@ -10,6 +10,8 @@
 //! Each test binary uses a different part of this module, hence `allow(dead_code)`.
 #![allow(dead_code)]
 
+pub mod peer;
+
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
