@@ -385,6 +385,7 @@ impl View<'_> {
         let f: Vec<(&str, &str)> = core.map(|c| vec![("core", c)]).unwrap_or_default();
         let cur = self.cur;
         let conns = cur.sum("holdfast_connections_open", &f);
+        let asleep = cur.sum("holdfast_connections_hibernated", &f);
         let queued = cur.sum("holdfast_worker_link_queued_bytes", &f);
         let links_total = cur.series("holdfast_worker_link_up", &f).count();
         let links_up = cur
@@ -394,8 +395,9 @@ impl View<'_> {
         let cell = |v: Option<f64>, fmt: fn(f64) -> String| v.map_or("-".to_string(), fmt);
         let _ = writeln!(
             out,
-            "{name:>5} {:>8} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7} {:>9} {:>6} {:>8} {:>6}",
+            "{name:>5} {:>8} {:>8} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7} {:>9} {:>6} {:>8} {:>6}",
             cell(conns, count),
+            cell(asleep, count),
             cell(self.rate(core, &ACCEPTS), rate),
             cell(self.rate(core, &HS_OK), rate),
             cell(self.rate(core, &HS_FAILED), rate),
@@ -451,9 +453,10 @@ impl View<'_> {
         out.push('\n');
         let _ = writeln!(
             out,
-            "{:>5} {:>8} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7} {:>9} {:>6} {:>8} {:>6}",
+            "{:>5} {:>8} {:>8} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7} {:>9} {:>6} {:>8} {:>6}",
             "core",
             "conns",
+            "asleep",
             "acc/s",
             "hs/s",
             "hsfl/s",
@@ -935,6 +938,7 @@ mod tests {
         // One second later: core 0 accepted 4 (one garbage), relayed 300 frames each way,
         // closed 3; core 1's link went down with 2 KiB queued and its buffer ring ran dry.
         cores[0].connections_open.store(11, Relaxed);
+        cores[0].connections_hibernated.store(7, Relaxed);
         CoreMetrics::add(&cores[0].accepts, 4);
         CoreMetrics::add(&cores[0].handshakes_ok, 3);
         CoreMetrics::add(&cores[0].handshakes_failed, 1);
@@ -981,23 +985,26 @@ mod tests {
             screen.contains("rates per second over the last 1.0 s"),
             "{screen}"
         );
-        //                core conns acc/s hs/s hsfl/s in out close queued links bufdry busy
+        //          core conns asleep acc/s hs/s hsfl/s in out close queued links bufdry busy
         assert_eq!(
             row(&screen, "0"),
             [
-                "0", "11", "4.0", "3.0", "1.0", "300", "300", "3.0", "0", "B", "1/1", "0.0",
+                "0", "11", "7", "4.0", "3.0", "1.0", "300", "300", "3.0", "0", "B", "1/1", "0.0",
                 "25.0%"
             ]
         );
         assert_eq!(
             row(&screen, "1"),
-            ["1", "5", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "2.0", "KiB", "0/1", "2.0", "-"]
+            [
+                "1", "5", "0", "0.0", "0.0", "0.0", "0.0", "0.0", "0.0", "2.0", "KiB", "0/1",
+                "2.0", "-"
+            ]
         );
         assert_eq!(
             row(&screen, "all"),
             [
-                "all", "16", "4.0", "3.0", "1.0", "300", "300", "3.0", "2.0", "KiB", "1/2", "2.0",
-                "25.0%"
+                "all", "16", "7", "4.0", "3.0", "1.0", "300", "300", "3.0", "2.0", "KiB", "1/2",
+                "2.0", "25.0%"
             ]
         );
         assert!(screen.contains(
@@ -1091,11 +1098,14 @@ holdfast_core_utilization_ratio{core=\"1\",window=\"10s\"} 0.25
         );
         assert_eq!(
             row(&screen, "0"),
-            ["0", "1500", "12.5", "-", "-", "-", "-", "-", "3.0", "MiB", "1/1", "-", "50.0%"]
+            [
+                "0", "1500", "-", "12.5", "-", "-", "-", "-", "-", "3.0", "MiB", "1/1", "-",
+                "50.0%"
+            ]
         );
-        assert_eq!(row(&screen, "1")[..3], ["1", "25.0k", "12.3k"]);
-        assert_eq!(row(&screen, "all")[..3], ["all", "26.5k", "12.4k"]);
-        assert_eq!(row(&screen, "all")[12], "37.5%");
+        assert_eq!(row(&screen, "1")[..4], ["1", "25.0k", "-", "12.3k"]);
+        assert_eq!(row(&screen, "all")[..4], ["all", "26.5k", "-", "12.4k"]);
+        assert_eq!(row(&screen, "all")[13], "37.5%");
         assert!(
             screen.contains("worst queue: core 0 -> w: 3.0 MiB queued, link up\n"),
             "{screen}"

@@ -158,3 +158,184 @@ fn openssl_s_client_echoes_a_data_frame() {
     );
     assert_eq!(got.len(), 2, "unexpected frames: {got:?}");
 }
+
+/// Python's ssl (OpenSSL) over many connections that hibernate between two echoes.
+const PYTHON_HIBERNATING: &str = r#"
+import socket, ssl, sys, time
+
+host, port, ca, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+ctx = ssl.create_default_context(cafile=ca)
+ctx.set_alpn_protocols(["holdfast/1"])
+
+def recv_exact(s, k):
+    out = b""
+    while len(out) < k:
+        chunk = s.recv(k - len(out))
+        if not chunk:
+            raise SystemExit("connection closed after %d of %d bytes" % (len(out), k))
+        out += chunk
+    return out
+
+def echo(s, payload):
+    s.sendall(bytes([1]) + len(payload).to_bytes(3, "big") + payload)
+    header = recv_exact(s, 4)
+    got = recv_exact(s, int.from_bytes(header[1:], "big"))
+    assert (header[0], got) == (1, payload), (header[0], got)
+
+conns = []
+for i in range(n):
+    raw = socket.create_connection((host, port), timeout=10)
+    conns.append(ctx.wrap_socket(raw, server_hostname="localhost"))
+for i, s in enumerate(conns):
+    echo(s, b"before %d" % i)
+print("ECHOED", flush=True)
+sys.stdin.readline()  # the test says when the gateway reports them hibernated
+for i, s in enumerate(conns):
+    echo(s, b"after %d " % i + bytes(range(256)) * 8)
+print("OK", flush=True)
+"#;
+
+#[test]
+fn python_ssl_clients_echo_after_their_connections_hibernated() {
+    let Some(python) = find_program(&["/usr/bin/python3", "python3"]) else {
+        peer::missing("python3", "apt-get install python3");
+        return;
+    };
+    const N: usize = 300;
+    let stack = Stack::start(&["--hibernate-after", "1"]);
+    let mut child = Command::new(&python)
+        .arg("-c")
+        .arg(PYTHON_HIBERNATING)
+        .arg(stack.gateway.listen.ip().to_string())
+        .arg(stack.gateway.listen.port().to_string())
+        .arg(&stack.pki.ca_pem)
+        .arg(N.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python");
+    let mut stdin = child.stdin.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let guard = ChildGuard::new(child);
+    let (tx, rx) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut expect_line = |want: &str| {
+        let got = rx.recv_timeout(Duration::from_secs(60));
+        if got.as_deref() != Ok(want) {
+            let mut err = String::new();
+            let _ = stderr.read_to_string(&mut err);
+            panic!("python said {got:?}, not {want}\n--- stderr ---\n{err}");
+        }
+    };
+    expect_line("ECHOED");
+    stack.gateway.wait_for_metrics_within(
+        Duration::from_secs(15),
+        "python's connections hibernated",
+        &mut |m| m.sum("holdfast_connections_hibernated", &[]) >= N as f64,
+    );
+    stdin.write_all(b"go\n").expect("tell python");
+    stdin.flush().expect("flush");
+    expect_line("OK");
+    drop(guard);
+}
+
+/// `openssl s_client`'s interactive `k` and `K` send a KeyUpdate without and with
+/// update_requested (RFC 8446 4.6.3). Each is sent while the connection is hibernated,
+/// repeatedly, and each echo after it must come back: the gateway followed the client's
+/// new key and, for `K`, moved to a new key of its own that s_client follows.
+#[test]
+fn openssl_key_updates_while_hibernated_are_followed_both_ways() {
+    let Some(openssl) = find_program(&["openssl"]) else {
+        peer::missing("the openssl command", "apt-get install openssl");
+        return;
+    };
+    let stack = Stack::start(&["--hibernate-after", "1"]);
+    // Not -quiet: that implies -ign_eof, which turns the k/K commands off. Its session
+    // report goes to stdout too; the echoed frames are found in it by their bytes.
+    let mut child = Command::new(&openssl)
+        .arg("s_client")
+        .arg("-connect")
+        .arg(stack.gateway.listen.to_string())
+        .arg("-CAfile")
+        .arg(&stack.pki.ca_pem)
+        .args(["-servername", "localhost", "-verify_return_error"])
+        .args(["-alpn", "holdfast/1", "-tls1_3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn openssl s_client");
+    let mut stdin = child.stdin.take().expect("piped");
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let guard = ChildGuard::new(child);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |want: &[u8], what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !seen.windows(want.len()).any(|w| w == want) {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(bytes) => seen.extend_from_slice(&bytes),
+                Err(e) => {
+                    let mut err = String::new();
+                    let _ = stderr.read_to_string(&mut err);
+                    panic!(
+                        "no {what} from s_client ({e})\n--- stdout ---\n{}\n--- stderr ---\n{err}",
+                        String::from_utf8_lossy(&seen)
+                    );
+                }
+            }
+        }
+    };
+    let hibernated = |n: f64| {
+        stack.gateway.wait_for_metrics_within(
+            Duration::from_secs(10),
+            "the connection hibernated",
+            &mut |m| m.sum("holdfast_hibernations_total", &[]) >= n,
+        );
+    };
+    // Each step: a frame echoed, the connection left to hibernate, then a command.
+    let steps: [&[u8]; 5] = [b"", b"k\n", b"K\n", b"K\n", b"k\n"];
+    for (i, command) in steps.iter().enumerate() {
+        if !command.is_empty() {
+            stdin.write_all(command).expect("s_client command");
+            stdin.flush().expect("flush");
+            // s_client reads its stdin in chunks; keep the command a chunk of its own.
+            thread::sleep(Duration::from_millis(300));
+        }
+        let payload = format!(
+            "frame {i} after {:?}",
+            String::from_utf8_lossy(command).trim()
+        );
+        let frame = common::encode(FrameType::Data, payload.as_bytes());
+        stdin.write_all(&frame).expect("write a frame");
+        stdin.flush().expect("flush");
+        wait_for(&frame, &payload);
+        hibernated((i + 1) as f64);
+    }
+    // Had s_client sent a command line as data, the gateway would have closed on an
+    // unknown frame type ('k' is 0x6b) and the next echo would never have come.
+    wait_for(b"KEYUPDATE", "s_client's KEYUPDATE report");
+    let m = stack.gateway.metrics();
+    assert!(m.sum("holdfast_wakeups_total", &[]) >= 4.0);
+    drop(stdin);
+    drop(guard);
+}

@@ -94,3 +94,41 @@ fn hibernation_off_keeps_every_connection_on_rustls() {
     assert_eq!(m.sum("holdfast_hibernations_total", &[]), 0.0);
     echo_all(&mut clients, "two");
 }
+
+/// KeyUpdate from a rustls client (`refresh_traffic_keys` asks for ours too), repeatedly,
+/// while the connection is awake and while it is hibernated: every echo after it still
+/// decrypts, so both sides moved to the same new keys each time.
+#[test]
+fn key_updates_before_and_after_hibernation_keep_the_conversation_going() {
+    let stack = Stack::start(&["--hibernate-after", "1"]);
+    let mut clients = open(&stack, 4);
+    for (i, c) in clients.iter_mut().enumerate() {
+        // Awake: just after the handshake, on holdfast's record layer.
+        for round in 0..3 {
+            c.stream
+                .conn
+                .refresh_traffic_keys()
+                .expect("client KeyUpdate");
+            c.echo(&payload("awake-ku", i * 10 + round, 100));
+        }
+    }
+    stack.gateway.wait_for_metrics_within(
+        Duration::from_secs(10),
+        "the connections hibernated",
+        &mut |m| m.sum("holdfast_connections_hibernated", &[]) >= 4.0,
+    );
+    for round in 0..3 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.stream
+                .conn
+                .refresh_traffic_keys()
+                .expect("client KeyUpdate");
+            c.echo(&payload("asleep-ku", i * 10 + round, 100));
+        }
+        stack
+            .gateway
+            .wait_for_metrics_within(Duration::from_secs(10), "asleep again", &mut |m| {
+                m.sum("holdfast_connections_hibernated", &[]) >= 4.0
+            });
+    }
+}
