@@ -99,4 +99,5 @@ for mode in off on; do
         "${peak[$mode]}" "${echo_us[$mode]}"
 done
 awk -v off="${echo_us[off]}" -v on="${echo_us[on]}" \
-    'BEGIN { printf "  wake-up (and sleep again) cost per frame: %.1f us\n", on - off }'
+    'BEGIN { printf "  server CPU per frame, on minus off (whole process, kernel included): %.1f us\n", on - off }'
+echo "  (cargo bench -p holdfast --bench wakeup isolates the userspace cost of a wake-up)"
