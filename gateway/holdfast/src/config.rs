@@ -309,6 +309,12 @@ impl Config {
         if self.limits.max_outbound_per_conn < 64 * 1024 {
             return invalid("limits.max_outbound_per_conn", "must be at least 65536");
         }
+        if self.limits.max_outbound_per_conn > 1 << 30 {
+            return invalid(
+                "limits.max_outbound_per_conn",
+                "must be at most 1073741824 (1 GiB)",
+            );
+        }
         if self.limits.link_window_bytes < 2 * (self.limits.max_frame + 64)
             || self.limits.link_window_bytes < 64 * 1024
         {

@@ -44,6 +44,9 @@ enum State {
     Rustls(Box<Handshake>),
     Awake(Box<RecordLayer>),
     Asleep(Hibernated),
+    /// A record failed on our layer (its alert, if any, is sent), or the conversion
+    /// failed: nothing more is read or sent.
+    Failed,
     /// Only between two states of a transition.
     Moving,
 }
@@ -59,8 +62,6 @@ struct Handshake {
 /// A connection's TLS, whichever layer holds it now.
 pub struct ConnTls {
     state: State,
-    /// A record failed: nothing more is read, and only an alert was sent.
-    failed: bool,
 }
 
 impl ConnTls {
@@ -74,14 +75,14 @@ impl ConnTls {
                 secrets: None,
                 convert: hibernate,
             })),
-            failed: false,
         }
     }
 
     pub fn has_failed(&self) -> bool {
         match &self.state {
             State::Rustls(h) => h.session.has_failed(),
-            _ => self.failed,
+            State::Failed => true,
+            _ => false,
         }
     }
 
@@ -218,7 +219,7 @@ impl ConnTls {
             }
             Err(why) => {
                 tracing::warn!("cannot move a TLS 1.3 connection to the record layer: {why}");
-                self.failed = true;
+                self.state = State::Failed;
                 Err(())
             }
         }
@@ -256,7 +257,7 @@ impl ConnTls {
             fed
         };
         if fed.end == Some(TlsEnd::Error) {
-            self.failed = true;
+            self.state = State::Failed;
         }
         fed
     }
@@ -279,7 +280,7 @@ impl ConnTls {
                 debug!("cannot seal a record: {e}");
                 TlsEnd::Error
             }),
-            State::Asleep(_) | State::Moving => Err(TlsEnd::Error),
+            State::Asleep(_) | State::Failed | State::Moving => Err(TlsEnd::Error),
         }
     }
 
@@ -301,14 +302,14 @@ impl ConnTls {
             State::Awake(layer) => {
                 let _ = layer.seal_close_notify(out);
             }
-            State::Asleep(_) | State::Moving => {}
+            State::Asleep(_) | State::Failed | State::Moving => {}
         }
         woke
     }
 
     /// Drops the expanded keys of an awake connection. False when not on our layer.
     pub fn hibernate(&mut self) -> bool {
-        if !matches!(self.state, State::Awake(_)) || self.failed {
+        if !matches!(self.state, State::Awake(_)) {
             return false;
         }
         let State::Awake(layer) = std::mem::replace(&mut self.state, State::Moving) else {

@@ -20,7 +20,6 @@
 //! fd number in the regular-fd fallback), so a connection needs no separate index.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -36,6 +35,7 @@ use crate::config::Config;
 use crate::inflight::{CloseStep, SocketOps};
 use crate::link::{Link, LinkState};
 use crate::metrics::{CloseReason, CoreMetrics};
+use crate::peer::Peer;
 use crate::ring::{build_ring, peer_of_installed_fd, BufRing, RingFeatures};
 use crate::route;
 use crate::session::{CloseCause, Deadline, Event, Session, SessionConfig, Turn};
@@ -160,14 +160,13 @@ struct Conn {
     born_ms: u32,
     /// Counted in the hibernated gauge.
     asleep: bool,
-    peer: Option<SocketAddr>,
+    peer: Peer,
 }
 
 // How often closed connections are pruned from topics nobody publishes to.
 const TOPIC_SWEEP_SECS: u64 = 60;
 // How long a starting core waits for connected workers' HELLOs before it accepts clients.
 const STARTUP_HELLO_WAIT: Duration = Duration::from_secs(2);
-const UNKNOWN_PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
 
 pub struct Core {
     // Field order matters: the ring is dropped before the buffer ring it reads from.
@@ -609,7 +608,7 @@ impl Core {
             seq: 0,
             born_ms: self.now_ms as u32,
             asleep: false,
-            peer: None,
+            peer: Peer::Unknown,
         });
         self.drive(&mut conn, slot);
         self.put(slot, conn);
@@ -627,7 +626,7 @@ impl Core {
                 .ok()
                 .and_then(|a| a.as_socket());
             if let Some(c) = self.conns[slot as usize].as_mut() {
-                c.peer = peer;
+                c.peer = Peer::from(peer);
             }
         }
     }
@@ -638,7 +637,7 @@ impl Core {
         }
         let peer = peer_of_installed_fd(res);
         if let Some(c) = self.conn_mut(slot, gen) {
-            c.peer = peer;
+            c.peer = Peer::from(peer);
         }
     }
 
@@ -869,7 +868,7 @@ impl Core {
     /// Sends OPEN for the connection to worker `w`, which then owns its frames.
     fn open_on(&mut self, conn: &mut Conn, id: ConnId, w: u8) {
         let (sni, alpn) = (conn.session.server_name(), conn.session.alpn());
-        self.links[w as usize].queue_open(id, conn.peer.unwrap_or(UNKNOWN_PEER), sni, alpn);
+        self.links[w as usize].queue_open(id, conn.peer.get(), sni, alpn);
         conn.worker = Some(w);
     }
 
@@ -1882,7 +1881,7 @@ mod tests {
         let session = std::mem::size_of::<crate::session::Session>();
         let sock = std::mem::size_of::<crate::inflight::SocketOps>();
         eprintln!("Conn {conn} B (Session {session} B, SocketOps {sock} B)");
-        assert!(conn <= 400, "Conn is {conn} B");
+        assert!(conn <= 344, "Conn is {conn} B");
     }
 
     #[test]

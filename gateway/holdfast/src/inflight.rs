@@ -30,71 +30,86 @@ pub struct SendOp {
 }
 
 /// The kernel-facing state of one connection. Private fields: the outbound buffer is
-/// reachable only while no send names it.
+/// reachable only while no send names it. Kept small (32 B): every idle connection has one.
 #[derive(Debug, Default)]
 pub struct SocketOps {
-    recv_armed: bool,
-    send_inflight: bool,
     /// The bytes of the send in flight (and what remains of them); frozen while
-    /// `send_inflight`.
+    /// `SEND_INFLIGHT`.
     out: Vec<u8>,
-    out_off: usize,
-    closing: bool,
-    /// Close gracefully: FIN after our last bytes, then wait for the client's FIN.
-    linger: bool,
-    /// The flush deadline passed: stop lingering, cut the connection.
-    cut: bool,
-    shutdown_submitted: bool,
-    /// The Shutdown completed. Close waits for it: a Shutdown still queued on an io-wq
-    /// thread after the slot was closed and reused would shut the next client down.
-    shutdown_done: bool,
-    cancel_submitted: bool,
-    close_submitted: bool,
+    out_off: u32,
+    /// The flags below.
+    flags: u16,
 }
+
+const RECV_ARMED: u16 = 1;
+const SEND_INFLIGHT: u16 = 1 << 1;
+const CLOSING: u16 = 1 << 2;
+/// Close gracefully: FIN after our last bytes, then wait for the client's FIN.
+const LINGER: u16 = 1 << 3;
+/// The flush deadline passed: stop lingering, cut the connection.
+const CUT: u16 = 1 << 4;
+const SHUTDOWN_SUBMITTED: u16 = 1 << 5;
+/// The Shutdown completed. Close waits for it: a Shutdown still queued on an io-wq thread
+/// after the slot was closed and reused would shut the next client down.
+const SHUTDOWN_DONE: u16 = 1 << 6;
+const CANCEL_SUBMITTED: u16 = 1 << 7;
+const CLOSE_SUBMITTED: u16 = 1 << 8;
 
 impl SocketOps {
     pub fn new() -> SocketOps {
         SocketOps::default()
     }
 
+    fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+
+    fn set(&mut self, flag: u16, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
     pub fn recv_armed(&self) -> bool {
-        self.recv_armed
+        self.has(RECV_ARMED)
     }
 
     /// A multishot receive was submitted.
     pub fn recv_submitted(&mut self) {
-        debug_assert!(!self.recv_armed, "one receive armed at a time");
-        self.recv_armed = true;
+        debug_assert!(!self.has(RECV_ARMED), "one receive armed at a time");
+        self.set(RECV_ARMED, true);
     }
 
     /// The receive ended (a completion without F_MORE).
     pub fn recv_ended(&mut self) {
-        self.recv_armed = false;
+        self.set(RECV_ARMED, false);
     }
 
     /// Whether a receive should be armed again after one ended.
     pub fn wants_recv(&self) -> bool {
-        !self.recv_armed && !self.closing
+        !self.has(RECV_ARMED) && !self.has(CLOSING)
     }
 
     /// No send is in flight and no handed-over byte is unsent.
     pub fn send_idle(&self) -> bool {
-        !self.send_inflight && self.in_flight_bytes() == 0
+        !self.has(SEND_INFLIGHT) && self.in_flight_bytes() == 0
     }
 
     /// Bytes handed to the kernel and not yet sent.
     pub fn in_flight_bytes(&self) -> usize {
-        self.out.len() - self.out_off
+        self.out.len() - self.out_off as usize
     }
 
     /// Starts a send of what is left of the current bytes or, once they are out, of
     /// `queued` (swapped in, so `queued` becomes an empty buffer that keeps its
     /// capacity). None while a send is in flight, after shutdown, or with nothing to send.
     pub fn start_send(&mut self, queued: &mut Vec<u8>) -> Option<SendOp> {
-        if self.send_inflight || self.shutdown_submitted {
+        if self.has(SEND_INFLIGHT) || self.has(SHUTDOWN_SUBMITTED) {
             return None;
         }
-        if self.out_off >= self.out.len() {
+        if self.out_off as usize >= self.out.len() {
             if queued.is_empty() {
                 return None;
             }
@@ -102,29 +117,31 @@ impl SocketOps {
             queued.clear();
             self.out_off = 0;
         }
-        let rest = &self.out[self.out_off..];
-        self.send_inflight = true;
-        Some(SendOp {
+        let rest = &self.out[self.out_off as usize..];
+        let op = SendOp {
             ptr: rest.as_ptr(),
             len: rest.len().min(u32::MAX as usize) as u32,
-        })
+        };
+        self.set(SEND_INFLIGHT, true);
+        Some(op)
     }
 
     /// The send completed with `res` (bytes sent, or -errno). On an error every outbound
     /// byte is dropped (the connection is going) and the errno returned. When everything
     /// is out, both buffers are freed: an idle connection owns no send buffer.
     pub fn send_done(&mut self, res: i32, queued: &mut Vec<u8>) -> Result<(), i32> {
-        debug_assert!(self.send_inflight, "a send completion without a send");
-        self.send_inflight = false;
+        debug_assert!(self.has(SEND_INFLIGHT), "a send completion without a send");
+        self.set(SEND_INFLIGHT, false);
         if res < 0 {
             self.out = Vec::new();
             self.out_off = 0;
             *queued = Vec::new();
             return Err(-res);
         }
-        self.out_off += res as usize;
-        debug_assert!(self.out_off <= self.out.len());
-        if self.out_off >= self.out.len() && queued.is_empty() {
+        // A send never exceeds its `SendOp::len`, a u32.
+        self.out_off += res as u32;
+        debug_assert!(self.out_off as usize <= self.out.len());
+        if self.out_off as usize >= self.out.len() && queued.is_empty() {
             self.out = Vec::new();
             *queued = Vec::new();
             self.out_off = 0;
@@ -133,28 +150,28 @@ impl SocketOps {
     }
 
     pub fn is_closing(&self) -> bool {
-        self.closing
+        self.has(CLOSING)
     }
 
     /// The connection began closing. It lingers when asked to (the client has a last
     /// message to read) or when a send is still in flight.
     pub fn begin_close(&mut self, linger: bool) {
-        if self.closing {
+        if self.has(CLOSING) {
             return;
         }
-        self.closing = true;
-        self.linger = linger || self.send_inflight;
+        self.set(CLOSING, true);
+        self.set(LINGER, linger || self.has(SEND_INFLIGHT));
     }
 
     /// The flush deadline passed: shut down now, and stop lingering.
     pub fn cut(&mut self) {
-        debug_assert!(self.closing);
-        self.cut = true;
+        debug_assert!(self.has(CLOSING));
+        self.set(CUT, true);
     }
 
     /// The Shutdown completed.
     pub fn shutdown_done(&mut self) {
-        self.shutdown_done = true;
+        self.set(SHUTDOWN_DONE, true);
     }
 
     /// What to submit next for a closing connection, given whether its session still has
@@ -162,39 +179,39 @@ impl SocketOps {
     /// lingering receive when cut, close once nothing is in flight. Each step is
     /// returned once.
     pub fn next_close_step(&mut self, nothing_queued: bool) -> Option<CloseStep> {
-        if !self.closing {
+        if !self.has(CLOSING) {
             return None;
         }
-        let flushed = !self.send_inflight && self.in_flight_bytes() == 0 && nothing_queued;
-        if !self.shutdown_submitted && (self.cut || flushed) {
-            self.shutdown_submitted = true;
+        let flushed = !self.has(SEND_INFLIGHT) && self.in_flight_bytes() == 0 && nothing_queued;
+        if !self.has(SHUTDOWN_SUBMITTED) && (self.has(CUT) || flushed) {
+            self.set(SHUTDOWN_SUBMITTED, true);
             // A graceful close only shuts our sending side and keeps reading until the
             // client's FIN: closing with unread input would make the kernel answer with a
             // reset, which can destroy our last message in flight.
-            let how = if self.cut || !self.recv_armed || !self.linger {
+            let how = if self.has(CUT) || !self.has(RECV_ARMED) || !self.has(LINGER) {
                 libc::SHUT_RDWR
             } else {
                 libc::SHUT_WR
             };
             return Some(CloseStep::Shutdown(how));
         }
-        if !self.shutdown_done || self.close_submitted || self.send_inflight {
+        if !self.has(SHUTDOWN_DONE) || self.has(CLOSE_SUBMITTED) || self.has(SEND_INFLIGHT) {
             return None;
         }
-        if self.recv_armed {
-            if self.cut && !self.cancel_submitted {
-                self.cancel_submitted = true;
+        if self.has(RECV_ARMED) {
+            if self.has(CUT) && !self.has(CANCEL_SUBMITTED) {
+                self.set(CANCEL_SUBMITTED, true);
                 return Some(CloseStep::CancelRecv);
             }
             return None;
         }
-        self.close_submitted = true;
+        self.set(CLOSE_SUBMITTED, true);
         Some(CloseStep::Close)
     }
 
     /// Nothing is in flight: the slot may be freed (after the Close completion).
     pub fn is_quiet(&self) -> bool {
-        !self.recv_armed && !self.send_inflight
+        !self.has(RECV_ARMED) && !self.has(SEND_INFLIGHT)
     }
 }
 

@@ -16,6 +16,7 @@ pub mod hints;
 pub mod inflight;
 pub mod link;
 pub mod metrics;
+pub mod peer;
 pub mod rates;
 pub mod record;
 #[allow(unsafe_code)]

@@ -18,6 +18,8 @@
 //! [`CloseCause`], built from the codec and TLS errors, kept in the closing phase.
 #![forbid(unsafe_code)]
 
+use std::sync::Arc;
+
 use holdfast_wire::envelope;
 use holdfast_wire::frame::{self, close_code, Frame, FrameError, FrameType};
 use holdfast_wire::ws;
@@ -101,6 +103,8 @@ pub struct Turn {
     /// Connections that hibernated, and that woke, during these inputs (for the metrics).
     pub hibernations: u64,
     pub wakeups: u64,
+    /// The server names (SNI) of this core's connections, each kept once.
+    pub names: Names,
     /// When set, every decrypted byte is appended here: for tests that check the record
     /// layer through the real session, and for debugging tools. None in the gateway.
     pub tap: Option<Vec<u8>>,
@@ -113,6 +117,55 @@ impl Turn {
 
     fn frame_event(&mut self, flags: u8, payload: &[u8]) {
         self.events.frame(flags, payload);
+    }
+}
+
+/// Server names shared by the connections of a core: most clients of a gateway send one
+/// of a few names, so each connection holds a reference instead of its own copy. Bounded:
+/// past `MAX_NAMES` distinct names a connection keeps its own copy.
+#[derive(Debug, Default)]
+pub struct Names {
+    names: std::collections::HashMap<Box<str>, Arc<str>>,
+}
+
+const MAX_NAMES: usize = 4096;
+
+impl Names {
+    pub fn intern(&mut self, name: Box<str>) -> Arc<str> {
+        if let Some(shared) = self.names.get(&name) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(&*name);
+        if self.names.len() < MAX_NAMES {
+            self.names.insert(name, shared.clone());
+        }
+        shared
+    }
+}
+
+/// The ALPN protocol negotiated, as one byte (the gateway offers two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Alpn {
+    None,
+    Native,
+    Http,
+}
+
+impl Alpn {
+    fn of(alpn: Option<&[u8]>) -> Alpn {
+        match alpn {
+            Some(a) if a == frame::ALPN => Alpn::Native,
+            Some(b"http/1.1") => Alpn::Http,
+            _ => Alpn::None,
+        }
+    }
+
+    fn as_bytes(self) -> Option<&'static [u8]> {
+        match self {
+            Alpn::None => None,
+            Alpn::Native => Some(frame::ALPN),
+            Alpn::Http => Some(b"http/1.1"),
+        }
     }
 }
 
@@ -292,8 +345,9 @@ struct Transport {
     tls: ConnTls,
     phase: Phase,
     /// What the handshake negotiated, kept here because rustls may be gone.
-    sni: Option<Box<str>>,
-    alpn: Option<&'static [u8]>,
+    /// Shared with every connection of the core that sent the same name.
+    sni: Option<Arc<str>>,
+    alpn: Alpn,
     version: Option<rustls::ProtocolVersion>,
     /// Seconds idle before hibernating (0: never), from the configuration.
     hibernate_after: u32,
@@ -320,7 +374,7 @@ impl Session {
                 tls: ConnTls::new(tls, cfg.hibernate_after_secs > 0),
                 phase: Phase::Handshake,
                 sni: None,
-                alpn: None,
+                alpn: Alpn::None,
                 version: None,
                 hibernate_after: cfg.hibernate_after_secs.min(u64::from(u32::MAX)) as u32,
                 staging: Vec::new(),
@@ -369,7 +423,7 @@ impl Session {
     }
 
     pub fn alpn(&self) -> Option<&[u8]> {
-        self.t.alpn
+        self.t.alpn.as_bytes()
     }
 
     pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
@@ -410,13 +464,13 @@ impl Session {
             t.timer = Some(t.wake_deadline(now));
         }
         if let Some(n) = got.negotiated {
-            t.sni = n.sni;
-            t.alpn = n.alpn;
+            t.sni = n.sni.map(|name| turn.names.intern(name));
+            t.alpn = Alpn::of(n.alpn);
             t.version = n.version;
         }
         if fed.handshake_done {
             t.phase = Phase::Open;
-            self.app = match t.alpn {
+            self.app = match t.alpn.as_bytes() {
                 Some(b"http/1.1") => App::Http {
                     request: Vec::new(),
                 },
