@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{payload, Client, ClientOptions, Stack};
 use holdfast_wire::frame::{FrameType, OwnedFrame};
 
-const CONNECTIONS: usize = 400;
+const CONNECTIONS: usize = 2_000;
 
 fn open(stack: &Stack, n: usize) -> Vec<Client> {
     let opts = ClientOptions::new(&stack.pki);
