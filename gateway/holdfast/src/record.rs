@@ -38,7 +38,9 @@
 //! NewSessionTicket, a ClientHello) and a protected ChangeCipherSpec are refused with
 //! unexpected_message. A KeyUpdate with update_requested is answered at once: our
 //! KeyUpdate(update_not_requested), sealed under the old send key, is appended to the
-//! caller's output before the send secret moves on (RFC 8446 §4.6.3). As in rustls, at
+//! caller's output before the send secret moves on (RFC 8446 §4.6.3). Requests that
+//! arrive while we send no application data get that one answer (as rustls does; a
+//! rustls peer refuses more than 32 KeyUpdates between two application data records). As in rustls, at
 //! most [`KEY_UPDATES_WITHOUT_DATA`] KeyUpdates may arrive without application data
 //! between them. The send key is also rotated on our own initiative before it has
 //! protected the suite's confidentiality limit of records (millions for AES-GCM; none for
@@ -293,6 +295,9 @@ const PEER_CLOSED: u8 = 1;
 const FAILED: u8 = 2;
 /// close_notify or an alert was sealed: nothing more is sealed.
 const SEND_CLOSED: u8 = 4;
+/// We answered a KeyUpdate request and have sealed no application data since: further
+/// requests until then need no answer of their own (RFC 8446 §4.6.3).
+const ANSWERED: u8 = 8;
 
 /// An established TLS 1.3 server connection at rest: its suite, traffic secrets and
 /// sequence numbers, and nothing expanded. Not `Clone`: two copies would seal different
@@ -353,7 +358,13 @@ impl Hibernated {
     /// Makes the record layer ready to open and seal; keys are expanded on first use.
     pub fn wake(self) -> RecordLayer {
         RecordLayer {
-            rekey_at: self.suite.common.confidentiality_limit.min(u64::MAX - 1),
+            // The KeyUpdate takes the last number, so the key protects exactly the limit.
+            rekey_at: self
+                .suite
+                .common
+                .confidentiality_limit
+                .saturating_sub(1)
+                .min(u64::MAX - 1),
             seq_max: u64::MAX,
             state: self,
             rx: None,
@@ -463,8 +474,9 @@ pub enum Record<'a> {
     /// The record is not complete yet: keep the input, append more, offer it again.
     /// `needed` is the whole record's length once its header is in, else the header's.
     Incomplete { needed: usize },
-    /// The peer rotated its sending key. With `requested`, our answering KeyUpdate was
-    /// appended to the output and our sending key rotated too.
+    /// The peer rotated its sending key. With `requested`, it asked us to rotate ours: our
+    /// answering KeyUpdate was appended to the output and our key rotated, unless we had
+    /// answered a request already and sent no application data since.
     KeyUpdate { requested: bool },
     /// close_notify: the peer sends nothing more (anything after it is ignored).
     Closed,
@@ -487,7 +499,7 @@ pub struct RecordLayer {
     state: Hibernated,
     rx: Option<Box<dyn MessageDecrypter>>,
     tx: Option<Box<dyn MessageEncrypter>>,
-    /// Our sending key is rotated before a record with this sequence number.
+    /// Our sending key is rotated with a KeyUpdate that takes this sequence number.
     rekey_at: u64,
     /// No key protects a record with this sequence number or beyond, in either direction.
     seq_max: u64,
@@ -515,11 +527,13 @@ impl RecordLayer {
     }
 
     /// Changes the sequence number limits (tests; an operator who wants earlier rekeys):
-    /// our sending key is rotated with a KeyUpdate before it seals record `rekey_at`
-    /// (at least 1), and no record numbered `seq_max` or beyond is opened or sealed
-    /// ([`RecordError::SequenceExhausted`]). The defaults are the suite's confidentiality
-    /// limit and `u64::MAX`, so a sequence number never wraps; [`RecordLayer::hibernate`]
-    /// forgets these and [`Hibernated::wake`] starts from the defaults again.
+    /// when application data would take sequence number `rekey_at` (at least 1), a
+    /// KeyUpdate takes it instead and the data goes under the next key; no record numbered
+    /// `seq_max` or beyond is opened or sealed ([`RecordError::SequenceExhausted`]). The
+    /// defaults are one below the suite's confidentiality limit and `u64::MAX`, so a key
+    /// protects at most that limit and a sequence number never wraps.
+    /// [`RecordLayer::hibernate`] forgets these and [`Hibernated::wake`] starts from the
+    /// defaults again.
     pub fn set_limits(&mut self, rekey_at: u64, seq_max: u64) {
         self.rekey_at = rekey_at.max(1);
         self.seq_max = seq_max;
@@ -640,8 +654,9 @@ impl RecordLayer {
             return Err(self.fail(RecordError::UnexpectedMessage));
         }
         self.state.key_updates_left -= 1;
-        if requested && self.state.flags & SEND_CLOSED == 0 {
+        if requested && self.state.flags & (SEND_CLOSED | ANSWERED) == 0 {
             self.rotate_tx(out)?;
+            self.state.flags |= ANSWERED;
         }
         self.state.rx = self.state.rx.next(self.state.suite);
         self.state.rx_seq = 0;
@@ -664,6 +679,7 @@ impl RecordLayer {
                 self.rotate_tx(out)?;
             }
             self.seal_record(ContentType::ApplicationData, chunk, out)?;
+            self.state.flags &= !ANSWERED;
         }
         Ok(())
     }
@@ -1110,6 +1126,21 @@ mod tests {
     }
 
     #[test]
+    fn default_limits_follow_the_suite() {
+        for suite in 0..SUITES.len() {
+            let (_client, state) = connect(suite);
+            let limit = state.suite().common.confidentiality_limit;
+            let layer = state.wake();
+            assert_eq!(layer.rekey_at, limit.saturating_sub(1).min(u64::MAX - 1));
+            assert_eq!(layer.seq_max, u64::MAX);
+            assert!(
+                layer.rekey_at < layer.seq_max,
+                "we rotate before we run out"
+            );
+        }
+    }
+
+    #[test]
     fn data_flows_both_ways_in_every_suite() {
         for suite in 0..SUITES.len() {
             let (mut client, state) = connect(suite);
@@ -1160,7 +1191,7 @@ mod tests {
             let (mut client, state) = connect(suite);
             let mut layer = state.wake();
             for round in 0..5 {
-                // The client asks (once, then twice in a row); we answer each time.
+                // The client asks (once, then twice in a row); one answer covers both.
                 let asks = 1 + round % 2;
                 let mut wire = Vec::new();
                 for _ in 0..asks {
@@ -1177,8 +1208,8 @@ mod tests {
                 assert_eq!(layer.sequence_numbers().1, 0, "our key rotated");
                 assert_eq!(
                     out.len(),
-                    asks * (HEADER_LEN + 5 + 17),
-                    "one KeyUpdate per ask"
+                    HEADER_LEN + 5 + 17,
+                    "one KeyUpdate answers them all"
                 );
                 layer.seal(&data, &mut out).expect("seal");
                 assert_eq!(client_receive(&mut client, &out), Ok(data.clone()));
@@ -1220,6 +1251,18 @@ mod tests {
             wire.extend(client_send(&mut client, b"data resets the count"));
             let fed = feed(&mut layer, &wire, usize::MAX, &mut out).expect("32 are fine");
             assert_eq!(fed.key_updates.len(), usize::from(KEY_UPDATES_WITHOUT_DATA));
+            assert_eq!(
+                out.len(),
+                HEADER_LEN + 5 + 17,
+                "answered once: we sent nothing"
+            );
+            // Our data goes under the new key; the next request gets an answer again.
+            layer.seal(b"reply", &mut out).expect("seal");
+            assert_eq!(
+                client_receive(&mut client, &out).as_deref(),
+                Ok(&b"reply"[..])
+            );
+            out.clear();
         }
         let mut wire = Vec::new();
         for _ in 0..=KEY_UPDATES_WITHOUT_DATA {
