@@ -103,6 +103,22 @@ pub struct Limits {
     /// reading clients (back-pressure) until the worker acknowledges below half of it.
     /// Gateway memory for relaying is bounded by the windows plus the receive buffers.
     pub link_window_bytes: usize,
+    /// Connections the whole process holds (every core together); a client over it is
+    /// closed at accept, before TLS. 0 = no cap.
+    pub max_conns: u64,
+    /// Connections one source holds: an IPv4 address, or an IPv6 /64. Over it a new
+    /// connection is closed at accept, before TLS. Each core allows its share (the cap
+    /// divided by the cores, rounded up). 0 = no cap.
+    pub max_conns_per_ip: u32,
+    /// Full TLS handshakes a core starts per second (resumptions give their token back).
+    /// 0 = no cap.
+    pub handshakes_per_sec_per_core: u32,
+    /// TLS handshakes in progress on one core. 0 = no cap.
+    pub handshakes_in_progress_per_core: u32,
+    /// How long a new connection waits, unread, for a handshake slot when a core is at
+    /// either handshake cap, before it is refused. The handshake timeout, which runs from
+    /// accept, ends a longer wait first.
+    pub handshake_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -167,6 +183,11 @@ impl Default for Limits {
             max_conns_per_core: 1 << 20,
             max_outbound_per_conn: 1 << 20,
             link_window_bytes: 8 << 20,
+            max_conns: 1_000_000,
+            max_conns_per_ip: 1024,
+            handshakes_per_sec_per_core: 2000,
+            handshakes_in_progress_per_core: 1024,
+            handshake_wait_ms: 5000,
         }
     }
 }
@@ -275,6 +296,9 @@ impl Config {
                 "must hold at least two of the largest frames and 65536 bytes",
             );
         }
+        if self.limits.handshake_wait_ms > 60_000 {
+            return invalid("limits.handshake_wait_ms", "must be at most 60000");
+        }
         if self.runtime.worker_retry_ms == 0
             || self.runtime.worker_retry_max_ms < self.runtime.worker_retry_ms
         {
@@ -317,6 +341,17 @@ impl Config {
             return invalid("name", "must be 1 to 255 bytes");
         }
         Ok(())
+    }
+
+    /// One core's admission limits (`admission.rs`), for a process of `cores` cores.
+    pub fn admission_limits(&self, cores: u8) -> crate::admission::Limits {
+        let l = &self.limits;
+        crate::admission::Limits {
+            per_ip: crate::admission::per_core_share(l.max_conns_per_ip, cores),
+            handshake_rate: l.handshakes_per_sec_per_core,
+            in_progress: l.handshakes_in_progress_per_core,
+            wait_ms: l.handshake_wait_ms,
+        }
     }
 
     /// The effective number of core threads.
@@ -393,6 +428,17 @@ impl Config {
         reloadable!("limits.drain_grace_secs", limits.drain_grace_secs);
         reloadable!("limits.max_outbound_per_conn", limits.max_outbound_per_conn);
         reloadable!("limits.link_window_bytes", limits.link_window_bytes);
+        reloadable!("limits.max_conns", limits.max_conns);
+        reloadable!("limits.max_conns_per_ip", limits.max_conns_per_ip);
+        reloadable!(
+            "limits.handshakes_per_sec_per_core",
+            limits.handshakes_per_sec_per_core
+        );
+        reloadable!(
+            "limits.handshakes_in_progress_per_core",
+            limits.handshakes_in_progress_per_core
+        );
+        reloadable!("limits.handshake_wait_ms", limits.handshake_wait_ms);
         reloadable!("runtime.worker_retry_ms", runtime.worker_retry_ms);
         reloadable!("runtime.worker_retry_max_ms", runtime.worker_retry_max_ms);
         reloadable!(
@@ -472,6 +518,10 @@ mod tests {
             (
                 "limits.handshake_timeout_secs",
                 Box::new(|c| c.limits.handshake_timeout_secs = 0),
+            ),
+            (
+                "limits.handshake_wait_ms",
+                Box::new(|c| c.limits.handshake_wait_ms = 60_001),
             ),
         ];
         for (key, mutate) in cases {

@@ -32,6 +32,7 @@ use holdfast_wire::ConnId;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, IpKey, Next, ProcessCap};
 use crate::config::Config;
 use crate::inflight::{CloseStep, SocketOps};
 use crate::link::{Link, LinkState};
@@ -58,6 +59,8 @@ pub struct CoreSpec {
     pub mail: Vec<mpsc::Sender<Mail>>,
     pub inbox: mpsc::Receiver<Mail>,
     pub ring_fds: Arc<Vec<std::sync::atomic::AtomicI32>>,
+    /// Connections held by the whole process (`limits.max_conns`), shared by the cores.
+    pub process_conns: ProcessCap,
 }
 
 /// What arrives in a core's inbox, each followed by a MSG_RING wake-up of its ring.
@@ -159,7 +162,15 @@ struct Conn {
     /// Milliseconds since core start at accept, for the handshake-duration histogram.
     born_ms: u32,
     peer: Option<SocketAddr>,
+    /// What admission counted for this connection (`ADMIT_*`), released when it is freed.
+    admit: u8,
 }
+
+// `Conn::admit` bits: a place under `limits.max_conns`, one under its source's cap, a
+// handshake slot (until the handshake ends).
+const ADMIT_PROCESS: u8 = 1;
+const ADMIT_IP: u8 = 2;
+const ADMIT_HANDSHAKE: u8 = 4;
 
 // How often closed connections are pruned from topics nobody publishes to.
 const TOPIC_SWEEP_SECS: u64 = 60;
@@ -221,6 +232,9 @@ pub struct Core {
     /// connections (raw connection ids; closed ones are pruned lazily).
     topics: HashMap<Box<[u8]>, HashSet<u64>>,
     last_sweep: u64,
+    /// Which new connections start a handshake, wait for one, or are refused.
+    admission: Admission,
+    process_conns: ProcessCap,
 }
 
 impl Core {
@@ -303,6 +317,8 @@ impl Core {
             ring_fds: spec.ring_fds,
             topics: HashMap::new(),
             last_sweep: 0,
+            admission: Admission::new(),
+            process_conns: spec.process_conns,
             cfg,
         };
         Ok((
@@ -572,17 +588,19 @@ impl Core {
                 core = self.idx,
                 slot, "accepted socket outside the connection table; closing it"
             );
-            self.metrics.close(CloseReason::TableFull);
-            let e = on_socket!(self.direct, slot, |fd| opcode::Close::new(fd).build())
-                .user_data(ud(OP_CANCEL, 0, 0));
-            // SAFETY: Close names only the descriptor.
-            unsafe { self.push(e) };
+            self.refuse_at_accept(slot, CloseReason::TableFull);
+            return;
+        }
+        if !self.process_conns.take(self.cfg.limits.max_conns) {
+            self.refuse_at_accept(slot, CloseReason::ProcessLimit);
             return;
         }
         let tls = match TlsSession::new(self.tls.clone()) {
             Ok(t) => t,
             Err(e) => {
                 warn!(core = self.idx, "cannot create TLS session: {e}");
+                self.process_conns.release();
+                self.refuse_at_accept(slot, CloseReason::Internal);
                 return;
             }
         };
@@ -604,10 +622,11 @@ impl Core {
             seq: 0,
             born_ms: self.now_ms as u32,
             peer: None,
+            admit: ADMIT_PROCESS,
         });
         self.drive(&mut conn, slot);
         self.put(slot, conn);
-        self.arm_recv(slot, gen);
+        // Nothing is read until the peer address is known and admission said yes.
         if self.direct {
             let e = opcode::FixedFdInstall::new(types::Fixed(slot), 0)
                 .build()
@@ -623,16 +642,118 @@ impl Core {
             if let Some(c) = self.conns[slot as usize].as_mut() {
                 c.peer = peer;
             }
+            self.admit(slot, gen);
         }
     }
 
+    /// Closes a just-accepted descriptor that gets no connection, counted as `reason`.
+    fn refuse_at_accept(&mut self, slot: u32, reason: CloseReason) {
+        self.metrics.close(reason);
+        let e = on_socket!(self.direct, slot, |fd| opcode::Close::new(fd).build())
+            .user_data(ud(OP_CANCEL, 0, 0));
+        // SAFETY: Close names only the descriptor.
+        unsafe { self.push(e) };
+    }
+
     fn on_peer(&mut self, slot: u32, gen: u32, res: i32) {
-        if res < 0 {
-            return;
-        }
-        let peer = peer_of_installed_fd(res);
+        // Without an address (the fd table was full for the install) the connection is
+        // admitted without a per-address count rather than refused for our own limit.
+        let peer = if res < 0 {
+            None
+        } else {
+            peer_of_installed_fd(res)
+        };
         if let Some(c) = self.conn_mut(slot, gen) {
             c.peer = peer;
+        }
+        self.admit(slot, gen);
+    }
+
+    /// The peer address is known: count it against its source's cap (refuse over it),
+    /// then start reading (the handshake) if the core's handshake budget allows, or let
+    /// it wait unread (`admission.rs`).
+    fn admit(&mut self, slot: u32, gen: u32) {
+        let Some(mut conn) = self.take(slot, gen) else {
+            return;
+        };
+        if !conn.session.is_closing() {
+            let limits = self.cfg.admission_limits(self.cores);
+            let now = self.tick();
+            let key = conn.peer.map(|p| IpKey::of(p.ip()));
+            if key.is_some_and(|k| !self.admission.hold(k, &limits)) {
+                let cause = CloseCause::silent(CloseReason::IpLimit);
+                conn.session.close(cause, now, &mut self.turn);
+            } else {
+                if key.is_some() {
+                    conn.admit |= ADMIT_IP;
+                }
+                if self.admission.arrive(slot, gen, self.now_ms, &limits) {
+                    conn.admit |= ADMIT_HANDSHAKE;
+                    self.put(slot, conn);
+                    self.arm_recv(slot, gen);
+                    return;
+                }
+                CoreMetrics::inc(&self.metrics.handshakes_queued);
+            }
+            self.drive(&mut conn, slot);
+        }
+        self.put(slot, conn);
+    }
+
+    /// Starts the handshakes of waiting connections the budget now allows, and refuses
+    /// the ones that waited too long. Once per loop pass.
+    fn admit_waiting(&mut self) {
+        let limits = self.cfg.admission_limits(self.cores);
+        loop {
+            let conns = &self.conns;
+            let live = |slot: u32, gen: u32| {
+                conns[slot as usize]
+                    .as_ref()
+                    .is_some_and(|c| c.gen == gen && !c.session.is_closing())
+            };
+            match self.admission.next(self.now_ms, &limits, live) {
+                None => break,
+                Some(Next::Start { slot, gen }) => {
+                    if let Some(c) = self.conn_mut(slot, gen) {
+                        c.admit |= ADMIT_HANDSHAKE;
+                    }
+                    self.arm_recv(slot, gen);
+                }
+                Some(Next::Expired { slot, gen }) => {
+                    let Some(mut conn) = self.take(slot, gen) else {
+                        continue;
+                    };
+                    let now = self.tick();
+                    let cause = CloseCause::silent(CloseReason::HandshakeOverload);
+                    conn.session.close(cause, now, &mut self.turn);
+                    self.drive(&mut conn, slot);
+                    self.put(slot, conn);
+                }
+            }
+        }
+        let m = &self.metrics;
+        m.handshakes_waiting
+            .store(self.admission.waiting() as u64, Ordering::Relaxed);
+        m.handshakes_in_progress
+            .store(u64::from(self.admission.in_progress()), Ordering::Relaxed);
+    }
+
+    /// Gives back what admission counted for a connection: its handshake slot (once the
+    /// handshake is over, or the connection gone), its source's place, its process place.
+    fn release_admission(&mut self, conn: &mut Conn, what: u8) {
+        let what = conn.admit & what;
+        conn.admit &= !what;
+        if what & ADMIT_HANDSHAKE != 0 {
+            let limits = self.cfg.admission_limits(self.cores);
+            self.admission.finished(conn.session.resumed(), &limits);
+        }
+        if what & ADMIT_IP != 0 {
+            if let Some(p) = conn.peer {
+                self.admission.release(IpKey::of(p.ip()));
+            }
+        }
+        if what & ADMIT_PROCESS != 0 {
+            self.process_conns.release();
         }
     }
 
@@ -756,6 +877,7 @@ impl Core {
             for &ev in &events.list {
                 match ev {
                     Event::Established => {
+                        self.release_admission(conn, ADMIT_HANDSHAKE);
                         CoreMetrics::inc(&self.metrics.handshakes_ok);
                         let now_ms = self.now_ms as u32;
                         self.metrics
@@ -924,6 +1046,7 @@ impl Core {
                 .store(self.links[w].unacked_bytes() as u64, Ordering::Relaxed);
         }
         self.bufs.publish();
+        self.admit_waiting();
         if self.table_full && self.drain_deadline.is_none() {
             let free = self.conns.len() - (self.open as usize).min(self.conns.len());
             if free >= (self.conns.len() / 64).max(1) {
@@ -972,13 +1095,14 @@ impl Core {
     }
 
     fn on_close(&mut self, slot: u32, gen: u32) {
-        let Some(conn) = self.take(slot, gen) else {
+        let Some(mut conn) = self.take(slot, gen) else {
             return;
         };
         assert!(
             conn.sock.is_quiet(),
             "a connection is freed only when nothing is in flight on it"
         );
+        self.release_admission(&mut conn, ADMIT_PROCESS | ADMIT_IP | ADMIT_HANDSHAKE);
         drop(conn);
         self.gens[slot as usize] = (gen + 1) & ConnId::MAX_GENERATION;
         self.wheel.cancel(slot);

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod check;
 pub mod config;
 #[allow(unsafe_code)]

@@ -88,6 +88,9 @@ struct RunArgs {
     /// Connections per core (fixed-file table size).
     #[arg(long, value_name = "N")]
     max_conns_per_core: Option<u32>,
+    /// Connections one source address (IPv4, or IPv6 /64) may hold (0 = no cap).
+    #[arg(long, value_name = "N")]
+    max_conns_per_ip: Option<u32>,
     /// Also accept TLS 1.2.
     #[arg(long)]
     tls12: bool,
@@ -158,6 +161,9 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.max_conns_per_core {
         cfg.limits.max_conns_per_core = v;
+    }
+    if let Some(v) = args.max_conns_per_ip {
+        cfg.limits.max_conns_per_ip = v;
     }
     if let Some(v) = args.link_window {
         cfg.limits.link_window_bytes = v;
@@ -285,6 +291,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>(),
     );
     let mut threads = Vec::with_capacity(cores);
+    let process_conns = holdfast::admission::ProcessCap::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let spec = CoreSpec {
             index: i as u8,
@@ -298,6 +305,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             mail: mail.clone(),
             inbox: inboxes.remove(0),
             ring_fds: ring_fds.clone(),
+            process_conns: process_conns.clone(),
         };
         let cpu = (!cpu_ids.is_empty()).then(|| cpu_ids[i % cpu_ids.len()]);
         let tx = ready_tx.clone();

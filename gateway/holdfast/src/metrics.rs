@@ -43,10 +43,17 @@ pub enum CloseReason {
     TableFull,
     /// An unexpected local error (a bug or a kernel error with no better name).
     Internal,
+    /// Refused at accept, before TLS: its source address holds `limits.max_conns_per_ip`.
+    IpLimit,
+    /// Refused at accept, before TLS: the process holds `limits.max_conns`.
+    ProcessLimit,
+    /// Refused unread: it waited `limits.handshake_wait_ms` for a handshake slot (the
+    /// core was at its handshake rate or handshakes in progress).
+    HandshakeOverload,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 17] = [
+    pub const ALL: [CloseReason; 20] = [
         CloseReason::PeerClosed,
         CloseReason::EofMidFrame,
         CloseReason::PeerReset,
@@ -64,6 +71,9 @@ impl CloseReason {
         CloseReason::SlowConsumer,
         CloseReason::TableFull,
         CloseReason::Internal,
+        CloseReason::IpLimit,
+        CloseReason::ProcessLimit,
+        CloseReason::HandshakeOverload,
     ];
 
     pub fn label(self) -> &'static str {
@@ -85,6 +95,9 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::TableFull => "table_full",
             CloseReason::Internal => "internal",
+            CloseReason::IpLimit => "ip_limit",
+            CloseReason::ProcessLimit => "process_limit",
+            CloseReason::HandshakeOverload => "handshake_overload",
         }
     }
 }
@@ -103,6 +116,11 @@ pub struct CoreMetrics {
     pub listen_paused: AtomicU64,
     pub handshakes_ok: AtomicU64,
     pub handshakes_failed: AtomicU64,
+    /// Admission (`admission.rs`): handshakes started and not finished, connections waiting
+    /// unread for a handshake slot, and how many new connections had to wait.
+    pub handshakes_in_progress: AtomicU64,
+    pub handshakes_waiting: AtomicU64,
+    pub handshakes_queued: AtomicU64,
     pub closes: [AtomicU64; CloseReason::ALL.len()],
     pub frames_from_client: AtomicU64,
     pub frames_to_client: AtomicU64,
@@ -150,6 +168,9 @@ impl Default for CoreMetrics {
             listen_paused: AtomicU64::new(0),
             handshakes_ok: AtomicU64::new(0),
             handshakes_failed: AtomicU64::new(0),
+            handshakes_in_progress: AtomicU64::new(0),
+            handshakes_waiting: AtomicU64::new(0),
+            handshakes_queued: AtomicU64::new(0),
             closes: std::array::from_fn(|_| AtomicU64::new(0)),
             frames_from_client: AtomicU64::new(0),
             frames_to_client: AtomicU64::new(0),
@@ -344,6 +365,36 @@ pub fn render(cores: &[std::sync::Arc<CoreMetrics>], workers: &[String]) -> Stri
                     c.handshakes_failed.load(Relaxed)
                 );
             }
+        },
+    );
+    family(
+        "holdfast_handshakes_in_progress",
+        "gauge",
+        "TLS handshakes started and not finished (capped by limits.handshakes_in_progress_per_core).",
+        &mut |o| {
+            per_core(o, "holdfast_handshakes_in_progress", &|c| {
+                c.handshakes_in_progress.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_handshakes_waiting",
+        "gauge",
+        "Accepted connections waiting, unread, for a handshake slot (the core is at its handshake rate or in-progress cap).",
+        &mut |o| {
+            per_core(o, "holdfast_handshakes_waiting", &|c| {
+                c.handshakes_waiting.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_handshakes_queued_total",
+        "counter",
+        "New connections that had to wait for a handshake slot.",
+        &mut |o| {
+            per_core(o, "holdfast_handshakes_queued_total", &|c| {
+                c.handshakes_queued.load(Relaxed)
+            })
         },
     );
     family(

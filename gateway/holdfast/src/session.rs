@@ -351,6 +351,11 @@ impl Session {
         self.t.tls.protocol_version()
     }
 
+    /// Whether the handshake resumed a session.
+    pub fn resumed(&self) -> bool {
+        self.t.tls.resumed()
+    }
+
     /// Whether the application protocol is WebSocket (for tests and tools).
     pub fn is_websocket(&self) -> bool {
         matches!(self.app, App::WebSocket(_))

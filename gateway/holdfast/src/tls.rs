@@ -527,6 +527,11 @@ impl TlsSession {
         self.records.common().protocol_version()
     }
 
+    /// Whether the handshake resumed a session (known once it is done).
+    pub fn resumed(&self) -> bool {
+        self.records.common().handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
     /// See [`Records::feed_staged`].
     pub fn feed_staged(
         &mut self,
