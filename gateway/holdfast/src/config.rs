@@ -70,6 +70,13 @@ pub struct TlsConfig {
     /// server CPU of a full handshake, and a reconnect storm of any size). Measured cost:
     /// about 0.9 KB more per idle connection; turn off for the densest boxes.
     pub session_tickets: bool,
+    /// A ticket key shared by every gateway that reads the same file (`holdfast
+    /// ticket-key generate --out PATH`), so clients resume on any box of the fleet and
+    /// after restarts. Without it each process makes its own key.
+    pub ticket_key_file: Option<PathBuf>,
+    /// Ticket keys rotate every this many seconds (derived from the file, so the fleet
+    /// rotates together); tickets of the current and the previous key resume.
+    pub ticket_rotation_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -169,6 +176,8 @@ impl Default for TlsConfig {
             versions: vec!["1.3".to_string()],
             certs: Vec::new(),
             session_tickets: true,
+            ticket_key_file: None,
+            ticket_rotation_secs: 6 * 60 * 60,
         }
     }
 }
@@ -240,6 +249,9 @@ impl Config {
                 c.key = dir.join(&c.key);
             }
             config.workers = config.workers.iter().map(|w| dir.join(w)).collect();
+            if let Some(k) = &mut config.tls.ticket_key_file {
+                *k = dir.join(&*k);
+            }
         }
         Ok(config)
     }
@@ -268,6 +280,9 @@ impl Config {
                     &format!("unknown TLS version {v:?}; use \"1.2\" or \"1.3\""),
                 );
             }
+        }
+        if self.tls.ticket_rotation_secs == 0 {
+            return invalid("tls.ticket_rotation_secs", "must be at least 1");
         }
         if self.cores > 255 {
             return invalid(
@@ -419,6 +434,8 @@ impl Config {
         reloadable!("tls.certs", tls.certs);
         reloadable!("tls.versions", tls.versions);
         reloadable!("tls.session_tickets", tls.session_tickets);
+        reloadable!("tls.ticket_key_file", tls.ticket_key_file);
+        reloadable!("tls.ticket_rotation_secs", tls.ticket_rotation_secs);
         reloadable!("limits.max_frame", limits.max_frame);
         reloadable!(
             "limits.handshake_timeout_secs",

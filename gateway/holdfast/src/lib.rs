@@ -20,6 +20,7 @@ pub mod rates;
 pub mod ring;
 pub mod route;
 pub mod session;
+pub mod ticket;
 pub mod tls;
 pub mod top;
 pub mod wheel;

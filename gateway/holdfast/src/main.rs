@@ -34,6 +34,19 @@ enum Command {
     Check(RunArgs),
     /// Live view of a running gateway, read from its admin /metrics.
     Top(TopArgs),
+    /// Session-ticket keys shared by a fleet (`[tls] ticket_key_file`).
+    #[command(subcommand, name = "ticket-key")]
+    TicketKey(TicketKeyCommand),
+}
+
+#[derive(Subcommand)]
+enum TicketKeyCommand {
+    /// Write a new random ticket key file with mode 0600 (replacing PATH atomically;
+    /// tickets of the old file stop resuming once the gateways reload or restart).
+    Generate {
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -113,6 +126,9 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Check(args) => check(args),
+        Command::TicketKey(TicketKeyCommand::Generate { out }) => {
+            holdfast::ticket::generate(&out).map_err(anyhow::Error::from)
+        }
         Command::Top(a) => std::time::Duration::try_from_secs_f64(a.interval)
             .context("--interval")
             .and_then(|d| holdfast::top::run(a.admin, d, a.once)),
