@@ -28,6 +28,57 @@ pub struct Config {
     pub limits: Limits,
     pub runtime: Runtime,
     pub websocket: WebSocket,
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// The PROXY protocol (v1 and v2) on the listener, for a load balancer in front.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyProtocol {
+    /// Networks (CIDR, e.g. "10.0.0.0/8") whose connections must start with a PROXY
+    /// header; the client address it carries is the connection's peer from then on.
+    /// A PROXY header from any other address is refused. Empty = off.
+    pub trusted_networks: Vec<String>,
+}
+
+/// An IP network, `addr/prefix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Network, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: std::net::IpAddr = a.parse().map_err(|_| format!("{s:?}: not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse::<u8>()
+                .ok()
+                .filter(|&n| n <= max)
+                .ok_or_else(|| format!("{s:?}: prefix must be 0 to {max}"))?
+        };
+        Ok(Network { addr, prefix })
+    }
+}
+
+impl Network {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let bits = |a: u128, b: u128, width: u32| {
+            let keep = u32::from(self.prefix);
+            keep == 0 || (a ^ b) >> (width - keep) == 0
+        };
+        match (self.addr, ip.to_canonical()) {
+            (V4(n), V4(i)) => bits(u32::from(n).into(), u32::from(i).into(), 32),
+            (V6(n), V6(i)) => bits(n.into(), i.into(), 128),
+            _ => false,
+        }
+    }
 }
 
 /// WebSocket (RFC 6455) on the same TLS listeners, for browsers and mobile SDKs.
@@ -166,6 +217,7 @@ impl Default for Config {
             limits: Limits::default(),
             runtime: Runtime::default(),
             websocket: WebSocket::default(),
+            proxy_protocol: ProxyProtocol::default(),
         }
     }
 }
@@ -281,6 +333,9 @@ impl Config {
                 );
             }
         }
+        if let Err(e) = self.trusted_proxies() {
+            return invalid("proxy_protocol.trusted_networks", &e);
+        }
         if self.tls.ticket_rotation_secs == 0 {
             return invalid("tls.ticket_rotation_secs", "must be at least 1");
         }
@@ -356,6 +411,15 @@ impl Config {
             return invalid("name", "must be 1 to 255 bytes");
         }
         Ok(())
+    }
+
+    /// The networks that must send a PROXY header (empty: PROXY protocol off).
+    pub fn trusted_proxies(&self) -> Result<Vec<Network>, String> {
+        self.proxy_protocol
+            .trusted_networks
+            .iter()
+            .map(|n| n.parse())
+            .collect()
     }
 
     /// One core's admission limits (`admission.rs`), for a process of `cores` cores.
@@ -463,6 +527,10 @@ impl Config {
             runtime.heartbeat_interval_ms
         );
         reloadable!("runtime.heartbeat_timeout_ms", runtime.heartbeat_timeout_ms);
+        reloadable!(
+            "proxy_protocol.trusted_networks",
+            proxy_protocol.trusted_networks
+        );
         reloadable!("websocket.enabled", websocket.enabled);
         reloadable!("websocket.path", websocket.path);
         reloadable!("websocket.allowed_origins", websocket.allowed_origins);
@@ -583,6 +651,26 @@ mod tests {
         }
         assert_eq!(r.changed.len(), 4, "{changed}");
         r.config.validate().unwrap();
+    }
+
+    #[test]
+    fn networks_parse_and_contain() {
+        let n: Network = "10.1.0.0/16".parse().unwrap();
+        assert!(n.contains("10.1.200.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one: Network = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let any: Network = "::/0".parse().unwrap();
+        assert!(any.contains("2001:db8::1".parse().unwrap()));
+        assert!(!any.contains("1.2.3.4".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Network>().is_err());
+        assert!("ten/8".parse::<Network>().is_err());
+        let mut c = with_cert();
+        c.proxy_protocol.trusted_networks = vec!["10.0.0.0/40".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("proxy_protocol.trusted_networks"), "{err}");
     }
 
     #[test]

@@ -28,12 +28,13 @@ use std::time::{Duration, Instant};
 
 use holdfast_wire::envelope::{self, Message, Role};
 use holdfast_wire::frame;
+use holdfast_wire::proxy;
 use holdfast_wire::ConnId;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, info, warn};
 
 use crate::admission::{Admission, IpKey, Next, ProcessCap};
-use crate::config::Config;
+use crate::config::{Config, Network};
 use crate::inflight::{CloseStep, SocketOps};
 use crate::link::{Link, LinkState};
 use crate::metrics::{CloseReason, CoreMetrics};
@@ -164,6 +165,76 @@ struct Conn {
     peer: Option<SocketAddr>,
     /// What admission counted for this connection (`ADMIT_*`), released when it is freed.
     admit: u8,
+    /// The PROXY protocol phase, before any byte reaches the session.
+    pre: Pre,
+}
+
+/// Where a connection is with the PROXY protocol (`proxy_protocol.trusted_networks`).
+#[derive(Debug, PartialEq, Eq)]
+enum Pre {
+    /// Its bytes go to the session.
+    Done,
+    /// An untrusted peer while PROXY is on: its first byte must not start a PROXY header.
+    Sniff,
+    /// A trusted proxy: its bytes start with a PROXY header; a header split across
+    /// receives is staged here.
+    Header(Vec<u8>),
+}
+
+/// What the PROXY phase made of one receive.
+enum PreStep {
+    /// The header is not complete yet; everything was staged.
+    More,
+    /// Skip this many bytes (the header's rest); the proxied client, if it names one.
+    Pass {
+        skip: usize,
+        client: Option<SocketAddr>,
+    },
+    Refuse(CloseReason),
+}
+
+/// Larger PROXY headers (v2 with big TLVs) are refused rather than staged.
+const MAX_PROXY_HEADER: usize = 4096;
+
+/// Strips the PROXY header at the start of a connection's bytes (see [`Pre`]).
+fn strip_proxy(pre: &mut Pre, bytes: &[u8]) -> PreStep {
+    match std::mem::replace(pre, Pre::Done) {
+        Pre::Done => PreStep::Pass {
+            skip: 0,
+            client: None,
+        },
+        // A TLS record starts with 0x16, a PROXY header with 'P' (v1) or '\r' (v2).
+        Pre::Sniff if matches!(bytes.first(), Some(b'P' | b'\r')) => {
+            PreStep::Refuse(CloseReason::ProxyUntrusted)
+        }
+        Pre::Sniff => PreStep::Pass {
+            skip: 0,
+            client: None,
+        },
+        Pre::Header(mut staged) => {
+            let before = staged.len();
+            let decoded = if before == 0 {
+                proxy::decode(bytes)
+            } else {
+                staged.extend_from_slice(bytes);
+                proxy::decode(&staged)
+            };
+            match decoded {
+                Ok(Some(h)) => PreStep::Pass {
+                    skip: h.len.saturating_sub(before),
+                    client: h.addrs.map(|(src, _)| src),
+                },
+                Ok(None) if before + bytes.len() < MAX_PROXY_HEADER => {
+                    if before == 0 {
+                        staged.extend_from_slice(bytes);
+                    }
+                    *pre = Pre::Header(staged);
+                    PreStep::More
+                }
+                Ok(None) | Err(_) => PreStep::Refuse(CloseReason::ProxyError),
+            }
+        }
+    }
 }
 
 // `Conn::admit` bits: a place under `limits.max_conns`, one under its source's cap, a
@@ -235,6 +306,8 @@ pub struct Core {
     /// Which new connections start a handshake, wait for one, or are refused.
     admission: Admission,
     process_conns: ProcessCap,
+    /// `proxy_protocol.trusted_networks`, parsed.
+    proxies: Vec<Network>,
 }
 
 impl Core {
@@ -319,6 +392,7 @@ impl Core {
             last_sweep: 0,
             admission: Admission::new(),
             process_conns: spec.process_conns,
+            proxies: cfg.trusted_proxies().unwrap_or_default(),
             cfg,
         };
         Ok((
@@ -623,6 +697,7 @@ impl Core {
             born_ms: self.now_ms as u32,
             peer: None,
             admit: ADMIT_PROCESS,
+            pre: Pre::Done,
         });
         self.drive(&mut conn, slot);
         self.put(slot, conn);
@@ -679,7 +754,16 @@ impl Core {
         if !conn.session.is_closing() {
             let limits = self.cfg.admission_limits(self.cores);
             let now = self.tick();
-            let key = conn.peer.map(|p| IpKey::of(p.ip()));
+            // A trusted proxy's connections count against the client its header names.
+            let proxied = conn
+                .peer
+                .is_some_and(|p| self.proxies.iter().any(|n| n.contains(p.ip())));
+            conn.pre = match (self.proxies.is_empty(), proxied) {
+                (true, _) => Pre::Done,
+                (false, true) => Pre::Header(Vec::new()),
+                (false, false) => Pre::Sniff,
+            };
+            let key = conn.peer.filter(|_| !proxied).map(|p| IpKey::of(p.ip()));
             if key.is_some_and(|k| !self.admission.hold(k, &limits)) {
                 let cause = CloseCause::silent(CloseReason::IpLimit);
                 conn.session.close(cause, now, &mut self.turn);
@@ -811,8 +895,33 @@ impl Core {
         if res > 0 {
             let b = bid.expect("a receive with data names its buffer");
             let bytes = self.bufs.buffer_mut(b, res as usize);
-            conn.session
-                .on_receive(bytes, now, &self.scfg, &mut self.turn);
+            let mut skip = 0;
+            if conn.pre != Pre::Done {
+                match strip_proxy(&mut conn.pre, bytes) {
+                    PreStep::More => skip = bytes.len(),
+                    PreStep::Pass { skip: n, client } => {
+                        skip = n;
+                        if let Some(client) = client {
+                            let limits = self.cfg.admission_limits(self.cores);
+                            if self.admission.hold(IpKey::of(client.ip()), &limits) {
+                                conn.peer = Some(client);
+                                conn.admit |= ADMIT_IP;
+                            } else {
+                                let cause = CloseCause::silent(CloseReason::IpLimit);
+                                conn.session.close(cause, now, &mut self.turn);
+                            }
+                        }
+                    }
+                    PreStep::Refuse(reason) => {
+                        let cause = CloseCause::silent(reason);
+                        conn.session.close(cause, now, &mut self.turn);
+                    }
+                }
+            }
+            if skip < bytes.len() && !conn.session.is_closing() {
+                conn.session
+                    .on_receive(&mut bytes[skip..], now, &self.scfg, &mut self.turn);
+            }
             self.recycle(b);
             if !more && !conn.session.is_closing() {
                 self.rearm.push(slot);
@@ -1714,6 +1823,7 @@ impl Core {
         debug_assert_eq!(old.workers, self.cfg.workers);
         self.tls = r.tls;
         self.scfg = SessionConfig::new(&self.cfg);
+        self.proxies = self.cfg.trusted_proxies().unwrap_or_default();
         if old.limits.idle_timeout_secs != self.cfg.limits.idle_timeout_secs
             || old.websocket.ping_interval_secs != self.cfg.websocket.ping_interval_secs
         {

@@ -50,10 +50,14 @@ pub enum CloseReason {
     /// Refused unread: it waited `limits.handshake_wait_ms` for a handshake slot (the
     /// core was at its handshake rate or handshakes in progress).
     HandshakeOverload,
+    /// A PROXY protocol header from an address outside `proxy_protocol.trusted_networks`.
+    ProxyUntrusted,
+    /// A trusted proxy's connection without a valid PROXY header (malformed, or missing).
+    ProxyError,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 20] = [
+    pub const ALL: [CloseReason; 22] = [
         CloseReason::PeerClosed,
         CloseReason::EofMidFrame,
         CloseReason::PeerReset,
@@ -74,6 +78,8 @@ impl CloseReason {
         CloseReason::IpLimit,
         CloseReason::ProcessLimit,
         CloseReason::HandshakeOverload,
+        CloseReason::ProxyUntrusted,
+        CloseReason::ProxyError,
     ];
 
     pub fn label(self) -> &'static str {
@@ -98,6 +104,8 @@ impl CloseReason {
             CloseReason::IpLimit => "ip_limit",
             CloseReason::ProcessLimit => "process_limit",
             CloseReason::HandshakeOverload => "handshake_overload",
+            CloseReason::ProxyUntrusted => "proxy_untrusted",
+            CloseReason::ProxyError => "proxy_error",
         }
     }
 }
