@@ -177,6 +177,10 @@ pub struct Limits {
     /// either handshake cap, before it is refused. The handshake timeout, which runs from
     /// accept, ends a longer wait first.
     pub handshake_wait_ms: u64,
+    /// Outbound bytes all of one core's connections may queue together. Over it, the
+    /// connections holding the most are closed (`slow_consumer`) until the core is under
+    /// it. 0 = no budget (each connection is still bound by `max_outbound_per_conn`).
+    pub outbound_budget_per_core: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -249,6 +253,7 @@ impl Default for Limits {
             handshakes_per_sec_per_core: 2000,
             handshakes_in_progress_per_core: 1024,
             handshake_wait_ms: 5000,
+            outbound_budget_per_core: 512 << 20,
         }
     }
 }
@@ -364,6 +369,13 @@ impl Config {
             return invalid(
                 "limits.link_window_bytes",
                 "must hold at least two of the largest frames and 65536 bytes",
+            );
+        }
+        let budget = self.limits.outbound_budget_per_core;
+        if budget != 0 && budget < self.limits.max_outbound_per_conn as u64 {
+            return invalid(
+                "limits.outbound_budget_per_core",
+                "must be 0 or at least limits.max_outbound_per_conn",
             );
         }
         if self.limits.handshake_wait_ms > 60_000 {
@@ -520,6 +532,10 @@ impl Config {
             limits.handshakes_in_progress_per_core
         );
         reloadable!("limits.handshake_wait_ms", limits.handshake_wait_ms);
+        reloadable!(
+            "limits.outbound_budget_per_core",
+            limits.outbound_budget_per_core
+        );
         reloadable!("runtime.worker_retry_ms", runtime.worker_retry_ms);
         reloadable!("runtime.worker_retry_max_ms", runtime.worker_retry_max_ms);
         reloadable!(

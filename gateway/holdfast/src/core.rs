@@ -167,6 +167,9 @@ struct Conn {
     admit: u8,
     /// The PROXY protocol phase, before any byte reaches the session.
     pre: Pre,
+    /// Outbound bytes (session queue + send in flight) as of its last `drive`, counted in
+    /// `Core::outbound` for the per-core budget.
+    outq: u32,
 }
 
 /// Where a connection is with the PROXY protocol (`proxy_protocol.trusted_networks`).
@@ -308,6 +311,10 @@ pub struct Core {
     process_conns: ProcessCap,
     /// `proxy_protocol.trusted_networks`, parsed.
     proxies: Vec<Network>,
+    /// Outbound bytes queued by every connection of the core (`limits.outbound_budget_per_core`).
+    outbound: u64,
+    /// Scratch for the budget's candidates: (bytes, slot).
+    heaviest: Vec<(u32, u32)>,
 }
 
 impl Core {
@@ -393,6 +400,8 @@ impl Core {
             admission: Admission::new(),
             process_conns: spec.process_conns,
             proxies: cfg.trusted_proxies().unwrap_or_default(),
+            outbound: 0,
+            heaviest: Vec::new(),
             cfg,
         };
         Ok((
@@ -698,6 +707,7 @@ impl Core {
             peer: None,
             admit: ADMIT_PROCESS,
             pre: Pre::Done,
+            outq: 0,
         });
         self.drive(&mut conn, slot);
         self.put(slot, conn);
@@ -1045,6 +1055,54 @@ impl Core {
             self.mark_dirty(conn, slot);
         }
         self.progress_close(conn, slot);
+        // Every change of a connection's outbound bytes ends in `drive`, so the core's
+        // total stays exact without a walk over the table.
+        let out = (conn.sock.in_flight_bytes() + conn.session.transmit().len())
+            .min(u32::MAX as usize) as u32;
+        self.outbound = self.outbound + u64::from(out) - u64::from(conn.outq);
+        conn.outq = out;
+    }
+
+    /// Over `limits.outbound_budget_per_core`: closes the connections holding the most
+    /// unsent bytes, as slow consumers, until the core is back under it. Bytes of
+    /// connections already closing count as freed (they go with their slot). Walks the
+    /// table only when over budget.
+    fn enforce_outbound_budget(&mut self) {
+        let budget = self.cfg.limits.outbound_budget_per_core;
+        if budget == 0 || self.outbound <= budget {
+            return;
+        }
+        let mut heaviest = std::mem::take(&mut self.heaviest);
+        heaviest.clear();
+        let mut freeing = 0u64;
+        for (slot, c) in self.conns.iter().enumerate() {
+            let Some(c) = c.as_deref() else { continue };
+            if c.session.is_closing() {
+                freeing += u64::from(c.outq);
+            } else if c.outq > 0 {
+                heaviest.push((c.outq, slot as u32));
+            }
+        }
+        heaviest.sort_unstable_by(|a, b| b.cmp(a));
+        let now = self.tick();
+        for &(bytes, slot) in &heaviest {
+            if self.outbound.saturating_sub(freeing) <= budget {
+                break;
+            }
+            let Some(mut conn) = self.conns[slot as usize].take() else {
+                continue;
+            };
+            let cause = CloseCause::silent(CloseReason::SlowConsumer);
+            conn.session.close(cause, now, &mut self.turn);
+            // Its bytes are dropped, not flushed: that is the point.
+            conn.sock.begin_close(false);
+            conn.sock.cut();
+            CoreMetrics::inc(&self.metrics.outbound_budget_closes);
+            freeing += u64::from(bytes);
+            self.drive(&mut conn, slot);
+            self.put(slot, conn);
+        }
+        self.heaviest = heaviest;
     }
 
     /// Relays one client message to the connection's worker. False if no worker is up.
@@ -1126,6 +1184,10 @@ impl Core {
     }
 
     fn flush(&mut self) {
+        self.enforce_outbound_budget();
+        self.metrics
+            .outbound_bytes
+            .store(self.outbound, Ordering::Relaxed);
         while let Some(slot) = self.dirty.pop() {
             let Some(mut conn) = self.conns[slot as usize].take() else {
                 continue;
@@ -1212,6 +1274,7 @@ impl Core {
             "a connection is freed only when nothing is in flight on it"
         );
         self.release_admission(&mut conn, ADMIT_PROCESS | ADMIT_IP | ADMIT_HANDSHAKE);
+        self.outbound -= u64::from(conn.outq);
         drop(conn);
         self.gens[slot as usize] = (gen + 1) & ConnId::MAX_GENERATION;
         self.wheel.cancel(slot);

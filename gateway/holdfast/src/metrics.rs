@@ -129,6 +129,10 @@ pub struct CoreMetrics {
     pub handshakes_in_progress: AtomicU64,
     pub handshakes_waiting: AtomicU64,
     pub handshakes_queued: AtomicU64,
+    /// Outbound bytes queued by the core's connections, and the connections closed to
+    /// bring it back under `limits.outbound_budget_per_core`.
+    pub outbound_bytes: AtomicU64,
+    pub outbound_budget_closes: AtomicU64,
     pub closes: [AtomicU64; CloseReason::ALL.len()],
     pub frames_from_client: AtomicU64,
     pub frames_to_client: AtomicU64,
@@ -179,6 +183,8 @@ impl Default for CoreMetrics {
             handshakes_in_progress: AtomicU64::new(0),
             handshakes_waiting: AtomicU64::new(0),
             handshakes_queued: AtomicU64::new(0),
+            outbound_bytes: AtomicU64::new(0),
+            outbound_budget_closes: AtomicU64::new(0),
             closes: std::array::from_fn(|_| AtomicU64::new(0)),
             frames_from_client: AtomicU64::new(0),
             frames_to_client: AtomicU64::new(0),
@@ -402,6 +408,26 @@ pub fn render(cores: &[std::sync::Arc<CoreMetrics>], workers: &[String]) -> Stri
         &mut |o| {
             per_core(o, "holdfast_handshakes_queued_total", &|c| {
                 c.handshakes_queued.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_outbound_bytes",
+        "gauge",
+        "Outbound bytes queued towards the core's clients (session queues and sends in flight).",
+        &mut |o| {
+            per_core(o, "holdfast_outbound_bytes", &|c| {
+                c.outbound_bytes.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_outbound_budget_closes_total",
+        "counter",
+        "Connections closed as slow_consumer to bring the core under limits.outbound_budget_per_core (those holding the most unsent bytes first).",
+        &mut |o| {
+            per_core(o, "holdfast_outbound_budget_closes_total", &|c| {
+                c.outbound_budget_closes.load(Relaxed)
             })
         },
     );
