@@ -28,6 +28,57 @@ pub struct Config {
     pub limits: Limits,
     pub runtime: Runtime,
     pub websocket: WebSocket,
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// The PROXY protocol (v1 and v2) on the listener, for a load balancer in front.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyProtocol {
+    /// Networks (CIDR, e.g. "10.0.0.0/8") whose connections must start with a PROXY
+    /// header; the client address it carries is the connection's peer from then on.
+    /// A PROXY header from any other address is refused. Empty = off.
+    pub trusted_networks: Vec<String>,
+}
+
+/// An IP network, `addr/prefix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Network, String> {
+        let (a, p) = s.split_once('/').unwrap_or((s, ""));
+        let addr: std::net::IpAddr = a.parse().map_err(|_| format!("{s:?}: not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = if p.is_empty() {
+            max
+        } else {
+            p.parse::<u8>()
+                .ok()
+                .filter(|&n| n <= max)
+                .ok_or_else(|| format!("{s:?}: prefix must be 0 to {max}"))?
+        };
+        Ok(Network { addr, prefix })
+    }
+}
+
+impl Network {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::{V4, V6};
+        let bits = |a: u128, b: u128, width: u32| {
+            let keep = u32::from(self.prefix);
+            keep == 0 || (a ^ b) >> (width - keep) == 0
+        };
+        match (self.addr, ip.to_canonical()) {
+            (V4(n), V4(i)) => bits(u32::from(n).into(), u32::from(i).into(), 32),
+            (V6(n), V6(i)) => bits(n.into(), i.into(), 128),
+            _ => false,
+        }
+    }
 }
 
 /// WebSocket (RFC 6455) on the same TLS listeners, for browsers and mobile SDKs.
@@ -75,6 +126,13 @@ pub struct TlsConfig {
     /// numbers (a few hundred bytes in all); keys are derived again when a record comes or
     /// goes. 0 = never. TLS 1.2 connections keep rustls.
     pub hibernate_after_secs: u64,
+    /// A ticket key shared by every gateway that reads the same file (`holdfast
+    /// ticket-key generate --out PATH`), so clients resume on any box of the fleet and
+    /// after restarts. Without it each process makes its own key.
+    pub ticket_key_file: Option<PathBuf>,
+    /// Ticket keys rotate every this many seconds (derived from the file, so the fleet
+    /// rotates together); tickets of the current and the previous key resume.
+    pub ticket_rotation_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -108,6 +166,26 @@ pub struct Limits {
     /// reading clients (back-pressure) until the worker acknowledges below half of it.
     /// Gateway memory for relaying is bounded by the windows plus the receive buffers.
     pub link_window_bytes: usize,
+    /// Connections the whole process holds (every core together); a client over it is
+    /// closed at accept, before TLS. 0 = no cap.
+    pub max_conns: u64,
+    /// Connections one source holds: an IPv4 address, or an IPv6 /64. Over it a new
+    /// connection is closed at accept, before TLS. Each core allows its share (the cap
+    /// divided by the cores, rounded up). 0 = no cap.
+    pub max_conns_per_ip: u32,
+    /// Full TLS handshakes a core starts per second (resumptions give their token back).
+    /// 0 = no cap.
+    pub handshakes_per_sec_per_core: u32,
+    /// TLS handshakes in progress on one core. 0 = no cap.
+    pub handshakes_in_progress_per_core: u32,
+    /// How long a new connection waits, unread, for a handshake slot when a core is at
+    /// either handshake cap, before it is refused. The handshake timeout, which runs from
+    /// accept, ends a longer wait first.
+    pub handshake_wait_ms: u64,
+    /// Outbound bytes all of one core's connections may queue together. Over it, the
+    /// connections holding the most are closed (`slow_consumer`) until the core is under
+    /// it. 0 = no budget (each connection is still bound by `max_outbound_per_conn`).
+    pub outbound_budget_per_core: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,6 +226,7 @@ impl Default for Config {
             limits: Limits::default(),
             runtime: Runtime::default(),
             websocket: WebSocket::default(),
+            proxy_protocol: ProxyProtocol::default(),
         }
     }
 }
@@ -164,6 +243,8 @@ impl Default for TlsConfig {
             certs: Vec::new(),
             session_tickets: true,
             hibernate_after_secs: DEFAULT_HIBERNATE_AFTER_SECS,
+            ticket_key_file: None,
+            ticket_rotation_secs: 6 * 60 * 60,
         }
     }
 }
@@ -178,6 +259,12 @@ impl Default for Limits {
             max_conns_per_core: 1 << 20,
             max_outbound_per_conn: 1 << 20,
             link_window_bytes: 8 << 20,
+            max_conns: 1_000_000,
+            max_conns_per_ip: 1024,
+            handshakes_per_sec_per_core: 2000,
+            handshakes_in_progress_per_core: 1024,
+            handshake_wait_ms: 5000,
+            outbound_budget_per_core: 512 << 20,
         }
     }
 }
@@ -261,6 +348,9 @@ impl Config {
                 c.key = dir.join(&c.key);
             }
             config.workers = config.workers.iter().map(|w| dir.join(w)).collect();
+            if let Some(k) = &mut config.tls.ticket_key_file {
+                *k = dir.join(&*k);
+            }
         }
         Ok(config)
     }
@@ -289,6 +379,12 @@ impl Config {
                     &format!("unknown TLS version {v:?}; use \"1.2\" or \"1.3\""),
                 );
             }
+        }
+        if let Err(e) = self.trusted_proxies() {
+            return invalid("proxy_protocol.trusted_networks", &e);
+        }
+        if self.tls.ticket_rotation_secs == 0 {
+            return invalid("tls.ticket_rotation_secs", "must be at least 1");
         }
         if self.cores > 255 {
             return invalid(
@@ -322,6 +418,16 @@ impl Config {
                 "limits.link_window_bytes",
                 "must hold at least two of the largest frames and 65536 bytes",
             );
+        }
+        let budget = self.limits.outbound_budget_per_core;
+        if budget != 0 && budget < self.limits.max_outbound_per_conn as u64 {
+            return invalid(
+                "limits.outbound_budget_per_core",
+                "must be 0 or at least limits.max_outbound_per_conn",
+            );
+        }
+        if self.limits.handshake_wait_ms > 60_000 {
+            return invalid("limits.handshake_wait_ms", "must be at most 60000");
         }
         if self.runtime.worker_retry_ms == 0
             || self.runtime.worker_retry_max_ms < self.runtime.worker_retry_ms
@@ -365,6 +471,26 @@ impl Config {
             return invalid("name", "must be 1 to 255 bytes");
         }
         Ok(())
+    }
+
+    /// The networks that must send a PROXY header (empty: PROXY protocol off).
+    pub fn trusted_proxies(&self) -> Result<Vec<Network>, String> {
+        self.proxy_protocol
+            .trusted_networks
+            .iter()
+            .map(|n| n.parse())
+            .collect()
+    }
+
+    /// One core's admission limits (`admission.rs`), for a process of `cores` cores.
+    pub fn admission_limits(&self, cores: u8) -> crate::admission::Limits {
+        let l = &self.limits;
+        crate::admission::Limits {
+            per_ip: crate::admission::per_core_share(l.max_conns_per_ip, cores),
+            handshake_rate: l.handshakes_per_sec_per_core,
+            in_progress: l.handshakes_in_progress_per_core,
+            wait_ms: l.handshake_wait_ms,
+        }
     }
 
     /// The effective number of core threads.
@@ -433,6 +559,8 @@ impl Config {
         reloadable!("tls.versions", tls.versions);
         reloadable!("tls.session_tickets", tls.session_tickets);
         reloadable!("tls.hibernate_after_secs", tls.hibernate_after_secs);
+        reloadable!("tls.ticket_key_file", tls.ticket_key_file);
+        reloadable!("tls.ticket_rotation_secs", tls.ticket_rotation_secs);
         reloadable!("limits.max_frame", limits.max_frame);
         reloadable!(
             "limits.handshake_timeout_secs",
@@ -442,6 +570,21 @@ impl Config {
         reloadable!("limits.drain_grace_secs", limits.drain_grace_secs);
         reloadable!("limits.max_outbound_per_conn", limits.max_outbound_per_conn);
         reloadable!("limits.link_window_bytes", limits.link_window_bytes);
+        reloadable!("limits.max_conns", limits.max_conns);
+        reloadable!("limits.max_conns_per_ip", limits.max_conns_per_ip);
+        reloadable!(
+            "limits.handshakes_per_sec_per_core",
+            limits.handshakes_per_sec_per_core
+        );
+        reloadable!(
+            "limits.handshakes_in_progress_per_core",
+            limits.handshakes_in_progress_per_core
+        );
+        reloadable!("limits.handshake_wait_ms", limits.handshake_wait_ms);
+        reloadable!(
+            "limits.outbound_budget_per_core",
+            limits.outbound_budget_per_core
+        );
         reloadable!("runtime.worker_retry_ms", runtime.worker_retry_ms);
         reloadable!("runtime.worker_retry_max_ms", runtime.worker_retry_max_ms);
         reloadable!(
@@ -449,6 +592,10 @@ impl Config {
             runtime.heartbeat_interval_ms
         );
         reloadable!("runtime.heartbeat_timeout_ms", runtime.heartbeat_timeout_ms);
+        reloadable!(
+            "proxy_protocol.trusted_networks",
+            proxy_protocol.trusted_networks
+        );
         reloadable!("websocket.enabled", websocket.enabled);
         reloadable!("websocket.path", websocket.path);
         reloadable!("websocket.allowed_origins", websocket.allowed_origins);
@@ -547,6 +694,10 @@ mod tests {
                 "limits.handshake_timeout_secs",
                 Box::new(|c| c.limits.handshake_timeout_secs = 0),
             ),
+            (
+                "limits.handshake_wait_ms",
+                Box::new(|c| c.limits.handshake_wait_ms = 60_001),
+            ),
         ];
         for (key, mutate) in cases {
             let mut c = with_cert();
@@ -590,6 +741,26 @@ mod tests {
         }
         assert_eq!(r.changed.len(), 4, "{changed}");
         r.config.validate().unwrap();
+    }
+
+    #[test]
+    fn networks_parse_and_contain() {
+        let n: Network = "10.1.0.0/16".parse().unwrap();
+        assert!(n.contains("10.1.200.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.0.9".parse().unwrap()));
+        let one: Network = "127.0.0.1".parse().unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        let any: Network = "::/0".parse().unwrap();
+        assert!(any.contains("2001:db8::1".parse().unwrap()));
+        assert!(!any.contains("1.2.3.4".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Network>().is_err());
+        assert!("ten/8".parse::<Network>().is_err());
+        let mut c = with_cert();
+        c.proxy_protocol.trusted_networks = vec!["10.0.0.0/40".into()];
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("proxy_protocol.trusted_networks"), "{err}");
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub struct Negotiated {
     /// One of the ALPN values the gateway offers.
     pub alpn: Option<&'static [u8]>,
     pub version: Option<ProtocolVersion>,
+    pub resumed: bool,
 }
 
 /// What a receive did beyond what [`Fed`] says.
@@ -341,6 +342,7 @@ fn negotiated(session: &mut TlsSession) -> Negotiated {
                 .find(|x| *x == a)
         }),
         version: session.protocol_version(),
+        resumed: session.resumed(),
     }
 }
 

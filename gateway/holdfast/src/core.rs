@@ -27,11 +27,13 @@ use std::time::{Duration, Instant};
 
 use holdfast_wire::envelope::{self, Message, Role};
 use holdfast_wire::frame;
+use holdfast_wire::proxy;
 use holdfast_wire::ConnId;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::admission::{Admission, IpKey, Next, ProcessCap};
+use crate::config::{Config, Network};
 use crate::inflight::{CloseStep, SocketOps};
 use crate::link::{Link, LinkState};
 use crate::metrics::{CloseReason, CoreMetrics};
@@ -41,6 +43,7 @@ use crate::route;
 use crate::session::{CloseCause, Deadline, Event, Session, SessionConfig, Turn};
 use crate::tls::TlsSession;
 use crate::wheel::TimerWheel;
+use std::net::SocketAddr;
 
 /// What a core thread is started with.
 pub struct CoreSpec {
@@ -58,6 +61,8 @@ pub struct CoreSpec {
     pub mail: Vec<mpsc::Sender<Mail>>,
     pub inbox: mpsc::Receiver<Mail>,
     pub ring_fds: Arc<Vec<std::sync::atomic::AtomicI32>>,
+    /// Connections held by the whole process (`limits.max_conns`), shared by the cores.
+    pub process_conns: ProcessCap,
 }
 
 /// What arrives in a core's inbox, each followed by a MSG_RING wake-up of its ring.
@@ -161,7 +166,91 @@ struct Conn {
     /// Counted in the hibernated gauge.
     asleep: bool,
     peer: Peer,
+    /// What admission counted for this connection (`ADMIT_*`), released when it is freed.
+    admit: u8,
+    /// The PROXY protocol phase, before any byte reaches the session.
+    pre: Pre,
+    /// Outbound bytes (session queue + send in flight) as of its last `drive`, counted in
+    /// `Core::outbound` for the per-core budget.
+    outq: u32,
 }
+
+/// Where a connection is with the PROXY protocol (`proxy_protocol.trusted_networks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pre {
+    /// Its bytes go to the session.
+    Done,
+    /// An untrusted peer while PROXY is on: its first byte must not start a PROXY header.
+    Sniff,
+    /// A trusted proxy: its bytes start with a PROXY header; a header split across
+    /// receives is staged in `Core::proxy_staged` (rare, so no connection carries a
+    /// buffer for it).
+    Header,
+}
+
+/// What the PROXY phase made of one receive.
+enum PreStep {
+    /// The header is not complete yet; everything was staged.
+    More,
+    /// Skip this many bytes (the header's rest); the proxied client, if it names one.
+    Pass {
+        skip: usize,
+        client: Option<SocketAddr>,
+    },
+    Refuse(CloseReason),
+}
+
+/// Larger PROXY headers (v2 with big TLVs) are refused rather than staged.
+const MAX_PROXY_HEADER: usize = 4096;
+
+/// Strips the PROXY header at the start of a connection's bytes (see [`Pre`]).
+fn strip_proxy(pre: &mut Pre, staging: &mut Option<Vec<u8>>, bytes: &[u8]) -> PreStep {
+    match std::mem::replace(pre, Pre::Done) {
+        Pre::Done => PreStep::Pass {
+            skip: 0,
+            client: None,
+        },
+        // A TLS record starts with 0x16, a PROXY header with 'P' (v1) or '\r' (v2).
+        Pre::Sniff if matches!(bytes.first(), Some(b'P' | b'\r')) => {
+            PreStep::Refuse(CloseReason::ProxyUntrusted)
+        }
+        Pre::Sniff => PreStep::Pass {
+            skip: 0,
+            client: None,
+        },
+        Pre::Header => {
+            let mut staged = staging.take().unwrap_or_default();
+            let before = staged.len();
+            let decoded = if before == 0 {
+                proxy::decode(bytes)
+            } else {
+                staged.extend_from_slice(bytes);
+                proxy::decode(&staged)
+            };
+            match decoded {
+                Ok(Some(h)) => PreStep::Pass {
+                    skip: h.len.saturating_sub(before),
+                    client: h.addrs.map(|(src, _)| src),
+                },
+                Ok(None) if before + bytes.len() < MAX_PROXY_HEADER => {
+                    if before == 0 {
+                        staged.extend_from_slice(bytes);
+                    }
+                    *pre = Pre::Header;
+                    *staging = Some(staged);
+                    PreStep::More
+                }
+                Ok(None) | Err(_) => PreStep::Refuse(CloseReason::ProxyError),
+            }
+        }
+    }
+}
+
+// `Conn::admit` bits: a place under `limits.max_conns`, one under its source's cap, a
+// handshake slot (until the handshake ends).
+const ADMIT_PROCESS: u8 = 1;
+const ADMIT_IP: u8 = 2;
+const ADMIT_HANDSHAKE: u8 = 4;
 
 // How often closed connections are pruned from topics nobody publishes to.
 const TOPIC_SWEEP_SECS: u64 = 60;
@@ -224,6 +313,17 @@ pub struct Core {
     /// connections (raw connection ids; closed ones are pruned lazily).
     topics: HashMap<Box<[u8]>, HashSet<u64>>,
     last_sweep: u64,
+    /// Which new connections start a handshake, wait for one, or are refused.
+    admission: Admission,
+    process_conns: ProcessCap,
+    /// `proxy_protocol.trusted_networks`, parsed.
+    proxies: Vec<Network>,
+    /// PROXY headers split across receives, by slot, until complete.
+    proxy_staged: HashMap<u32, Vec<u8>>,
+    /// Outbound bytes queued by every connection of the core (`limits.outbound_budget_per_core`).
+    outbound: u64,
+    /// Scratch for the budget's candidates: (bytes, slot).
+    heaviest: Vec<(u32, u32)>,
 }
 
 impl Core {
@@ -307,6 +407,12 @@ impl Core {
             ring_fds: spec.ring_fds,
             topics: HashMap::new(),
             last_sweep: 0,
+            admission: Admission::new(),
+            process_conns: spec.process_conns,
+            proxies: cfg.trusted_proxies().unwrap_or_default(),
+            proxy_staged: HashMap::new(),
+            outbound: 0,
+            heaviest: Vec::new(),
             cfg,
         };
         Ok((
@@ -576,17 +682,19 @@ impl Core {
                 core = self.idx,
                 slot, "accepted socket outside the connection table; closing it"
             );
-            self.metrics.close(CloseReason::TableFull);
-            let e = on_socket!(self.direct, slot, |fd| opcode::Close::new(fd).build())
-                .user_data(ud(OP_CANCEL, 0, 0));
-            // SAFETY: Close names only the descriptor.
-            unsafe { self.push(e) };
+            self.refuse_at_accept(slot, CloseReason::TableFull);
+            return;
+        }
+        if !self.process_conns.take(self.cfg.limits.max_conns) {
+            self.refuse_at_accept(slot, CloseReason::ProcessLimit);
             return;
         }
         let tls = match TlsSession::new(self.tls.clone()) {
             Ok(t) => t,
             Err(e) => {
                 warn!(core = self.idx, "cannot create TLS session: {e}");
+                self.process_conns.release();
+                self.refuse_at_accept(slot, CloseReason::Internal);
                 return;
             }
         };
@@ -609,10 +717,13 @@ impl Core {
             born_ms: self.now_ms as u32,
             asleep: false,
             peer: Peer::Unknown,
+            admit: ADMIT_PROCESS,
+            pre: Pre::Done,
+            outq: 0,
         });
         self.drive(&mut conn, slot);
         self.put(slot, conn);
-        self.arm_recv(slot, gen);
+        // Nothing is read until the peer address is known and admission said yes.
         if self.direct {
             let e = opcode::FixedFdInstall::new(types::Fixed(slot), 0)
                 .build()
@@ -628,16 +739,132 @@ impl Core {
             if let Some(c) = self.conns[slot as usize].as_mut() {
                 c.peer = Peer::from(peer);
             }
+            self.admit(slot, gen);
         }
     }
 
+    /// Closes a just-accepted descriptor that gets no connection, counted as `reason`.
+    fn refuse_at_accept(&mut self, slot: u32, reason: CloseReason) {
+        self.metrics.close(reason);
+        let e = on_socket!(self.direct, slot, |fd| opcode::Close::new(fd).build())
+            .user_data(ud(OP_CANCEL, 0, 0));
+        // SAFETY: Close names only the descriptor.
+        unsafe { self.push(e) };
+    }
+
     fn on_peer(&mut self, slot: u32, gen: u32, res: i32) {
-        if res < 0 {
-            return;
-        }
-        let peer = peer_of_installed_fd(res);
+        // Without an address (the fd table was full for the install) the connection is
+        // admitted without a per-address count rather than refused for our own limit.
+        let peer = if res < 0 {
+            None
+        } else {
+            peer_of_installed_fd(res)
+        };
         if let Some(c) = self.conn_mut(slot, gen) {
             c.peer = Peer::from(peer);
+        }
+        self.admit(slot, gen);
+    }
+
+    /// The peer address is known: count it against its source's cap (refuse over it),
+    /// then start reading (the handshake) if the core's handshake budget allows, or let
+    /// it wait unread (`admission.rs`).
+    fn admit(&mut self, slot: u32, gen: u32) {
+        let Some(mut conn) = self.take(slot, gen) else {
+            return;
+        };
+        if !conn.session.is_closing() {
+            let limits = self.cfg.admission_limits(self.cores);
+            let now = self.tick();
+            // A trusted proxy's connections count against the client its header names.
+            let proxied = conn
+                .peer
+                .addr()
+                .is_some_and(|p| self.proxies.iter().any(|n| n.contains(p.ip())));
+            conn.pre = match (self.proxies.is_empty(), proxied) {
+                (true, _) => Pre::Done,
+                (false, true) => Pre::Header,
+                (false, false) => Pre::Sniff,
+            };
+            let key = conn
+                .peer
+                .addr()
+                .filter(|_| !proxied)
+                .map(|p| IpKey::of(p.ip()));
+            if key.is_some_and(|k| !self.admission.hold(k, &limits)) {
+                let cause = CloseCause::silent(CloseReason::IpLimit);
+                conn.session.close(cause, now, &mut self.turn);
+            } else {
+                if key.is_some() {
+                    conn.admit |= ADMIT_IP;
+                }
+                if self.admission.arrive(slot, gen, self.now_ms, &limits) {
+                    conn.admit |= ADMIT_HANDSHAKE;
+                    self.put(slot, conn);
+                    self.arm_recv(slot, gen);
+                    return;
+                }
+                CoreMetrics::inc(&self.metrics.handshakes_queued);
+            }
+            self.drive(&mut conn, slot);
+        }
+        self.put(slot, conn);
+    }
+
+    /// Starts the handshakes of waiting connections the budget now allows, and refuses
+    /// the ones that waited too long. Once per loop pass.
+    fn admit_waiting(&mut self) {
+        let limits = self.cfg.admission_limits(self.cores);
+        loop {
+            let conns = &self.conns;
+            let live = |slot: u32, gen: u32| {
+                conns[slot as usize]
+                    .as_ref()
+                    .is_some_and(|c| c.gen == gen && !c.session.is_closing())
+            };
+            match self.admission.next(self.now_ms, &limits, live) {
+                None => break,
+                Some(Next::Start { slot, gen }) => {
+                    if let Some(c) = self.conn_mut(slot, gen) {
+                        c.admit |= ADMIT_HANDSHAKE;
+                    }
+                    self.arm_recv(slot, gen);
+                }
+                Some(Next::Expired { slot, gen }) => {
+                    let Some(mut conn) = self.take(slot, gen) else {
+                        continue;
+                    };
+                    let now = self.tick();
+                    let cause = CloseCause::silent(CloseReason::HandshakeOverload);
+                    conn.session.close(cause, now, &mut self.turn);
+                    self.drive(&mut conn, slot);
+                    self.put(slot, conn);
+                }
+            }
+        }
+        let m = &self.metrics;
+        m.handshakes_waiting
+            .store(self.admission.waiting() as u64, Ordering::Relaxed);
+        m.handshakes_in_progress
+            .store(u64::from(self.admission.in_progress()), Ordering::Relaxed);
+    }
+
+    /// Gives back what admission counted for a connection: its handshake slot (once the
+    /// handshake is over, or the connection gone), its source's place, its process place.
+    fn release_admission(&mut self, conn: &mut Conn, what: u8) {
+        let what = conn.admit & what;
+        conn.admit &= !what;
+        if what & ADMIT_HANDSHAKE != 0 {
+            let limits = self.cfg.admission_limits(self.cores);
+            self.admission.finished(conn.session.resumed(), &limits);
+        }
+        if what & ADMIT_IP != 0 {
+            if let Some(p) = conn.peer.addr() {
+                self.admission.release(IpKey::of(p.ip()));
+            }
+        }
+        if what & ADMIT_PROCESS != 0 {
+            self.process_conns.release();
         }
     }
 
@@ -695,8 +922,38 @@ impl Core {
         if res > 0 {
             let b = bid.expect("a receive with data names its buffer");
             let bytes = self.bufs.buffer_mut(b, res as usize);
-            conn.session
-                .on_receive(bytes, now, &self.scfg, &mut self.turn);
+            let mut skip = 0;
+            if conn.pre != Pre::Done {
+                let mut staged = self.proxy_staged.remove(&slot);
+                let step = strip_proxy(&mut conn.pre, &mut staged, bytes);
+                if let Some(staged) = staged {
+                    self.proxy_staged.insert(slot, staged);
+                }
+                match step {
+                    PreStep::More => skip = bytes.len(),
+                    PreStep::Pass { skip: n, client } => {
+                        skip = n;
+                        if let Some(client) = client {
+                            let limits = self.cfg.admission_limits(self.cores);
+                            if self.admission.hold(IpKey::of(client.ip()), &limits) {
+                                conn.peer = Peer::from(Some(client));
+                                conn.admit |= ADMIT_IP;
+                            } else {
+                                let cause = CloseCause::silent(CloseReason::IpLimit);
+                                conn.session.close(cause, now, &mut self.turn);
+                            }
+                        }
+                    }
+                    PreStep::Refuse(reason) => {
+                        let cause = CloseCause::silent(reason);
+                        conn.session.close(cause, now, &mut self.turn);
+                    }
+                }
+            }
+            if skip < bytes.len() && !conn.session.is_closing() {
+                conn.session
+                    .on_receive(&mut bytes[skip..], now, &self.scfg, &mut self.turn);
+            }
             self.recycle(b);
             if !more && !conn.session.is_closing() {
                 self.rearm.push(slot);
@@ -769,6 +1026,7 @@ impl Core {
             for &ev in &events.list {
                 match ev {
                     Event::Established => {
+                        self.release_admission(conn, ADMIT_HANDSHAKE);
                         CoreMetrics::inc(&self.metrics.handshakes_ok);
                         let now_ms = self.now_ms as u32;
                         self.metrics
@@ -839,6 +1097,54 @@ impl Core {
             self.mark_dirty(conn, slot);
         }
         self.progress_close(conn, slot);
+        // Every change of a connection's outbound bytes ends in `drive`, so the core's
+        // total stays exact without a walk over the table.
+        let out = (conn.sock.in_flight_bytes() + conn.session.transmit().len())
+            .min(u32::MAX as usize) as u32;
+        self.outbound = self.outbound + u64::from(out) - u64::from(conn.outq);
+        conn.outq = out;
+    }
+
+    /// Over `limits.outbound_budget_per_core`: closes the connections holding the most
+    /// unsent bytes, as slow consumers, until the core is back under it. Bytes of
+    /// connections already closing count as freed (they go with their slot). Walks the
+    /// table only when over budget.
+    fn enforce_outbound_budget(&mut self) {
+        let budget = self.cfg.limits.outbound_budget_per_core;
+        if budget == 0 || self.outbound <= budget {
+            return;
+        }
+        let mut heaviest = std::mem::take(&mut self.heaviest);
+        heaviest.clear();
+        let mut freeing = 0u64;
+        for (slot, c) in self.conns.iter().enumerate() {
+            let Some(c) = c.as_deref() else { continue };
+            if c.session.is_closing() {
+                freeing += u64::from(c.outq);
+            } else if c.outq > 0 {
+                heaviest.push((c.outq, slot as u32));
+            }
+        }
+        heaviest.sort_unstable_by(|a, b| b.cmp(a));
+        let now = self.tick();
+        for &(bytes, slot) in &heaviest {
+            if self.outbound.saturating_sub(freeing) <= budget {
+                break;
+            }
+            let Some(mut conn) = self.conns[slot as usize].take() else {
+                continue;
+            };
+            let cause = CloseCause::silent(CloseReason::SlowConsumer);
+            conn.session.close(cause, now, &mut self.turn);
+            // Its bytes are dropped, not flushed: that is the point.
+            conn.sock.begin_close(false);
+            conn.sock.cut();
+            CoreMetrics::inc(&self.metrics.outbound_budget_closes);
+            freeing += u64::from(bytes);
+            self.drive(&mut conn, slot);
+            self.put(slot, conn);
+        }
+        self.heaviest = heaviest;
     }
 
     /// Relays one client message to the connection's worker. False if no worker is up.
@@ -920,6 +1226,10 @@ impl Core {
     }
 
     fn flush(&mut self) {
+        self.enforce_outbound_budget();
+        self.metrics
+            .outbound_bytes
+            .store(self.outbound, Ordering::Relaxed);
         while let Some(slot) = self.dirty.pop() {
             let Some(mut conn) = self.conns[slot as usize].take() else {
                 continue;
@@ -949,6 +1259,7 @@ impl Core {
                 .store(self.links[w].unacked_bytes() as u64, Ordering::Relaxed);
         }
         self.bufs.publish();
+        self.admit_waiting();
         if self.table_full && self.drain_deadline.is_none() {
             let free = self.conns.len() - (self.open as usize).min(self.conns.len());
             if free >= (self.conns.len() / 64).max(1) {
@@ -997,7 +1308,7 @@ impl Core {
     }
 
     fn on_close(&mut self, slot: u32, gen: u32) {
-        let Some(conn) = self.take(slot, gen) else {
+        let Some(mut conn) = self.take(slot, gen) else {
             return;
         };
         assert!(
@@ -1010,7 +1321,10 @@ impl Core {
                 .connections_hibernated
                 .store(self.hibernated, Ordering::Relaxed);
         }
+        self.release_admission(&mut conn, ADMIT_PROCESS | ADMIT_IP | ADMIT_HANDSHAKE);
+        self.outbound -= u64::from(conn.outq);
         drop(conn);
+        self.proxy_staged.remove(&slot);
         self.gens[slot as usize] = (gen + 1) & ConnId::MAX_GENERATION;
         self.wheel.cancel(slot);
         self.open -= 1;
@@ -1623,6 +1937,7 @@ impl Core {
         debug_assert_eq!(old.workers, self.cfg.workers);
         self.tls = r.tls;
         self.scfg = SessionConfig::new(&self.cfg);
+        self.proxies = self.cfg.trusted_proxies().unwrap_or_default();
         if old.limits.idle_timeout_secs != self.cfg.limits.idle_timeout_secs
             || old.websocket.ping_interval_secs != self.cfg.websocket.ping_interval_secs
         {

@@ -75,6 +75,11 @@ fn tls_fix(e: &TlsSetupError) -> Option<String> {
             "give the key that was made with this certificate (the first certificate of the \
              file must be the server's own, not its CA); {GEN_CERT}"
         ),
+        TlsSetupError::TicketKey(_) => {
+            "make one with `holdfast ticket-key generate --out PATH` (mode 0600, readable by the \
+             gateway's user only) and copy the same file to every gateway of the fleet"
+                .to_string()
+        }
         TlsSetupError::Rustls(_) => return None,
     })
 }

@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod admission;
 pub mod check;
 pub mod config;
 pub mod conn_tls;
@@ -23,6 +24,7 @@ pub mod record;
 pub mod ring;
 pub mod route;
 pub mod session;
+pub mod ticket;
 pub mod tls;
 pub mod top;
 pub mod wheel;

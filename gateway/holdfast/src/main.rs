@@ -37,6 +37,19 @@ enum Command {
     /// Write man pages and shell completions under DIR (for packaging).
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
+    /// Session-ticket keys shared by a fleet (`[tls] ticket_key_file`).
+    #[command(subcommand, name = "ticket-key")]
+    TicketKey(TicketKeyCommand),
+}
+
+#[derive(Subcommand)]
+enum TicketKeyCommand {
+    /// Write a new random ticket key file with mode 0600 (replacing PATH atomically;
+    /// tickets of the old file stop resuming once the gateways reload or restart).
+    Generate {
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -91,6 +104,9 @@ struct RunArgs {
     /// Connections per core (fixed-file table size).
     #[arg(long, value_name = "N")]
     max_conns_per_core: Option<u32>,
+    /// Connections one source address (IPv4, or IPv6 /64) may hold (0 = no cap).
+    #[arg(long, value_name = "N")]
+    max_conns_per_ip: Option<u32>,
     /// Also accept TLS 1.2.
     #[arg(long)]
     tls12: bool,
@@ -116,6 +132,9 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Check(args) => check(args),
+        Command::TicketKey(TicketKeyCommand::Generate { out }) => {
+            holdfast::ticket::generate(&out).map_err(anyhow::Error::from)
+        }
         Command::Top(a) => std::time::Duration::try_from_secs_f64(a.interval)
             .context("--interval")
             .and_then(|d| holdfast::top::run(a.admin, d, a.once)),
@@ -167,6 +186,9 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.max_conns_per_core {
         cfg.limits.max_conns_per_core = v;
+    }
+    if let Some(v) = args.max_conns_per_ip {
+        cfg.limits.max_conns_per_ip = v;
     }
     if let Some(v) = args.link_window {
         cfg.limits.link_window_bytes = v;
@@ -298,6 +320,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>(),
     );
     let mut threads = Vec::with_capacity(cores);
+    let process_conns = holdfast::admission::ProcessCap::new();
     for (i, listener) in listeners.into_iter().enumerate() {
         let spec = CoreSpec {
             index: i as u8,
@@ -311,6 +334,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             mail: mail.clone(),
             inbox: inboxes.remove(0),
             ring_fds: ring_fds.clone(),
+            process_conns: process_conns.clone(),
         };
         let cpu = (!cpu_ids.is_empty()).then(|| cpu_ids[i % cpu_ids.len()]);
         let tx = ready_tx.clone();

@@ -43,10 +43,21 @@ pub enum CloseReason {
     TableFull,
     /// An unexpected local error (a bug or a kernel error with no better name).
     Internal,
+    /// Refused at accept, before TLS: its source address holds `limits.max_conns_per_ip`.
+    IpLimit,
+    /// Refused at accept, before TLS: the process holds `limits.max_conns`.
+    ProcessLimit,
+    /// Refused unread: it waited `limits.handshake_wait_ms` for a handshake slot (the
+    /// core was at its handshake rate or handshakes in progress).
+    HandshakeOverload,
+    /// A PROXY protocol header from an address outside `proxy_protocol.trusted_networks`.
+    ProxyUntrusted,
+    /// A trusted proxy's connection without a valid PROXY header (malformed, or missing).
+    ProxyError,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 17] = [
+    pub const ALL: [CloseReason; 22] = [
         CloseReason::PeerClosed,
         CloseReason::EofMidFrame,
         CloseReason::PeerReset,
@@ -64,6 +75,11 @@ impl CloseReason {
         CloseReason::SlowConsumer,
         CloseReason::TableFull,
         CloseReason::Internal,
+        CloseReason::IpLimit,
+        CloseReason::ProcessLimit,
+        CloseReason::HandshakeOverload,
+        CloseReason::ProxyUntrusted,
+        CloseReason::ProxyError,
     ];
 
     pub fn label(self) -> &'static str {
@@ -85,6 +101,11 @@ impl CloseReason {
             CloseReason::SlowConsumer => "slow_consumer",
             CloseReason::TableFull => "table_full",
             CloseReason::Internal => "internal",
+            CloseReason::IpLimit => "ip_limit",
+            CloseReason::ProcessLimit => "process_limit",
+            CloseReason::HandshakeOverload => "handshake_overload",
+            CloseReason::ProxyUntrusted => "proxy_untrusted",
+            CloseReason::ProxyError => "proxy_error",
         }
     }
 }
@@ -103,6 +124,15 @@ pub struct CoreMetrics {
     pub listen_paused: AtomicU64,
     pub handshakes_ok: AtomicU64,
     pub handshakes_failed: AtomicU64,
+    /// Admission (`admission.rs`): handshakes started and not finished, connections waiting
+    /// unread for a handshake slot, and how many new connections had to wait.
+    pub handshakes_in_progress: AtomicU64,
+    pub handshakes_waiting: AtomicU64,
+    pub handshakes_queued: AtomicU64,
+    /// Outbound bytes queued by the core's connections, and the connections closed to
+    /// bring it back under `limits.outbound_budget_per_core`.
+    pub outbound_bytes: AtomicU64,
+    pub outbound_budget_closes: AtomicU64,
     pub closes: [AtomicU64; CloseReason::ALL.len()],
     pub frames_from_client: AtomicU64,
     pub frames_to_client: AtomicU64,
@@ -155,6 +185,11 @@ impl Default for CoreMetrics {
             listen_paused: AtomicU64::new(0),
             handshakes_ok: AtomicU64::new(0),
             handshakes_failed: AtomicU64::new(0),
+            handshakes_in_progress: AtomicU64::new(0),
+            handshakes_waiting: AtomicU64::new(0),
+            handshakes_queued: AtomicU64::new(0),
+            outbound_bytes: AtomicU64::new(0),
+            outbound_budget_closes: AtomicU64::new(0),
             closes: std::array::from_fn(|_| AtomicU64::new(0)),
             frames_from_client: AtomicU64::new(0),
             frames_to_client: AtomicU64::new(0),
@@ -378,6 +413,56 @@ pub fn render(cores: &[std::sync::Arc<CoreMetrics>], workers: &[String]) -> Stri
                     c.handshakes_failed.load(Relaxed)
                 );
             }
+        },
+    );
+    family(
+        "holdfast_handshakes_in_progress",
+        "gauge",
+        "TLS handshakes started and not finished (capped by limits.handshakes_in_progress_per_core).",
+        &mut |o| {
+            per_core(o, "holdfast_handshakes_in_progress", &|c| {
+                c.handshakes_in_progress.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_handshakes_waiting",
+        "gauge",
+        "Accepted connections waiting, unread, for a handshake slot (the core is at its handshake rate or in-progress cap).",
+        &mut |o| {
+            per_core(o, "holdfast_handshakes_waiting", &|c| {
+                c.handshakes_waiting.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_handshakes_queued_total",
+        "counter",
+        "New connections that had to wait for a handshake slot.",
+        &mut |o| {
+            per_core(o, "holdfast_handshakes_queued_total", &|c| {
+                c.handshakes_queued.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_outbound_bytes",
+        "gauge",
+        "Outbound bytes queued towards the core's clients (session queues and sends in flight).",
+        &mut |o| {
+            per_core(o, "holdfast_outbound_bytes", &|c| {
+                c.outbound_bytes.load(Relaxed)
+            })
+        },
+    );
+    family(
+        "holdfast_outbound_budget_closes_total",
+        "counter",
+        "Connections closed as slow_consumer to bring the core under limits.outbound_budget_per_core (those holding the most unsent bytes first).",
+        &mut |o| {
+            per_core(o, "holdfast_outbound_budget_closes_total", &|c| {
+                c.outbound_budget_closes.load(Relaxed)
+            })
         },
     );
     family(

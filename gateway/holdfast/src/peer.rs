@@ -16,6 +16,14 @@ pub enum Peer {
 }
 
 impl Peer {
+    /// The address, if known.
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Peer::Unknown => None,
+            known => Some(known.get()),
+        }
+    }
+
     pub fn get(self) -> SocketAddr {
         match self {
             Peer::Unknown => SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),

@@ -348,9 +348,12 @@ struct Transport {
     /// Shared with every connection of the core that sent the same name.
     sni: Option<Arc<str>>,
     alpn: Alpn,
+    /// The handshake resumed a session (a ticket).
+    resumed: bool,
     version: Option<rustls::ProtocolVersion>,
     /// Seconds idle before hibernating (0: never), from the configuration.
-    hibernate_after: u32,
+    /// (At most 18 hours: longer is kept as that.)
+    hibernate_after: u16,
     /// TLS input not consumed yet (a record split across receives).
     staging: Vec<u8>,
     /// TLS bytes to transmit.
@@ -375,8 +378,9 @@ impl Session {
                 phase: Phase::Handshake,
                 sni: None,
                 alpn: Alpn::None,
+                resumed: false,
                 version: None,
-                hibernate_after: cfg.hibernate_after_secs.min(u64::from(u32::MAX)) as u32,
+                hibernate_after: cfg.hibernate_after_secs.min(u64::from(u16::MAX)) as u16,
                 staging: Vec::new(),
                 queued: Vec::new(),
                 last_active: now as u32,
@@ -440,6 +444,11 @@ impl Session {
         self.t.tls.is_own()
     }
 
+    /// Whether the handshake resumed a session.
+    pub fn resumed(&self) -> bool {
+        self.t.resumed
+    }
+
     /// Whether the application protocol is WebSocket (for tests and tools).
     pub fn is_websocket(&self) -> bool {
         matches!(self.app, App::WebSocket(_))
@@ -466,6 +475,7 @@ impl Session {
         if let Some(n) = got.negotiated {
             t.sni = n.sni.map(|name| turn.names.intern(name));
             t.alpn = Alpn::of(n.alpn);
+            t.resumed = n.resumed;
             t.version = n.version;
         }
         if fed.handshake_done {
@@ -661,7 +671,7 @@ impl Session {
     /// closes at the next tick); a WebSocket's fires at the next tick, where the
     /// keepalive works out its next ping or close.
     pub fn on_reload(&mut self, now: u64, cfg: &SessionConfig) {
-        self.t.hibernate_after = cfg.hibernate_after_secs.min(u64::from(u32::MAX)) as u32;
+        self.t.hibernate_after = cfg.hibernate_after_secs.min(u64::from(u16::MAX)) as u16;
         if !self.is_open() {
             return;
         }

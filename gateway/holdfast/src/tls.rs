@@ -42,6 +42,8 @@ pub enum TlsSetupError {
     Mismatch { cert: String, key: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error(transparent)]
+    TicketKey(#[from] crate::ticket::TicketKeyError),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsSetupError> {
@@ -181,10 +183,15 @@ impl ServerTls {
             sc.key_log = Arc::new(crate::record::SecretLog);
         }
         if config.tls.session_tickets {
-            sc.ticketer = match previous {
-                // The ticketer rotates its own keys; sharing it keeps its schedule too.
-                Some(p) if p.server.ticketer.enabled() => p.server.ticketer.clone(),
-                _ => provider::Ticketer::new()?,
+            sc.ticketer = match (&config.tls.ticket_key_file, previous) {
+                // The fleet's key file, read again on every reload (see `ticket.rs`).
+                (Some(file), _) => Arc::new(crate::ticket::FleetTicketer::from_file(
+                    file,
+                    config.tls.ticket_rotation_secs,
+                )?),
+                // A process key rotates itself; sharing it keeps its schedule too.
+                (None, Some(p)) if p.server.ticketer.enabled() => p.server.ticketer.clone(),
+                (None, _) => provider::Ticketer::new()?,
             };
             sc.send_tls13_tickets = 1;
         } else {
@@ -564,6 +571,11 @@ impl TlsSession {
 
     pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
         self.records.common().protocol_version()
+    }
+
+    /// Whether the handshake resumed a session (known once it is done).
+    pub fn resumed(&self) -> bool {
+        self.records.common().handshake_kind() == Some(rustls::HandshakeKind::Resumed)
     }
 
     /// See [`Records::feed_staged`].

@@ -1,5 +1,5 @@
 //! holdfast's wire formats, without I/O: connection ids, the native client frame codec
-//! spoken after TLS, and the envelope codec of the gateway ↔ worker links.
+//! spoken after TLS, the PROXY protocol header a load balancer sends before it, and the envelope codec of the gateway ↔ worker links.
 //!
 //! Everything here takes bytes in and hands bytes or borrowed views out; nothing touches
 //! a file descriptor, a clock or an allocator on the decode path. The gateway, the worker
@@ -12,6 +12,7 @@
 pub mod connid;
 pub mod envelope;
 pub mod frame;
+pub mod proxy;
 pub mod ws;
 
 pub use connid::ConnId;

@@ -43,6 +43,7 @@ pub struct AsyncWorkerListener {
     listener: UnixListener,
     path: PathBuf,
     name: String,
+    access: crate::SocketAccess,
 }
 
 impl AsyncWorkerListener {
@@ -50,12 +51,21 @@ impl AsyncWorkerListener {
     /// an earlier run is removed first; any other kind of file is left alone and binding
     /// fails.
     pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
+        Self::bind_with(path, crate::SocketAccess::default())
+    }
+
+    /// As [`AsyncWorkerListener::bind`], with the socket file's mode and the peer credentials a
+    /// gateway must have (a connection from anyone else is closed at accept, and logged).
+    pub fn bind_with(path: impl AsRef<Path>, access: crate::SocketAccess) -> io::Result<Self> {
         let path = path.as_ref();
         crate::link_state::remove_stale_socket(path)?;
+        let listener = UnixListener::bind(path)?;
+        access.apply(path)?;
         Ok(AsyncWorkerListener {
-            listener: UnixListener::bind(path)?,
+            listener,
             path: path.to_owned(),
             name: DEFAULT_NAME.to_owned(),
+            access,
         })
     }
 
@@ -70,10 +80,16 @@ impl AsyncWorkerListener {
         &self.path
     }
 
-    /// Waits for the next gateway core to connect and sends it our HELLO.
+    /// Waits for the next gateway core to connect (with the allowed credentials) and sends
+    /// it our HELLO.
     pub async fn accept(&self) -> io::Result<AsyncLink> {
-        let (stream, _) = self.listener.accept().await?;
-        AsyncLink::from_stream(stream, &self.name).await
+        loop {
+            let (stream, _) = self.listener.accept().await?;
+            match self.access.check(&stream) {
+                Ok(()) => return AsyncLink::from_stream(stream, &self.name).await,
+                Err(e) => tracing::warn!(socket = %self.path.display(), "refused a link: {e}"),
+            }
+        }
     }
 }
 

@@ -37,3 +37,4 @@ pub mod echo;
 pub use holdfast_wire;
 pub use holdfast_wire::ConnId;
 pub use link::{Event, Link, LinkError, PeerHello, WorkerListener, DEFAULT_NAME};
+pub use link_state::SocketAccess;

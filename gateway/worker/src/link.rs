@@ -155,18 +155,28 @@ pub struct WorkerListener {
     listener: UnixListener,
     path: PathBuf,
     name: String,
+    access: crate::SocketAccess,
 }
 
 impl WorkerListener {
     /// Binds a Unix socket at `path`. A socket file left there by an earlier run is
     /// removed first; any other kind of file is left alone and binding fails.
     pub fn bind(path: impl AsRef<Path>) -> io::Result<Self> {
+        Self::bind_with(path, crate::SocketAccess::default())
+    }
+
+    /// As [`WorkerListener::bind`], with the socket file's mode and the peer credentials a
+    /// gateway must have (a connection from anyone else is closed at accept, and logged).
+    pub fn bind_with(path: impl AsRef<Path>, access: crate::SocketAccess) -> io::Result<Self> {
         let path = path.as_ref();
         crate::link_state::remove_stale_socket(path)?;
+        let listener = UnixListener::bind(path)?;
+        access.apply(path)?;
         Ok(WorkerListener {
-            listener: UnixListener::bind(path)?,
+            listener,
             path: path.to_owned(),
             name: DEFAULT_NAME.to_owned(),
+            access,
         })
     }
 
@@ -181,10 +191,16 @@ impl WorkerListener {
         &self.path
     }
 
-    /// Waits for the next gateway core to connect and sends it our HELLO.
+    /// Waits for the next gateway core to connect (with the allowed credentials) and sends
+    /// it our HELLO.
     pub fn accept(&self) -> io::Result<Link> {
-        let (stream, _) = self.listener.accept()?;
-        Link::from_stream(stream, &self.name)
+        loop {
+            let (stream, _) = self.listener.accept()?;
+            match self.access.check(&stream) {
+                Ok(()) => return Link::from_stream(stream, &self.name),
+                Err(e) => tracing::warn!(socket = %self.path.display(), "refused a link: {e}"),
+            }
+        }
     }
 }
 
@@ -320,5 +336,51 @@ impl Link {
         };
         self.state.filled(n);
         Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::*;
+    use crate::SocketAccess;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn temp_socket(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "holdfast-access-{}-{name}.sock",
+            std::process::id()
+        ))
+    }
+
+    #[test]
+    fn the_socket_gets_its_mode_and_peers_are_checked() {
+        let me_uid = rustix::process::getuid().as_raw();
+        let me_gid = rustix::process::getgid().as_raw();
+        let path = temp_socket("mode");
+        let l = WorkerListener::bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660, "default mode");
+        drop(l);
+
+        // Allowed: our own uid and gid.
+        let access = SocketAccess::default()
+            .mode(0o600)
+            .allow_uid(me_uid)
+            .allow_gid(me_gid);
+        let l = WorkerListener::bind_with(&path, access).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let _c = UnixStream::connect(&path).unwrap();
+        let link = l.accept().unwrap();
+        assert!(link.peer().is_none());
+
+        // Another uid only: our connection is refused, checked on the accepted stream.
+        let other = SocketAccess::default().allow_uid(me_uid.wrapping_add(1));
+        let (a, _b) = UnixStream::pair().unwrap();
+        let err = other.check(&a).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains(&format!("uid {me_uid}")), "{err}");
+        assert!(SocketAccess::default().check(&a).is_ok());
+        let _ = std::fs::remove_file(&path);
     }
 }

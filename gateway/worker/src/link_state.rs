@@ -290,3 +290,88 @@ pub(crate) fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()>
         Err(e) => Err(e),
     }
 }
+
+/// Who may reach a worker socket: the file mode it is created with, and the gateway's
+/// credentials (SO_PEERCRED) a connecting process must have.
+///
+/// ```
+/// use holdfast_worker::SocketAccess;
+///
+/// // Only processes of uid 998 (the gateway's user), socket mode 0660.
+/// let access = SocketAccess::default().allow_uid(998);
+/// assert!(access.allows(998, 998));
+/// assert!(!access.allows(1000, 998));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits of the socket file (connecting needs write permission).
+    pub mode: u32,
+    /// The uid a peer must have; `None` allows any the mode lets in.
+    pub uid: Option<u32>,
+    /// The gid a peer must have; `None` allows any the mode lets in.
+    pub gid: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    /// Mode 0660 (owner and group: run the worker in a group the gateway's user is in),
+    /// any peer credentials.
+    fn default() -> Self {
+        SocketAccess {
+            mode: 0o660,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
+impl SocketAccess {
+    /// The socket file's permission bits.
+    pub fn mode(mut self, mode: u32) -> Self {
+        self.mode = mode & 0o777;
+        self
+    }
+
+    /// Only peers with this uid may link.
+    pub fn allow_uid(mut self, uid: u32) -> Self {
+        self.uid = Some(uid);
+        self
+    }
+
+    /// Only peers with this gid may link.
+    pub fn allow_gid(mut self, gid: u32) -> Self {
+        self.gid = Some(gid);
+        self
+    }
+
+    /// Whether a peer with these credentials may link.
+    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+        self.uid.is_none_or(|u| u == uid) && self.gid.is_none_or(|g| g == gid)
+    }
+
+    /// Sets the socket file's mode after bind.
+    pub(crate) fn apply(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(self.mode))
+    }
+
+    /// Checks a connected peer's SO_PEERCRED; an error (PermissionDenied) names them.
+    pub(crate) fn check(&self, fd: impl std::os::fd::AsFd) -> std::io::Result<()> {
+        if self.uid.is_none() && self.gid.is_none() {
+            return Ok(());
+        }
+        let cred = rustix::net::sockopt::socket_peercred(fd)?;
+        let (uid, gid) = (cred.uid.as_raw(), cred.gid.as_raw());
+        if self.allows(uid, gid) {
+            return Ok(());
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "peer pid {} uid {uid} gid {gid} is not the allowed gateway (uid {:?}, gid {:?})",
+                cred.pid.as_raw_nonzero(),
+                self.uid,
+                self.gid
+            ),
+        ))
+    }
+}

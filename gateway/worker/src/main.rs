@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{CommandFactory, Parser, Subcommand};
-use holdfast_worker::{echo, WorkerListener, DEFAULT_NAME};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use holdfast_worker::{echo, SocketAccess, WorkerListener, DEFAULT_NAME};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -27,6 +27,36 @@ struct Cli {
     log: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Who may reach the worker socket.
+#[derive(Args)]
+struct AccessArgs {
+    /// Permission bits of the socket file, octal (connecting needs write permission).
+    #[arg(long, value_name = "OCTAL", default_value = "660", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Accept links only from processes of this uid (the gateway's user).
+    #[arg(long, value_name = "UID")]
+    allow_uid: Option<u32>,
+    /// Accept links only from processes of this gid.
+    #[arg(long, value_name = "GID")]
+    allow_gid: Option<u32>,
+}
+
+impl AccessArgs {
+    fn access(&self) -> SocketAccess {
+        let mut a = SocketAccess::default().mode(self.socket_mode);
+        a.uid = self.allow_uid;
+        a.gid = self.allow_gid;
+        a
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode like 660"))
 }
 
 #[derive(Subcommand)]
@@ -48,6 +78,8 @@ enum Command {
         /// once, once per batch).
         #[arg(long, value_name = "MS", default_value_t = 0)]
         ack_delay_ms: u64,
+        #[command(flatten)]
+        access: AccessArgs,
     },
     /// Bridge the gateway to NATS (subjects and headers: docs/nats.md).
     Nats {
@@ -72,6 +104,8 @@ enum Command {
         /// Name sent to the gateway in HELLO and to NATS.
         #[arg(long, default_value = "holdfast-nats-bridge")]
         name: String,
+        #[command(flatten)]
+        access: AccessArgs,
     },
     /// Write man pages and shell completions under DIR (for packaging).
     #[command(hide = true)]
@@ -93,6 +127,7 @@ fn main() -> anyhow::Result<()> {
             name,
             prefix_worker_name,
             ack_delay_ms,
+            access,
         } => {
             let options = echo::Options {
                 prefix: if prefix_worker_name {
@@ -102,7 +137,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 ack_delay: Duration::from_millis(ack_delay_ms),
             };
-            run_echo(&socket, &name, options)
+            run_echo(&socket, &name, access.access(), options)
         }
         Command::Nats {
             socket,
@@ -112,11 +147,13 @@ fn main() -> anyhow::Result<()> {
             commands,
             topic_prefix,
             name,
+            access,
         } => {
             let options = holdfast_worker::nats::Options {
                 subject: subject.unwrap_or_else(|| format!("holdfast.in.{gateway}")),
                 commands: commands.unwrap_or_else(|| format!("holdfast.out.{gateway}")),
                 socket,
+                access: access.access(),
                 nats,
                 gateway,
                 topic_prefix,
@@ -137,8 +174,13 @@ fn main() -> anyhow::Result<()> {
 
 /// Accepts links until killed (SIGTERM and SIGINT keep their default action: the process
 /// holds no state worth saving, and the gateway re-sends anything unacknowledged).
-fn run_echo(socket: &std::path::Path, name: &str, options: echo::Options) -> anyhow::Result<()> {
-    let listener = WorkerListener::bind(socket)
+fn run_echo(
+    socket: &std::path::Path,
+    name: &str,
+    access: SocketAccess,
+    options: echo::Options,
+) -> anyhow::Result<()> {
+    let listener = WorkerListener::bind_with(socket, access)
         .with_context(|| format!("cannot listen on {}", socket.display()))?
         .with_name(name);
     {

@@ -67,6 +67,8 @@ pub mod header {
 pub struct Options {
     /// Unix socket the gateway dials.
     pub socket: PathBuf,
+    /// The socket's mode and the gateway credentials a link must have.
+    pub access: crate::SocketAccess,
     /// NATS server URL.
     pub nats: String,
     /// The gateway's name, in headers and default subjects.
@@ -154,7 +156,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         .context("cannot subscribe to the topic subjects")?;
     client.flush().await.context("NATS flush")?;
 
-    let listener = AsyncWorkerListener::bind(&opts.socket)
+    let listener = AsyncWorkerListener::bind_with(&opts.socket, opts.access)
         .with_context(|| format!("cannot listen on {}", opts.socket.display()))?
         .with_name(&opts.name);
     println!("holdfast-worker: listening on {}", opts.socket.display());

@@ -1029,7 +1029,21 @@ impl Client {
         config: Arc<ClientConfig>,
         server_name: &str,
     ) -> io::Result<Client> {
-        let mut tcp = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        let tcp = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+        Client::handshake(tcp, config, server_name)
+    }
+
+    /// As [`Client::connect`], over a TCP connection the caller made (from a chosen
+    /// source address, say).
+    pub fn connect_over(tcp: TcpStream, opts: &ClientOptions) -> io::Result<Client> {
+        Client::handshake(tcp, opts.config(), &opts.server_name)
+    }
+
+    fn handshake(
+        mut tcp: TcpStream,
+        config: Arc<ClientConfig>,
+        server_name: &str,
+    ) -> io::Result<Client> {
         tcp.set_nodelay(true)?;
         tcp.set_read_timeout(Some(IO_TIMEOUT))?;
         tcp.set_write_timeout(Some(IO_TIMEOUT))?;
