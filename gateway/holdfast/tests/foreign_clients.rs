@@ -202,7 +202,7 @@ fn python_ssl_clients_echo_after_their_connections_hibernated() {
         return;
     };
     const N: usize = 1_000;
-    let stack = Stack::start(&["--hibernate-after", "1"]);
+    let stack = Stack::start(&["--hibernate-after", "1", "--max-conns-per-ip", "0"]);
     let mut child = Command::new(&python)
         .arg("-c")
         .arg(PYTHON_HIBERNATING)
@@ -259,7 +259,7 @@ fn openssl_key_updates_while_hibernated_are_followed_both_ways() {
         peer::missing("the openssl command", "apt-get install openssl");
         return;
     };
-    let stack = Stack::start(&["--hibernate-after", "1"]);
+    let stack = Stack::start(&["--hibernate-after", "1", "--max-conns-per-ip", "0"]);
     // Not -quiet: that implies -ign_eof, which turns the k/K commands off. Its session
     // report goes to stdout too; the echoed frames are found in it by their bytes.
     let mut child = Command::new(&openssl)

@@ -38,7 +38,7 @@ fn echo_all(clients: &mut [Client], tag: &str) {
 
 #[test]
 fn idle_connections_hibernate_and_wake_to_echo_again() {
-    let stack = Stack::start(&["--hibernate-after", "1"]);
+    let stack = Stack::start(&["--hibernate-after", "1", "--max-conns-per-ip", "0"]);
     let mut clients = open(&stack, CONNECTIONS);
     echo_all(&mut clients, "awake");
 
@@ -100,7 +100,7 @@ fn hibernation_off_keeps_every_connection_on_rustls() {
 /// decrypts, so both sides moved to the same new keys each time.
 #[test]
 fn key_updates_before_and_after_hibernation_keep_the_conversation_going() {
-    let stack = Stack::start(&["--hibernate-after", "1"]);
+    let stack = Stack::start(&["--hibernate-after", "1", "--max-conns-per-ip", "0"]);
     let mut clients = open(&stack, 4);
     for (i, c) in clients.iter_mut().enumerate() {
         // Awake: just after the handshake, on holdfast's record layer.

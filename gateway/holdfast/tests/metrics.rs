@@ -254,10 +254,10 @@ fn top_renders_two_live_scrapes() {
         .unwrap_or_else(|| panic!("no totals row in\n{screen}"))
         .split_whitespace()
         .collect();
-    // all | conns | acc/s | hs/s | hsfl/s | in f/s | out f/s | ...
+    // all | conns | asleep | acc/s | hs/s | hsfl/s | in f/s | out f/s | ...
     assert_eq!(
-        all[1..7],
-        ["1", "1.0", "1.0", "0.0", "5.0", "5.0"],
+        all[1..8],
+        ["1", "0", "1.0", "1.0", "0.0", "5.0", "5.0"],
         "{screen}"
     );
     assert!(screen.contains("  holdfast_frames_total{direction=\"from_client\"}"));
