@@ -218,6 +218,7 @@ start() {
             RUST_LOG=warn taskset -c "$server_cpus" "$bin/holdfast" run --listen 127.0.0.1:0 \
                 --cert "$work/cert.pem" --key "$work/key.pem" --worker "$dir/backend.sock" \
                 --cores "$server_cores" --admin 127.0.0.1:0 --drain-grace 1 \
+                --max-conns-per-ip 0 --handshakes-per-sec-per-core 0 \
                 >"$dir/server.out" 2>"$dir/server.log" &
             server_pid=$!
             pids+=("$server_pid")

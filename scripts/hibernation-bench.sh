@@ -45,7 +45,8 @@ spawn worker "the echo worker" "holdfast-worker: listening on" 10 \
 start_gateway() {
     spawn "gateway-$1" "the gateway ($1)" "holdfast ready" 60 \
         "$bin/holdfast" run --listen 127.0.0.1:0 --admin 127.0.0.1:0 --cert "$work/cert.pem" \
-        --key "$work/key.pem" --worker "$work/worker.sock" --hibernate-after "$2"
+        --key "$work/key.pem" --worker "$work/worker.sock" --hibernate-after "$2" \
+        --max-conns-per-ip 0
     gateway=$spawned_pid
     target=$(field "$spawned_line" listen)
     admin=$(field "$spawned_line" admin)

@@ -58,7 +58,7 @@ spawn worker "the echo worker" "holdfast-worker: listening on" 10 \
     "$bin/holdfast-worker" echo --socket "$work/worker.sock"
 spawn gateway "the gateway" "holdfast ready" 60 \
     "$bin/holdfast" run --listen "127.0.0.1:$port" --cert "$work/cert.pem" --key "$work/key.pem" \
-    --worker "$work/worker.sock" --admin "127.0.0.1:$admin_port"
+    --worker "$work/worker.sock" --admin "127.0.0.1:$admin_port" --max-conns-per-ip 0
 gateway=$spawned_pid
 ready=$spawned_line
 echo "$ready"

@@ -107,6 +107,9 @@ struct RunArgs {
     /// Connections one source address (IPv4, or IPv6 /64) may hold (0 = no cap).
     #[arg(long, value_name = "N")]
     max_conns_per_ip: Option<u32>,
+    /// Full TLS handshakes per second per core (0 = no cap; benchmarks lift it).
+    #[arg(long, value_name = "N")]
+    handshakes_per_sec_per_core: Option<u32>,
     /// Also accept TLS 1.2.
     #[arg(long)]
     tls12: bool,
@@ -186,6 +189,9 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.max_conns_per_core {
         cfg.limits.max_conns_per_core = v;
+    }
+    if let Some(v) = args.handshakes_per_sec_per_core {
+        cfg.limits.handshakes_per_sec_per_core = v;
     }
     if let Some(v) = args.max_conns_per_ip {
         cfg.limits.max_conns_per_ip = v;
