@@ -61,8 +61,10 @@ fn a_slowloris_from_one_address_is_held_to_its_cap_and_others_get_in_at_once() {
     // Every connection past the cap is closed at accept, before any TLS.
     let m = g
         .gateway
-        .wait_for_metrics("every connection past the cap refused", |m| {
+        .wait_for_metrics("every connection past the cap refused and freed", |m| {
+            // A refused connection stays in the open gauge until its Close completes.
             m.sum("holdfast_closes_total", &[("reason", "ip_limit")]) >= (SILENT - CAP) as f64
+                && m.sum("holdfast_connections_open", &[]) <= CAP as f64
         });
     assert_eq!(
         m.sum("holdfast_closes_total", &[("reason", "ip_limit")]),
