@@ -15,7 +15,7 @@ use rustls::ProtocolVersion;
 use tracing::debug;
 
 use crate::record::{self, Hibernated, Opened, Record, RecordLayer, TrafficSecrets};
-use crate::tls::{Fed, TlsEnd, TlsSession, VecSink};
+use crate::tls::{with_staging, Fed, TlsEnd, TlsSession, VecSink};
 
 /// What the handshake negotiated, read from rustls before it may be given up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,22 +241,7 @@ impl ConnTls {
                 end: Some(TlsEnd::Error),
             };
         };
-        let fed = if staging.is_empty() {
-            let fed = open_all(layer, input, out, plain);
-            if fed.consumed < input.len() && fed.end.is_none() {
-                staging.extend_from_slice(&input[fed.consumed..]);
-            }
-            fed
-        } else {
-            staging.extend_from_slice(input);
-            let fed = open_all(layer, staging, out, plain);
-            if fed.end.is_some() || fed.consumed >= staging.len() {
-                *staging = Vec::new();
-            } else {
-                staging.drain(..fed.consumed);
-            }
-            fed
-        };
+        let fed = with_staging(staging, input, |buf| open_all(layer, buf, out, plain));
         if fed.end == Some(TlsEnd::Error) {
             self.state = State::Failed;
         }

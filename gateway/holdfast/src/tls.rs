@@ -416,24 +416,7 @@ impl<C: Unbuffered> Records<C> {
         input: &mut [u8],
         sink: &mut impl TlsSink,
     ) -> Fed {
-        if staging.is_empty() {
-            let fed = self.feed(input, sink);
-            debug_assert!(fed.consumed <= input.len(), "consumed more than offered");
-            if fed.consumed < input.len() && fed.end.is_none() {
-                staging.extend_from_slice(&input[fed.consumed..]);
-            }
-            fed
-        } else {
-            staging.extend_from_slice(input);
-            let fed = self.feed(staging, sink);
-            debug_assert!(fed.consumed <= staging.len(), "consumed more than offered");
-            if fed.end.is_some() || fed.consumed >= staging.len() {
-                *staging = Vec::new();
-            } else {
-                staging.drain(..fed.consumed);
-            }
-            fed
-        }
+        with_staging(staging, input, |buf| self.feed(buf, sink))
     }
 
     /// After an error rustls may have queued an alert: encode it so the peer learns why.
@@ -500,6 +483,36 @@ impl<C: Unbuffered> Records<C> {
                 sink.commit(n);
             }
         }
+    }
+}
+
+/// The staging rule every record layer follows over one receive: with nothing staged the
+/// receive is fed in place and only an unconsumed tail is copied into `staging`;
+/// otherwise the receive is appended and the staged whole is fed. `staging` is left empty
+/// (and unallocated) once nothing is partial or the stream ended, so an idle connection
+/// owns no buffer. `feed` processes what it can of a buffer and says how much.
+pub fn with_staging(
+    staging: &mut Vec<u8>,
+    input: &mut [u8],
+    feed: impl FnOnce(&mut [u8]) -> Fed,
+) -> Fed {
+    if staging.is_empty() {
+        let fed = feed(input);
+        debug_assert!(fed.consumed <= input.len(), "consumed more than offered");
+        if fed.consumed < input.len() && fed.end.is_none() {
+            staging.extend_from_slice(&input[fed.consumed..]);
+        }
+        fed
+    } else {
+        staging.extend_from_slice(input);
+        let fed = feed(staging);
+        debug_assert!(fed.consumed <= staging.len(), "consumed more than offered");
+        if fed.end.is_some() || fed.consumed >= staging.len() {
+            *staging = Vec::new();
+        } else {
+            staging.drain(..fed.consumed);
+        }
+        fed
     }
 }
 
