@@ -1000,15 +1000,6 @@ impl Core {
     fn drive(&mut self, conn: &mut Conn, slot: u32) {
         let id = ConnId::new(self.idx, conn.gen, slot);
         let now = self.tick();
-        CoreMetrics::add(&self.metrics.pings, std::mem::take(&mut self.turn.pings));
-        CoreMetrics::add(
-            &self.metrics.hibernations,
-            std::mem::take(&mut self.turn.hibernations),
-        );
-        CoreMetrics::add(
-            &self.metrics.wakeups,
-            std::mem::take(&mut self.turn.wakeups),
-        );
         loop {
             if !conn.session.is_closing()
                 && conn.sock.in_flight_bytes() + conn.session.transmit().len()
@@ -1103,6 +1094,17 @@ impl Core {
             .min(u32::MAX as usize) as u32;
         self.outbound = self.outbound + u64::from(out) - u64::from(conn.outq);
         conn.outq = out;
+        // Counted in the turn, published only when something happened (drive runs for
+        // every input of every connection), and after the closes drive itself made.
+        for (counter, n) in [
+            (&self.metrics.pings, &mut self.turn.pings),
+            (&self.metrics.hibernations, &mut self.turn.hibernations),
+            (&self.metrics.wakeups, &mut self.turn.wakeups),
+        ] {
+            if *n > 0 {
+                CoreMetrics::add(counter, std::mem::take(n));
+            }
+        }
     }
 
     /// Over `limits.outbound_budget_per_core`: closes the connections holding the most
