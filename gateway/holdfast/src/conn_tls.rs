@@ -305,6 +305,27 @@ impl ConnTls {
         true
     }
 
+    /// Appends the connection's record-layer state in the hand-over format, hibernating
+    /// it first if it is awake. False (nothing written) unless it is on our record layer:
+    /// a rustls connection cannot be moved to another process.
+    pub fn export(&mut self, out: &mut Vec<u8>) -> bool {
+        self.hibernate();
+        match &self.state {
+            State::Asleep(h) => {
+                h.encode(out);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A connection handed over by another process, asleep until its first record.
+    pub fn from_hibernated(state: Hibernated) -> ConnTls {
+        ConnTls {
+            state: State::Asleep(state),
+        }
+    }
+
     /// Derives the keys of a hibernated connection again (lazily, per direction).
     fn wake(&mut self) -> bool {
         if !self.is_asleep() {

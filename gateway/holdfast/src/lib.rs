@@ -13,6 +13,7 @@ pub mod config;
 pub mod conn_tls;
 #[allow(unsafe_code)]
 pub mod core;
+pub mod handover;
 pub mod hints;
 pub mod inflight;
 pub mod link;
@@ -27,4 +28,5 @@ pub mod session;
 pub mod ticket;
 pub mod tls;
 pub mod top;
+pub mod upgrade;
 pub mod wheel;

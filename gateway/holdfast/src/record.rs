@@ -286,6 +286,12 @@ pub enum HibernateError {
     KeyMismatch,
     #[error("rustls moved to a new sending key and sealed nothing under it yet: its KeyUpdate may still be queued; try again after the next write")]
     KeyUpdatePending,
+    #[error("the hand-over state ends early")]
+    Truncated,
+    #[error("the hand-over state names a cipher suite this process does not offer")]
+    UnknownSuite,
+    #[error("the hand-over state has unknown flags or an impossible KeyUpdate count")]
+    BadState,
 }
 
 /// The peer's close_notify arrived: nothing more is read.
@@ -353,6 +359,70 @@ impl Hibernated {
             key_updates_left: KEY_UPDATES_WITHOUT_DATA,
             flags: 0,
         })
+    }
+
+    /// Appends the state in the hand-over format (`handover.rs`): the suite's IANA code,
+    /// both secrets with their lengths, both sequence numbers, the KeyUpdate allowance and
+    /// the flags. Secret bytes leave the process only over the upgrade socket.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&u16::from(self.suite.common.suite).to_le_bytes());
+        for s in [&self.rx, &self.tx] {
+            out.push(s.len);
+            out.extend_from_slice(s.as_bytes());
+        }
+        out.extend_from_slice(&self.rx_seq.to_le_bytes());
+        out.extend_from_slice(&self.tx_seq.to_le_bytes());
+        out.push(self.key_updates_left);
+        out.push(self.flags);
+    }
+
+    /// The state [`Hibernated::encode`] wrote, at the start of `input`, with the number of
+    /// bytes it took. The suite must be one of `suites` (this process's provider), and
+    /// every field is checked: secret lengths against the suite's hash, known flags only.
+    pub fn decode(
+        input: &[u8],
+        suites: &[&'static Tls13CipherSuite],
+    ) -> Result<(Hibernated, usize), HibernateError> {
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Result<&[u8], HibernateError> {
+            let b = input.get(at..at + n).ok_or(HibernateError::Truncated)?;
+            at += n;
+            Ok(b)
+        };
+        let code = u16::from_le_bytes(take(2)?.try_into().expect("two bytes"));
+        let suite = *suites
+            .iter()
+            .find(|s| u16::from(s.common.suite) == code)
+            .ok_or(HibernateError::UnknownSuite)?;
+        let hash_len = suite.common.hash_provider.output_len();
+        let mut secret = || -> Result<Secret, HibernateError> {
+            let len = usize::from(take(1)?[0]);
+            if len != hash_len {
+                return Err(HibernateError::SecretLength);
+            }
+            Secret::new(take(len)?).ok_or(HibernateError::SecretLength)
+        };
+        let rx = secret()?;
+        let tx = secret()?;
+        let rx_seq = u64::from_le_bytes(take(8)?.try_into().expect("eight bytes"));
+        let tx_seq = u64::from_le_bytes(take(8)?.try_into().expect("eight bytes"));
+        let key_updates_left = take(1)?[0];
+        let flags = take(1)?[0];
+        if flags & !(PEER_CLOSED | FAILED | SEND_CLOSED | ANSWERED) != 0
+            || key_updates_left > KEY_UPDATES_WITHOUT_DATA
+        {
+            return Err(HibernateError::BadState);
+        }
+        let state = Hibernated {
+            suite,
+            rx,
+            tx,
+            rx_seq,
+            tx_seq,
+            key_updates_left,
+            flags,
+        };
+        Ok((state, at))
     }
 
     /// Makes the record layer ready to open and seal; keys are expanded on first use.
@@ -1580,6 +1650,71 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every TLS 1.3 suite of the provider, as the hand-over decoder wants them.
+    fn tls13_suites() -> Vec<&'static Tls13CipherSuite> {
+        SUITES
+            .iter()
+            .filter_map(|s| match s {
+                SupportedCipherSuite::Tls13(t) => Some(*t),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn encoded_state_decodes_to_a_layer_that_carries_on_the_connection() {
+        let suites = tls13_suites();
+        for suite in 0..SUITES.len() {
+            let (mut client, state) = connect(suite);
+            let mut layer = state.wake();
+            let mut out = Vec::new();
+            feed(
+                &mut layer,
+                &client_send(&mut client, b"before"),
+                9,
+                &mut out,
+            )
+            .expect("open");
+            layer.seal(b"one", &mut out).expect("seal");
+            let mut bytes = vec![0xAA];
+            layer.hibernate().encode(&mut bytes);
+            bytes.push(0xBB);
+            let (moved, used) = Hibernated::decode(&bytes[1..], &suites).expect("decodes");
+            assert_eq!(
+                bytes[1 + used],
+                0xBB,
+                "decode takes exactly what encode wrote"
+            );
+            // Every shorter prefix is refused, never misread.
+            for cut in 0..used {
+                assert!(Hibernated::decode(&bytes[1..1 + cut], &suites).is_err());
+            }
+            let mut layer = moved.wake();
+            layer.seal(b"two", &mut out).expect("seal after the move");
+            assert_eq!(
+                client_receive(&mut client, &out).as_deref(),
+                Ok(&b"onetwo"[..])
+            );
+            let mut out = Vec::new();
+            let fed = feed(&mut layer, &client_send(&mut client, b"after"), 9, &mut out);
+            assert_eq!(fed.expect("open after the move").plain, b"after");
+        }
+        // A suite the provider does not offer, and unknown flags, are refused.
+        let (_, state) = connect(0);
+        let mut bytes = Vec::new();
+        state.encode(&mut bytes);
+        assert_eq!(
+            Hibernated::decode(&bytes, &[]).err(),
+            Some(HibernateError::UnknownSuite)
+        );
+        let last = bytes.len() - 1;
+        bytes[last] = 0x80;
+        assert_eq!(
+            Hibernated::decode(&bytes, &suites).err(),
+            Some(HibernateError::BadState)
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use tracing::debug;
 
 use crate::config::Config;
 use crate::conn_tls::ConnTls;
+use crate::handover::{FormatError, Put, Reader};
 use crate::metrics::CloseReason;
 use crate::tls::{TlsEnd, TlsSession};
 
@@ -683,6 +684,164 @@ impl Session {
             Deadline::At(u64::from(self.t.last_active) + cfg.idle_timeout_secs + 1)
         };
         self.t.timer = Some(earliest(timer, self.t.hibernate_deadline(now)));
+    }
+
+    // ---- live upgrade ------------------------------------------------------------------------
+
+    /// Appends the session in the hand-over format (`handover.rs`), for a new process to
+    /// carry on with [`Session::import`]: the record layer (hibernated first), what the
+    /// handshake negotiated, staged input, `unsent` (bytes a send had taken but not
+    /// written) followed by the queued output, the last activity and the application
+    /// protocol's state (a partial frame or request, a WebSocket's fragmented message and
+    /// unanswered ping). Only an established connection on our record layer moves; the
+    /// error says why another cannot.
+    pub fn export(&mut self, unsent: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
+        if !self.is_open() {
+            return Err("not established");
+        }
+        let start = out.len();
+        if !self.t.tls.export(out) {
+            out.truncate(start);
+            return Err("on the TLS library (TLS 1.2, or hibernation off)");
+        }
+        let t = &self.t;
+        match &t.sni {
+            None => out.put_u8(0),
+            Some(name) => {
+                out.put_u8(1);
+                out.put_bytes(name.as_bytes());
+            }
+        }
+        out.put_u8(match t.alpn {
+            Alpn::None => 0,
+            Alpn::Native => 1,
+            Alpn::Http => 2,
+        });
+        out.put_u8(u8::from(t.resumed));
+        out.put_u16(t.version.map_or(0, u16::from));
+        out.put_bytes(&t.staging);
+        out.put_u32((unsent.len() + t.queued.len()) as u32);
+        out.extend_from_slice(unsent);
+        out.extend_from_slice(&t.queued);
+        out.put_u32(t.last_active);
+        match &self.app {
+            App::Sniff => out.put_u8(0),
+            App::Native { partial } => {
+                out.put_u8(1);
+                out.put_bytes(partial);
+            }
+            App::Http { request } => {
+                out.put_u8(2);
+                out.put_bytes(request);
+            }
+            App::WebSocket(ws) => {
+                out.put_u8(3);
+                out.put_u8(ws.asm.to_byte());
+                out.put_bytes(&ws.partial);
+                out.put_bytes(&ws.msg);
+                match ws.ping_sent {
+                    None => out.put_u8(0),
+                    Some(at) => {
+                        out.put_u8(1);
+                        out.put_u32(at);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A session that another process exported, established and asleep until its next
+    /// record. Ticks continue the old core's clock (the new core starts its clock where
+    /// the old one was). Its timer fires at the next tick, where idle, keepalive and
+    /// hibernation deadlines are worked out again from its last activity.
+    pub fn import(
+        r: &mut Reader<'_>,
+        now: u64,
+        cfg: &SessionConfig,
+        suites: &[&'static rustls::Tls13CipherSuite],
+        turn: &mut Turn,
+    ) -> Result<Session, FormatError> {
+        let (state, used) = crate::record::Hibernated::decode(r.rest(), suites)
+            .map_err(|e| FormatError::Invalid(format!("record layer: {e}")))?;
+        r.advance(used, "record layer")?;
+        let sni = match r.u8("server name flag")? {
+            0 => None,
+            1 => {
+                let name = std::str::from_utf8(r.bytes("server name")?)
+                    .map_err(|_| FormatError::Invalid("server name: not UTF-8".into()))?;
+                Some(turn.names.intern(name.into()))
+            }
+            b => return Err(FormatError::Invalid(format!("server name flag {b}"))),
+        };
+        let alpn = match r.u8("ALPN")? {
+            0 => Alpn::None,
+            1 => Alpn::Native,
+            2 => Alpn::Http,
+            b => return Err(FormatError::Invalid(format!("ALPN {b}"))),
+        };
+        let resumed = r.bool("resumed")?;
+        let version = match r.u16("TLS version")? {
+            0 => None,
+            v => Some(rustls::ProtocolVersion::from(v)),
+        };
+        let staging = r.bytes("staged input")?;
+        if staging.len() > MAX_STAGING {
+            return Err(FormatError::Invalid("staged input over its bound".into()));
+        }
+        let staging = staging.to_vec();
+        let queued = r.bytes("queued output")?.to_vec();
+        let last_active = r.u32("last activity")?;
+        let bound = |b: &[u8], what: &str| {
+            if b.len() > cfg.max_frame + MAX_STAGING {
+                Err(FormatError::Invalid(format!("{what} over its bound")))
+            } else {
+                Ok(b.to_vec())
+            }
+        };
+        let app = match r.u8("application protocol")? {
+            0 => App::Sniff,
+            1 => App::Native {
+                partial: bound(r.bytes("partial frame")?, "partial frame")?,
+            },
+            2 => App::Http {
+                request: bound(r.bytes("partial request")?, "partial request")?,
+            },
+            3 => {
+                let asm = ws::MessageAssembler::from_byte(r.u8("message state")?)
+                    .ok_or_else(|| FormatError::Invalid("WebSocket message state".into()))?;
+                let partial = bound(r.bytes("partial frame")?, "partial frame")?;
+                let msg = bound(r.bytes("fragmented message")?, "fragmented message")?;
+                let ping_sent = match r.u8("ping flag")? {
+                    0 => None,
+                    1 => Some(r.u32("ping sent")?),
+                    b => return Err(FormatError::Invalid(format!("ping flag {b}"))),
+                };
+                App::WebSocket(Box::new(Ws {
+                    asm,
+                    partial,
+                    msg,
+                    ping_sent,
+                }))
+            }
+            b => return Err(FormatError::Invalid(format!("application protocol {b}"))),
+        };
+        Ok(Session {
+            t: Transport {
+                tls: ConnTls::from_hibernated(state),
+                phase: Phase::Open,
+                sni,
+                alpn,
+                resumed,
+                version,
+                hibernate_after: cfg.hibernate_after_secs.min(u64::from(u16::MAX)) as u16,
+                staging,
+                queued,
+                last_active,
+                timer: Some(Deadline::At(now + 1)),
+            },
+            app,
+        })
     }
 
     // ---- the application protocols --------------------------------------------------------

@@ -100,6 +100,27 @@ impl MessageAssembler {
         self.open != Open::None
     }
 
+    /// The state as one byte, for moving a connection to another process (see
+    /// [`MessageAssembler::from_byte`]): 0 no message, 1 binary, 2 + pending for text.
+    pub fn to_byte(&self) -> u8 {
+        match self.open {
+            Open::None => 0,
+            Open::Binary => 1,
+            Open::Text { pending } => 2 + pending,
+        }
+    }
+
+    /// The state [`MessageAssembler::to_byte`] wrote; None for a byte it never writes.
+    pub fn from_byte(b: u8) -> Option<MessageAssembler> {
+        let open = match b {
+            0 => Open::None,
+            1 => Open::Binary,
+            2..=5 => Open::Text { pending: b - 2 },
+            _ => return None,
+        };
+        Some(MessageAssembler { open })
+    }
+
     /// Forgets any open message (for reusing the state; the caller clears its buffer).
     pub fn reset(&mut self) {
         self.open = Open::None;
@@ -298,6 +319,25 @@ fn utf8_continue(tail: &[u8], next: &[u8], fin: bool) -> Result<u8, WsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_state_byte_round_trips_and_refuses_unknown_values() {
+        for b in 0..=5u8 {
+            let asm = MessageAssembler::from_byte(b).expect("a byte to_byte writes");
+            assert_eq!(asm.to_byte(), b);
+            assert_eq!(asm.in_message(), b != 0);
+        }
+        assert!(MessageAssembler::from_byte(6).is_none());
+        assert!(MessageAssembler::from_byte(255).is_none());
+        // A text message split inside a code point keeps its pending count.
+        let mut asm = MessageAssembler::new();
+        let mut msg = Vec::new();
+        let euro = "\u{20ac}".as_bytes();
+        asm.push(data(Opcode::Text, false, &euro[..1]), &mut msg, 100)
+            .expect("a valid prefix");
+        let moved = MessageAssembler::from_byte(asm.to_byte()).expect("round trip");
+        assert_eq!(moved, asm);
+    }
 
     fn data(opcode: Opcode, fin: bool, payload: &[u8]) -> WsFrame<'_> {
         WsFrame {
