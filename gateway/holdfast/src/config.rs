@@ -212,6 +212,10 @@ pub struct Runtime {
     pub heartbeat_interval_ms: u64,
     /// A link that receives nothing for this long is dropped and redialled (milliseconds).
     pub heartbeat_timeout_ms: u64,
+    /// Live upgrade: how long the running process waits for the new binary to say it is
+    /// ready (configuration and certificates loaded, state format understood) before it
+    /// kills it and carries on serving.
+    pub upgrade_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -282,6 +286,7 @@ impl Default for Runtime {
             worker_retry_max_ms: 5000,
             heartbeat_interval_ms: 2000,
             heartbeat_timeout_ms: 10_000,
+            upgrade_timeout_secs: 30,
         }
     }
 }
@@ -592,6 +597,7 @@ impl Config {
             runtime.heartbeat_interval_ms
         );
         reloadable!("runtime.heartbeat_timeout_ms", runtime.heartbeat_timeout_ms);
+        reloadable!("runtime.upgrade_timeout_secs", runtime.upgrade_timeout_secs);
         reloadable!(
             "proxy_protocol.trusted_networks",
             proxy_protocol.trusted_networks

@@ -20,7 +20,7 @@
 //! fd number in the regular-fd fallback), so a connection needs no separate index.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::{Admission, IpKey, Next, ProcessCap};
 use crate::config::{Config, Network};
+use crate::handover::{self, Put, Reader};
 use crate::inflight::{CloseStep, SocketOps};
 use crate::link::{Link, LinkState};
 use crate::metrics::{CloseReason, CoreMetrics};
@@ -42,6 +43,7 @@ use crate::ring::{build_ring, peer_of_installed_fd, BufRing, RingFeatures};
 use crate::route;
 use crate::session::{CloseCause, Deadline, Event, Session, SessionConfig, Turn};
 use crate::tls::TlsSession;
+use crate::upgrade;
 use crate::wheel::TimerWheel;
 use std::net::SocketAddr;
 
@@ -51,7 +53,11 @@ pub struct CoreSpec {
     pub cores: u8,
     pub config: Arc<Config>,
     pub tls: Arc<rustls::ServerConfig>,
-    pub listener: socket2::Socket,
+    /// The SO_REUSEPORT listener; None when `adopt` brings the old process's.
+    pub listener: Option<socket2::Socket>,
+    /// Live upgrade: this core's socket to the old process's core of the same index,
+    /// whose listener and connections it takes over before it runs (`Core::adopt`).
+    pub adopt: Option<OwnedFd>,
     pub metrics: Arc<CoreMetrics>,
     pub shutdown: Arc<AtomicBool>,
     /// The soft open-file limit, which bounds the fixed-file table.
@@ -71,6 +77,13 @@ pub enum Mail {
     Cross(CrossMsg),
     /// From the control thread (SIGHUP): the configuration from now on.
     Reload(Reload),
+    /// From the control thread (live upgrade, the new process said READY): hand the
+    /// listener and every connection over on this socket.
+    Handover(OwnedFd),
+    /// From the control thread: the new process has taken over; close the worker links
+    /// (passing on what still arrives on them) and exit once the last closing connection
+    /// is gone.
+    Release,
 }
 
 /// A reloaded configuration for one core. The core swaps it in between two completions:
@@ -111,6 +124,8 @@ pub enum CrossKind {
 
 /// Reported by each core once it accepts.
 pub struct CoreReady {
+    /// The address its listener is bound to.
+    pub listen: Option<SocketAddr>,
     pub features: RingFeatures,
     pub direct: bool,
     pub table: u32,
@@ -127,6 +142,10 @@ const OP_LINK_RECV: u64 = 7;
 const OP_LINK_SEND: u64 = 8;
 const OP_CANCEL: u64 = 9;
 const OP_WAKE: u64 = 10;
+/// A live upgrade's FixedFdInstall of a connection being handed over.
+const OP_EXPORT: u64 = 11;
+/// A receive on the upgrade socket from the old process (its late worker messages).
+const OP_UPGRADE_RECV: u64 = 12;
 
 fn ud(op: u64, gen: u32, slot: u32) -> u64 {
     (op << 56) | ((gen as u64 & 0xff_ffff) << 32) | slot as u64
@@ -173,6 +192,8 @@ struct Conn {
     /// Outbound bytes (session queue + send in flight) as of its last `drive`, counted in
     /// `Core::outbound` for the per-core budget.
     outq: u32,
+    /// Being handed over (live upgrade): no receive is re-armed and no send started.
+    leaving: bool,
 }
 
 /// Where a connection is with the PROXY protocol (`proxy_protocol.trusted_networks`).
@@ -324,7 +345,71 @@ pub struct Core {
     outbound: u64,
     /// Scratch for the budget's candidates: (bytes, slot).
     heaviest: Vec<(u32, u32)>,
+    /// When this core started (for the start-up wait for worker HELLOs; `start` is the
+    /// clock's origin, which an adopting core sets to the old core's).
+    started: Instant,
+    /// Live upgrade, old side: the hand-over in progress.
+    up: Option<Box<Outgoing>>,
+    /// Live upgrade, new side: the socket the old core passes late worker messages on.
+    incoming: Option<Box<Incoming>>,
+    /// Adopted connections not reading yet (they start once the worker links greet).
+    adopted: Vec<u32>,
 }
+
+/// Where a hand-over stands on the old core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stage {
+    /// Stopping reads and sends, finishing handshakes, waiting for worker ACKs.
+    Quiescing,
+    /// Sending connections in batches.
+    Exporting,
+    /// Everything is sent; worker messages still arriving are passed on.
+    Forwarding,
+    /// The new process took over: closing the worker links.
+    Releasing,
+    Done,
+}
+
+/// The old core's side of a live upgrade.
+struct Outgoing {
+    sock: OwnedFd,
+    stage: Stage,
+    begun: Instant,
+    /// Handshakes still running then are closed (`upgrade`); unacknowledged frames of
+    /// live links are handed over then rather than waited for.
+    handshake_deadline: Instant,
+    ack_deadline: Instant,
+    release_deadline: Instant,
+    /// Next slot to look at for the next batch.
+    cursor: usize,
+    /// The batch being installed as regular fds: (slot, generation, fd once installed).
+    batch: Vec<(u32, u32, Option<OwnedFd>)>,
+    pending: usize,
+    moved: u64,
+    logged_send_error: bool,
+}
+
+/// The new core's side of a live upgrade, once its connections are in.
+struct Incoming {
+    reader: crate::upgrade::FrameReader,
+    buf: Vec<u8>,
+    armed: bool,
+    /// The old process's worker indices, as this process's (None: not configured here).
+    workers: Vec<Option<u8>>,
+    /// Late worker messages that arrived with the connections, handled once the links
+    /// greet.
+    late: Vec<Vec<u8>>,
+}
+
+// How long a hand-over lets handshakes finish and waits for worker ACKs, and how long
+// closing the worker links may take once the new process has taken over.
+const HANDOVER_HANDSHAKE_WAIT: Duration = Duration::from_secs(2);
+const HANDOVER_ACK_WAIT: Duration = Duration::from_secs(2);
+const HANDOVER_RELEASE_WAIT: Duration = Duration::from_secs(5);
+// How long an adopting core waits for the next frame of the old core's stream.
+const ADOPT_FRAME_WAIT: Duration = Duration::from_secs(30);
+/// `LATE` flag: a PUBLISH another old core already delivered to its own subscribers.
+const LATE_PUBLISH_HERE: u8 = 1;
 
 impl Core {
     /// Sets up the ring (on the calling thread), the tables and the buffer ring.
@@ -373,7 +458,7 @@ impl Core {
             tls: spec.tls,
             metrics: spec.metrics,
             shutdown: spec.shutdown,
-            listener: Some(spec.listener),
+            listener: spec.listener,
             direct,
             accept_armed: false,
             table_full: false,
@@ -413,11 +498,28 @@ impl Core {
             proxy_staged: HashMap::new(),
             outbound: 0,
             heaviest: Vec::new(),
+            started: Instant::now(),
+            up: None,
+            incoming: None,
+            adopted: Vec::new(),
             cfg,
         };
+        let mut core = core;
+        if let Some(sock) = spec.adopt {
+            if !direct {
+                anyhow::bail!("a live upgrade needs direct descriptors (runtime.direct_descriptors and a kernel with them)");
+            }
+            core.adopt(sock)?;
+        }
+        let listen = core
+            .listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .and_then(|a| a.as_socket());
         Ok((
             core,
             CoreReady {
+                listen,
                 features,
                 direct,
                 table,
@@ -472,7 +574,7 @@ impl Core {
             .store(self.conns.len() as u64, Ordering::Relaxed);
         loop {
             self.flush();
-            let wait_ms = if self.drain_deadline.is_some() {
+            let wait_ms = if self.drain_deadline.is_some() || self.up.is_some() {
                 20
             } else {
                 100
@@ -524,7 +626,13 @@ impl Core {
             self.timers();
             self.maintain_links();
             CoreMetrics::inc(&self.metrics.loop_iterations);
-            if self.shutdown.load(Ordering::Relaxed) && self.drain_deadline.is_none() {
+            if self.up.is_some() {
+                self.upgrade_step();
+                if self.up.as_ref().is_some_and(|u| u.stage == Stage::Done) && self.open == 0 {
+                    info!(core = self.idx, "handed over; core exits");
+                    return Ok(());
+                }
+            } else if self.shutdown.load(Ordering::Relaxed) && self.drain_deadline.is_none() {
                 self.begin_drain();
             }
             if self.drain_deadline.is_some() {
@@ -564,6 +672,8 @@ impl Core {
             OP_LINK_SEND => self.on_link_send(slot as usize, gen, res),
             OP_CANCEL => {}
             OP_WAKE => self.drain_inbox(),
+            OP_EXPORT => self.on_export_fd(slot, gen, res),
+            OP_UPGRADE_RECV => self.on_upgrade_recv(res),
             _ => debug_assert!(false, "unknown completion {user_data:#x}"),
         }
     }
@@ -571,7 +681,11 @@ impl Core {
     // ---- accept ------------------------------------------------------------------------
 
     fn arm_accept(&mut self) {
-        if self.accept_armed || self.table_full || self.drain_deadline.is_some() {
+        if self.accept_armed
+            || self.table_full
+            || self.drain_deadline.is_some()
+            || self.up.is_some()
+        {
             return;
         }
         // At start, give workers that accepted our dial a moment to say HELLO before taking
@@ -581,9 +695,10 @@ impl Core {
             .links
             .iter()
             .any(|l| l.state == LinkState::Up && !l.hello_seen);
-        if greeting && self.start.elapsed() < STARTUP_HELLO_WAIT {
+        if greeting && self.started.elapsed() < STARTUP_HELLO_WAIT {
             return;
         }
+        self.start_adopted();
         let Some(l) = &self.listener else { return };
         let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
             .allocate_file_index(self.direct)
@@ -720,6 +835,7 @@ impl Core {
             admit: ADMIT_PROCESS,
             pre: Pre::Done,
             outq: 0,
+            leaving: false,
         });
         self.drive(&mut conn, slot);
         self.put(slot, conn);
@@ -1191,6 +1307,9 @@ impl Core {
 
     /// Starts a send of the connection's queued bytes if none is in flight.
     fn start_send(&mut self, conn: &mut Conn, slot: u32) {
+        if conn.leaving {
+            return;
+        }
         let Some(op) = conn.sock.start_send(conn.session.transmit()) else {
             return;
         };
@@ -1247,7 +1366,7 @@ impl Core {
         while !self.paused {
             let Some(slot) = self.rearm.pop() else { break };
             if let Some(c) = self.conns[slot as usize].as_ref() {
-                if c.sock.wants_recv() {
+                if c.sock.wants_recv() && !c.leaving {
                     let gen = c.gen;
                     self.arm_recv(slot, gen);
                 }
@@ -1419,7 +1538,12 @@ impl Core {
         for w in 0..self.links.len() {
             let link = &mut self.links[w];
             match link.state {
-                LinkState::Down if now >= link.retry_at => self.try_connect(w),
+                LinkState::Down
+                    if now >= link.retry_at
+                        && self.up.as_ref().is_none_or(|u| u.stage < Stage::Releasing) =>
+                {
+                    self.try_connect(w)
+                }
                 LinkState::Up if now.duration_since(link.last_rx) > timeout => {
                     let ms = timeout.as_millis();
                     self.link_down(
@@ -1565,7 +1689,16 @@ impl Core {
         while off < rlen {
             match envelope::decode(&rbuf[off..rlen], envelope::DEFAULT_MAX_PAYLOAD) {
                 Ok(Some((msg, used))) => {
+                    let raw = off..off + used;
                     off += used;
+                    let relayed = !matches!(
+                        msg,
+                        Message::Hello(_) | Message::Ack { .. } | Message::Heartbeat { .. }
+                    );
+                    if relayed && self.passes_on() {
+                        self.forward_late(0, w as u8, &rbuf[raw]);
+                        continue;
+                    }
                     if let Err(why) = self.on_envelope(w, msg) {
                         failure = Some(why);
                         break;
@@ -1911,7 +2044,19 @@ impl Core {
                     self.apply_reload(r);
                     continue;
                 }
+                Mail::Handover(sock) => {
+                    self.begin_handover(sock);
+                    continue;
+                }
+                Mail::Release => {
+                    self.release();
+                    continue;
+                }
             };
+            if self.passes_on() {
+                self.forward_cross(&m);
+                continue;
+            }
             let w = m.worker as usize;
             CoreMetrics::inc(&self.metrics.cross_core);
             match m.kind {
@@ -2073,6 +2218,814 @@ impl Core {
         c.session.close(cause, now, &mut self.turn);
         self.drive(&mut c, slot);
         self.put(slot, c);
+    }
+}
+
+// ---- live upgrade ------------------------------------------------------------------------
+//
+// The old core (`Outgoing`): sends its listener, stops accepting, stops reading and
+// writing its established connections (cancelling armed receives and sends in flight),
+// lets handshakes finish for a moment, waits for the workers to acknowledge what it sent
+// them, then moves the connections in batches (each socket installed as a regular fd
+// with FixedFdInstall and passed with SCM_RIGHTS beside its serialised session) and ends
+// with the generations, topics, unacknowledged envelopes and counters. From the first
+// batch on, every worker message that reaches it is passed on instead of handled, so the
+// new core applies it in order after the connection arrived. The new core (`Core::adopt`)
+// reads the stream before its loop starts, installs each socket at its old slot, so every
+// connection id stays the same, and starts reading once its worker links greet.
+
+impl Core {
+    /// Whether worker messages are passed on to the new process rather than handled.
+    fn passes_on(&self) -> bool {
+        self.up
+            .as_ref()
+            .is_some_and(|u| u.stage >= Stage::Exporting)
+    }
+
+    fn begin_handover(&mut self, sock: OwnedFd) {
+        if self.up.is_some() || self.drain_deadline.is_some() {
+            warn!(
+                core = self.idx,
+                "hand-over asked while draining or handing over; ignored"
+            );
+            return;
+        }
+        let Some(listener) = &self.listener else {
+            warn!(core = self.idx, "no listener to hand over");
+            return;
+        };
+        let mut body = Vec::new();
+        body.put_u32(handover::FORMAT);
+        body.put_u8(self.idx);
+        body.put_u8(self.cores);
+        body.put_u64(self.now_ms);
+        body.put_u32(self.links.len() as u32);
+        for l in &self.links {
+            body.put_bytes(l.path.as_os_str().as_encoded_bytes());
+        }
+        let frame = handover::frame(handover::HEADER, &body);
+        if let Err(e) = upgrade::send_frame(sock.as_fd(), &frame, &[listener.as_fd()]) {
+            warn!(
+                core = self.idx,
+                "hand-over failed before it began ({e}); still serving"
+            );
+            return;
+        }
+        // The listener is shared with the new process now: stop accepting on it without
+        // shutting it down (that would stop it listening for both).
+        let e = opcode::AsyncCancel::new(ud(OP_ACCEPT, 0, 0))
+            .build()
+            .user_data(ud(OP_CANCEL, 0, 0));
+        // SAFETY: a cancel names only a user_data value.
+        unsafe { self.push(e) };
+        let now = self.now;
+        self.up = Some(Box::new(Outgoing {
+            sock,
+            stage: Stage::Quiescing,
+            begun: now,
+            handshake_deadline: now + HANDOVER_HANDSHAKE_WAIT,
+            ack_deadline: now + HANDOVER_ACK_WAIT,
+            release_deadline: now,
+            cursor: 0,
+            batch: Vec::new(),
+            pending: 0,
+            moved: 0,
+            logged_send_error: false,
+        }));
+        info!(
+            core = self.idx,
+            open = self.open,
+            "live upgrade: listener handed over; stopping reads to hand connections over"
+        );
+        self.upgrade_step();
+    }
+
+    fn upgrade_step(&mut self) {
+        match self.up.as_ref().map(|u| u.stage) {
+            Some(Stage::Quiescing) => self.quiesce(),
+            Some(Stage::Exporting) => self.export_step(),
+            Some(Stage::Releasing) => self.release_step(),
+            _ => {}
+        }
+    }
+
+    /// Stops every established connection's reads and sends; drains the ones rustls
+    /// holds (TLS 1.2, hibernation off), which cannot move; closes handshakes that did not
+    /// finish in time. Exports once everything is still and acknowledged.
+    fn quiesce(&mut self) {
+        let Some(up) = self.up.as_ref() else { return };
+        let (hs_over, acks_over) = (
+            self.now >= up.handshake_deadline,
+            self.now >= up.ack_deadline,
+        );
+        let now = self.tick();
+        let mut still = true;
+        for slot in 0..self.conns.len() {
+            let Some(mut conn) = self.conns[slot].take() else {
+                continue;
+            };
+            let slot = slot as u32;
+            if conn.session.is_closing() {
+            } else if conn.session.is_open() && conn.session.is_on_own_record_layer() {
+                if !conn.leaving {
+                    conn.leaving = true;
+                    let gen = conn.gen;
+                    for (armed, op) in [
+                        (conn.sock.recv_armed(), OP_RECV),
+                        (conn.sock.send_in_flight(), OP_SEND),
+                    ] {
+                        if armed {
+                            let e = opcode::AsyncCancel::new(ud(op, gen, slot))
+                                .build()
+                                .user_data(ud(OP_CANCEL, 0, 0));
+                            // SAFETY: a cancel names only a user_data value.
+                            unsafe { self.push(e) };
+                        }
+                    }
+                }
+                still &= !conn.sock.recv_armed() && !conn.sock.send_in_flight();
+            } else if conn.session.is_open() {
+                conn.session.drain(now, &mut self.turn);
+                self.drive(&mut conn, slot);
+            } else if hs_over {
+                let cause = CloseCause::silent(CloseReason::Upgrade);
+                conn.session.close(cause, now, &mut self.turn);
+                self.drive(&mut conn, slot);
+            } else {
+                still = false;
+            }
+            self.put(slot, conn);
+        }
+        let acked = self
+            .links
+            .iter()
+            .all(|l| l.state != LinkState::Up || l.unacked_bytes() == 0);
+        if still && (acked || acks_over) {
+            if let Some(up) = self.up.as_mut() {
+                up.stage = Stage::Exporting;
+                debug!(
+                    core = self.idx,
+                    ms = up.begun.elapsed().as_millis() as u64,
+                    acked,
+                    "connections still; exporting"
+                );
+            }
+            self.export_step();
+        }
+    }
+
+    /// Sends the batch whose descriptors are installed, then starts the next one; after
+    /// the last, the core's tail.
+    fn export_step(&mut self) {
+        let Some(up) = self.up.as_mut() else { return };
+        if up.pending > 0 {
+            return;
+        }
+        if !up.batch.is_empty() {
+            self.send_batch();
+        }
+        let Some(up) = self.up.as_mut() else { return };
+        if up.stage != Stage::Exporting {
+            return;
+        }
+        let mut batch = std::mem::take(&mut up.batch);
+        let mut cursor = up.cursor;
+        while cursor < self.conns.len() && batch.len() < handover::MAX_FDS {
+            if let Some(c) = self.conns[cursor].as_deref() {
+                if c.leaving && !c.session.is_closing() {
+                    batch.push((cursor as u32, c.gen, None));
+                }
+            }
+            cursor += 1;
+        }
+        if batch.is_empty() {
+            if let Some(up) = self.up.as_mut() {
+                up.cursor = cursor;
+            }
+            self.send_tail();
+            return;
+        }
+        for &(slot, gen, _) in &batch {
+            let e = opcode::FixedFdInstall::new(types::Fixed(slot), 0)
+                .build()
+                .user_data(ud(OP_EXPORT, gen, slot));
+            // SAFETY: names only the fixed slot.
+            unsafe { self.push(e) };
+        }
+        let up = self.up.as_mut().expect("checked above");
+        up.pending = batch.len();
+        up.batch = batch;
+        up.cursor = cursor;
+    }
+
+    fn on_export_fd(&mut self, slot: u32, gen: u32, res: i32) {
+        let Some(up) = self.up.as_mut() else { return };
+        if let Some(entry) = up
+            .batch
+            .iter_mut()
+            .find(|(s, g, fd)| *s == slot && *g == gen && fd.is_none())
+        {
+            if res >= 0 {
+                // SAFETY: the kernel just installed this descriptor in our fd table for
+                // this completion; nothing else knows its number.
+                entry.2 = Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(res) });
+            } else {
+                warn!(
+                    core = self.idx,
+                    slot,
+                    "cannot install a connection for hand-over: {}",
+                    std::io::Error::from_raw_os_error(-res)
+                );
+            }
+            up.pending -= 1;
+        }
+        if up.pending == 0 {
+            self.export_step();
+        }
+    }
+
+    /// Serialises the installed batch and sends it with its sockets; the connections
+    /// then leave this core without being closed (the new process holds the sockets).
+    fn send_batch(&mut self) {
+        let Some(up) = self.up.as_mut() else { return };
+        let batch = std::mem::take(&mut up.batch);
+        let now = self.tick();
+        let mut body = Vec::new();
+        body.put_u32(0);
+        let mut fds = Vec::with_capacity(batch.len());
+        let mut moved = Vec::with_capacity(batch.len());
+        let mut rec = Vec::new();
+        for (slot, gen, fd) in batch {
+            let Some(mut conn) = self.take(slot, gen) else {
+                continue;
+            };
+            let exported = fd.filter(|_| !conn.session.is_closing()).map(|fd| {
+                rec.clear();
+                rec.put_u32(slot);
+                rec.put_u32(gen);
+                rec.put_u8(conn.worker.unwrap_or(u8::MAX));
+                rec.put_u64(conn.seq);
+                handover::put_addr(&mut rec, conn.peer.addr());
+                let unsent = conn.sock.unsent().to_vec();
+                (fd, conn.session.export(&unsent, &mut rec))
+            });
+            match exported {
+                Some((fd, Ok(()))) => {
+                    body.put_bytes(&rec);
+                    fds.push(fd);
+                    moved.push((slot, conn));
+                }
+                Some((_, Err(why))) => {
+                    debug!(core = self.idx, slot, "not handed over: {why}");
+                    let cause = CloseCause::silent(CloseReason::Upgrade);
+                    conn.session.close(cause, now, &mut self.turn);
+                    self.drive(&mut conn, slot);
+                    self.put(slot, conn);
+                }
+                None => {
+                    if !conn.session.is_closing() {
+                        let cause = CloseCause::silent(CloseReason::Upgrade);
+                        conn.session.close(cause, now, &mut self.turn);
+                        self.drive(&mut conn, slot);
+                    }
+                    self.put(slot, conn);
+                }
+            }
+        }
+        let n = (moved.len() as u32).to_le_bytes();
+        body[..4].copy_from_slice(&n);
+        let frame = handover::frame(handover::CONNS, &body);
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        let up = self.up.as_mut().expect("checked above");
+        match upgrade::send_frame(up.sock.as_fd(), &frame, &borrowed) {
+            Ok(()) => {
+                up.moved += moved.len() as u64;
+                for (slot, conn) in moved {
+                    self.forget(slot, conn);
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    core = self.idx,
+                    moved = up.moved,
+                    "live upgrade: the new process stopped taking connections ({e}); \
+                     serving the {} not handed over yet",
+                    self.open
+                );
+                for (slot, conn) in moved {
+                    self.put(slot, conn);
+                }
+                self.abort_handover();
+            }
+        }
+    }
+
+    /// A connection handed over: it leaves the table, the counts and the timers, but its
+    /// socket is not closed (the new process has it) and its generation stays.
+    fn forget(&mut self, slot: u32, mut conn: Box<Conn>) {
+        if conn.asleep {
+            self.hibernated -= 1;
+        }
+        self.release_admission(&mut conn, ADMIT_PROCESS | ADMIT_IP | ADMIT_HANDSHAKE);
+        self.outbound -= u64::from(conn.outq);
+        self.wheel.cancel(slot);
+        self.open -= 1;
+        drop(conn);
+        let m = &self.metrics;
+        m.connections_open.store(self.open, Ordering::Relaxed);
+        m.connections_hibernated
+            .store(self.hibernated, Ordering::Relaxed);
+    }
+
+    /// The new process is gone mid-way: serve what is still here as before.
+    fn abort_handover(&mut self) {
+        self.up = None;
+        for slot in 0..self.conns.len() {
+            let Some(mut conn) = self.conns[slot].take() else {
+                continue;
+            };
+            if conn.leaving {
+                conn.leaving = false;
+                if conn.sock.wants_recv() {
+                    self.rearm.push(slot as u32);
+                }
+                if conn.session.wants_transmit() || conn.sock.in_flight_bytes() > 0 {
+                    self.mark_dirty(&mut conn, slot as u32);
+                }
+            }
+            self.conns[slot] = Some(conn);
+        }
+    }
+
+    /// After the last batch: generations, topics, what the workers have not acknowledged
+    /// and the counters.
+    fn send_tail(&mut self) {
+        let mut body = Vec::new();
+        body.put_u32(self.gens.len() as u32);
+        for &g in &self.gens {
+            body.put_u32(g);
+        }
+        let topics = std::mem::take(&mut self.topics);
+        body.put_u32(topics.len() as u32);
+        for (topic, subs) in &topics {
+            body.put_bytes(topic);
+            body.put_u32(subs.len() as u32);
+            for &id in subs {
+                body.put_u64(id);
+            }
+        }
+        let mut unacked = std::mem::take(&mut self.orphans);
+        for link in &mut self.links {
+            unacked.extend(link.take_unacked());
+        }
+        body.put_bytes(&unacked);
+        let counters = self.metrics.counters();
+        body.put_u32(counters.len() as u32);
+        for (name, c) in counters {
+            body.put_bytes(name.as_bytes());
+            body.put_u64(c.load(Ordering::Relaxed));
+        }
+        let Some(up) = self.up.as_mut() else { return };
+        let frame = handover::frame(handover::END, &body);
+        if let Err(e) = upgrade::send_frame(up.sock.as_fd(), &frame, &[]) {
+            tracing::error!(
+                core = self.idx,
+                "live upgrade: the tail did not reach the new process: {e}"
+            );
+        }
+        up.stage = Stage::Forwarding;
+        info!(
+            core = self.idx,
+            moved = up.moved,
+            ms = up.begun.elapsed().as_millis() as u64,
+            unacked = unacked.len(),
+            "live upgrade: connections handed over"
+        );
+    }
+
+    /// Passes a worker's envelope on to the new process.
+    fn forward_late(&mut self, flags: u8, w: u8, env: &[u8]) {
+        let Some(up) = self.up.as_mut() else { return };
+        let mut body = Vec::with_capacity(2 + env.len());
+        body.push(flags);
+        body.push(w);
+        body.extend_from_slice(env);
+        if let Err(e) = upgrade::send_frame(
+            up.sock.as_fd(),
+            &handover::frame(handover::LATE, &body),
+            &[],
+        ) {
+            if !up.logged_send_error {
+                up.logged_send_error = true;
+                warn!(
+                    core = self.idx,
+                    "a late worker message did not reach the new process: {e}"
+                );
+            }
+        }
+    }
+
+    /// Another core's mail for this core's (handed-over) connections, passed on.
+    fn forward_cross(&mut self, m: &CrossMsg) {
+        let reason = String::from_utf8_lossy(&m.data);
+        let msg = match m.kind {
+            CrossKind::Send => Message::Send {
+                conn: m.conn,
+                flags: m.flags,
+                payload: &m.data,
+            },
+            CrossKind::Close(code) => Message::Close {
+                conn: m.conn,
+                seq: 0,
+                link_seq: 0,
+                code,
+                reason: &reason,
+            },
+            CrossKind::Subscribe => Message::Subscribe {
+                conn: m.conn,
+                topic: &m.data,
+            },
+            CrossKind::Unsubscribe => Message::Unsubscribe {
+                conn: m.conn,
+                topic: &m.data,
+            },
+            CrossKind::Publish => Message::Publish {
+                flags: m.flags,
+                topic: &m.topic,
+                payload: &m.data,
+            },
+        };
+        let mut env = Vec::new();
+        envelope::encode(&msg, &mut env);
+        let flags = if m.kind == CrossKind::Publish {
+            LATE_PUBLISH_HERE
+        } else {
+            0
+        };
+        self.forward_late(flags, m.worker, &env);
+    }
+
+    /// The new process took over: close the worker links (the workers see the end of
+    /// the stream and close; what they sent before still arrives and is passed on).
+    fn release(&mut self) {
+        let Some(up) = self.up.as_mut() else { return };
+        if up.stage != Stage::Forwarding {
+            warn!(core = self.idx, stage = ?up.stage, "release before the hand-over ended");
+        }
+        up.stage = Stage::Releasing;
+        up.release_deadline = self.now + HANDOVER_RELEASE_WAIT;
+        for link in &self.links {
+            if let (LinkState::Up, Some(fd)) = (link.state, &link.fd) {
+                let _ = socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Write);
+            }
+        }
+        self.release_step();
+    }
+
+    fn release_step(&mut self) {
+        let Some(up) = self.up.as_mut() else { return };
+        let closed = self.links.iter().all(|l| l.state == LinkState::Down);
+        if !closed && self.now < up.release_deadline {
+            return;
+        }
+        let _ = upgrade::send_frame(up.sock.as_fd(), &handover::frame(handover::DONE, &[]), &[]);
+        up.stage = Stage::Done;
+        for w in 0..self.links.len() {
+            if self.links[w].state == LinkState::Up {
+                self.link_down(w, "handed over to the new process");
+            }
+        }
+    }
+
+    // ---- the new process's side ----
+
+    /// Takes over the old core's listener and connections before the loop starts.
+    fn adopt(&mut self, sock: OwnedFd) -> anyhow::Result<()> {
+        let begun = Instant::now();
+        let mut reader = upgrade::FrameReader::new(sock);
+        let (kind, body) = reader.next(Instant::now() + ADOPT_FRAME_WAIT)?;
+        if kind != handover::HEADER {
+            anyhow::bail!("the old process's stream does not start with its header");
+        }
+        let mut r = Reader::new(&body);
+        let format = r.u32("format")?;
+        if format != handover::FORMAT {
+            anyhow::bail!(
+                "state format {format}, this binary reads {}",
+                handover::FORMAT
+            );
+        }
+        let (idx, cores) = (r.u8("core")?, r.u8("cores")?);
+        if (idx, cores) != (self.idx, self.cores) {
+            anyhow::bail!(
+                "core {idx} of {cores} handed to core {} of {}",
+                self.idx,
+                self.cores
+            );
+        }
+        let old_ms = r.u64("clock")?;
+        let mut workers = Vec::new();
+        for _ in 0..r.u32("workers")? {
+            let path = r.bytes("worker path")?;
+            workers.push(
+                self.links
+                    .iter()
+                    .position(|l| l.path.as_os_str().as_encoded_bytes() == path)
+                    .map(|w| w as u8),
+            );
+        }
+        let listener = reader
+            .take_fd()
+            .ok_or_else(|| anyhow::anyhow!("the header came without the listener"))?;
+        self.listener = Some(socket2::Socket::from(listener));
+        // Continue the old core's clock, so last activities and deadlines keep their meaning.
+        if let Some(start) = Instant::now().checked_sub(Duration::from_millis(old_ms)) {
+            self.start = start;
+            self.now = Instant::now();
+            self.now_ms = (self.now - self.start).as_millis() as u64;
+            let mut expired = Vec::new();
+            self.wheel.advance(self.tick(), &mut expired);
+        }
+        let suites: Vec<&'static rustls::Tls13CipherSuite> = self
+            .tls
+            .crypto_provider()
+            .cipher_suites
+            .iter()
+            .filter_map(|s| match s {
+                rustls::SupportedCipherSuite::Tls13(t) => Some(*t),
+                _ => None,
+            })
+            .collect();
+        let mut late = Vec::new();
+        let (mut adopted, mut failed) = (0u64, 0u64);
+        loop {
+            let (kind, body) = reader.next(Instant::now() + ADOPT_FRAME_WAIT)?;
+            match kind {
+                handover::CONNS => {
+                    let mut r = Reader::new(&body);
+                    for _ in 0..r.u32("batch")? {
+                        let rec = r.bytes("connection")?;
+                        let fd = reader.take_fd().ok_or_else(|| {
+                            anyhow::anyhow!("a connection came without its socket")
+                        })?;
+                        match self.adopt_conn(rec, fd, &workers, &suites) {
+                            Ok(()) => adopted += 1,
+                            Err(e) => {
+                                failed += 1;
+                                self.metrics.close(CloseReason::Upgrade);
+                                warn!(core = self.idx, "a handed-over connection is lost: {e}");
+                            }
+                        }
+                    }
+                }
+                handover::LATE => late.push(body),
+                handover::END => {
+                    self.adopt_tail(&body)?;
+                    break;
+                }
+                k => anyhow::bail!("unexpected frame {k} in the old process's stream"),
+            }
+        }
+        self.metrics
+            .connections_open
+            .store(self.open, Ordering::Relaxed);
+        info!(
+            core = self.idx,
+            adopted,
+            failed,
+            ms = begun.elapsed().as_millis() as u64,
+            "live upgrade: connections taken over"
+        );
+        self.incoming = Some(Box::new(Incoming {
+            reader,
+            buf: vec![0; handover::CHUNK],
+            armed: false,
+            workers,
+            late,
+        }));
+        Ok(())
+    }
+
+    fn adopt_conn(
+        &mut self,
+        rec: &[u8],
+        fd: OwnedFd,
+        workers: &[Option<u8>],
+        suites: &[&'static rustls::Tls13CipherSuite],
+    ) -> anyhow::Result<()> {
+        let mut r = Reader::new(rec);
+        let slot = r.u32("slot")?;
+        let gen = r.u32("generation")?;
+        let worker = r.u8("worker")?;
+        let seq = r.u64("sequence")?;
+        let peer = handover::get_addr(&mut r)?;
+        let now = self.tick();
+        let session = Session::import(&mut r, now, &self.scfg, suites, &mut self.turn)?;
+        if slot as usize >= self.conns.len() || self.conns[slot as usize].is_some() {
+            anyhow::bail!("slot {slot} is outside this core's table or taken");
+        }
+        self.ring
+            .submitter()
+            .register_files_update(slot, &[fd.as_raw_fd()])?;
+        // The fixed-file table holds the socket now.
+        drop(fd);
+        self.gens[slot as usize] = gen;
+        let mut admit = ADMIT_PROCESS;
+        self.process_conns.take(0);
+        if let Some(p) = peer {
+            let mut limits = self.cfg.admission_limits(self.cores);
+            limits.per_ip = 0;
+            self.admission.hold(IpKey::of(p.ip()), &limits);
+            admit |= ADMIT_IP;
+        }
+        let conn = Box::new(Conn {
+            gen,
+            session,
+            sock: SocketOps::new(),
+            dirty: false,
+            worker: workers.get(usize::from(worker)).copied().flatten(),
+            seq,
+            born_ms: self.now_ms as u32,
+            asleep: false,
+            peer: Peer::from(peer),
+            admit,
+            pre: Pre::Done,
+            outq: 0,
+            leaving: false,
+        });
+        self.open += 1;
+        self.put(slot, conn);
+        self.adopted.push(slot);
+        Ok(())
+    }
+
+    fn adopt_tail(&mut self, body: &[u8]) -> anyhow::Result<()> {
+        let mut r = Reader::new(body);
+        let n = r.u32("generations")? as usize;
+        for slot in 0..n {
+            let g = r.u32("generation")?;
+            if slot < self.gens.len() && self.conns[slot].is_none() {
+                self.gens[slot] = g;
+            }
+        }
+        for _ in 0..r.u32("topics")? {
+            let topic = r.bytes("topic")?;
+            let mut subs = HashSet::new();
+            for _ in 0..r.u32("subscribers")? {
+                let id = ConnId::from_raw(r.u64("subscriber")?);
+                let live = self
+                    .conns
+                    .get(id.slot() as usize)
+                    .and_then(|c| c.as_ref())
+                    .is_some_and(|c| c.gen == id.generation());
+                if live {
+                    subs.insert(id.raw());
+                }
+            }
+            if !subs.is_empty() {
+                self.topics.insert(topic.into(), subs);
+            }
+        }
+        let unacked = r.bytes("unacknowledged")?;
+        // Checked here, so a replay never meets a malformed envelope.
+        let mut off = 0;
+        while off < unacked.len() {
+            match envelope::decode(&unacked[off..], usize::MAX) {
+                Ok(Some((_, used))) => off += used,
+                _ => anyhow::bail!("malformed unacknowledged envelopes"),
+            }
+        }
+        self.orphans.extend_from_slice(unacked);
+        let mine = self.metrics.counters();
+        for _ in 0..r.u32("counters")? {
+            let name = r.str("counter")?;
+            let v = r.u64("counter value")?;
+            if let Some((_, c)) = mine.iter().find(|(n, _)| n == name) {
+                CoreMetrics::add(c, v);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the adopted connections once the worker links greeted (from `arm_accept`'s
+    /// wait): their timers, their queued bytes, their reads, then the late worker
+    /// messages that came with them, then the receive for later ones.
+    fn start_adopted(&mut self) {
+        for slot in std::mem::take(&mut self.adopted) {
+            let Some(mut conn) = self.conns[slot as usize].take() else {
+                continue;
+            };
+            self.drive(&mut conn, slot);
+            let gen = conn.gen;
+            self.put(slot, conn);
+            self.arm_recv(slot, gen);
+        }
+        let late = self
+            .incoming
+            .as_mut()
+            .map(|i| std::mem::take(&mut i.late))
+            .unwrap_or_default();
+        for body in late {
+            self.on_late(&body);
+        }
+        self.arm_upgrade_recv();
+    }
+
+    fn arm_upgrade_recv(&mut self) {
+        let Some(inc) = self.incoming.as_mut() else {
+            return;
+        };
+        if inc.armed {
+            return;
+        }
+        inc.armed = true;
+        let fd = inc.reader.sock().as_raw_fd();
+        let (ptr, len) = (inc.buf.as_mut_ptr(), inc.buf.len() as u32);
+        let e = opcode::Recv::new(types::Fd(fd), ptr, len)
+            .build()
+            .user_data(ud(OP_UPGRADE_RECV, 0, 0));
+        // SAFETY: `buf` lives in the boxed `Incoming`, which is dropped only after this
+        // receive completed (`on_upgrade_recv` clears `armed` first), or with the core.
+        unsafe { self.push(e) };
+    }
+
+    fn on_upgrade_recv(&mut self, res: i32) {
+        let Some(mut inc) = self.incoming.take() else {
+            return;
+        };
+        inc.armed = false;
+        if res <= 0 {
+            if res < 0 {
+                debug!(
+                    core = self.idx,
+                    "upgrade socket: {}",
+                    std::io::Error::from_raw_os_error(-res)
+                );
+            }
+            return;
+        }
+        let n = res as usize;
+        let chunk = inc.buf[..n].to_vec();
+        inc.reader.push(&chunk);
+        let mut done = false;
+        loop {
+            match inc.reader.buffered() {
+                Ok(Some((handover::LATE, body))) => {
+                    self.incoming = Some(inc);
+                    self.on_late(&body);
+                    inc = self.incoming.take().expect("put back above");
+                }
+                Ok(Some((handover::DONE, _))) => {
+                    done = true;
+                    break;
+                }
+                Ok(Some((k, _))) => {
+                    warn!(core = self.idx, "unexpected frame {k} after the hand-over");
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(core = self.idx, "upgrade socket: {e}");
+                    done = true;
+                    break;
+                }
+            }
+        }
+        if !done {
+            self.incoming = Some(inc);
+            self.arm_upgrade_recv();
+        } else {
+            debug!(core = self.idx, "the old process closed its worker links");
+        }
+    }
+
+    /// A worker message the old core passed on, handled as if it came on our own link.
+    fn on_late(&mut self, body: &[u8]) {
+        let (Some(&flags), Some(&w_old)) = (body.first(), body.get(1)) else {
+            return;
+        };
+        let mapped = self
+            .incoming
+            .as_ref()
+            .and_then(|i| i.workers.get(usize::from(w_old)).copied().flatten());
+        let Some(w) = mapped.or((!self.links.is_empty()).then_some(0)) else {
+            return;
+        };
+        let Ok(Some((msg, _))) = envelope::decode(&body[2..], usize::MAX) else {
+            warn!(core = self.idx, "a malformed late worker message");
+            return;
+        };
+        match msg {
+            Message::Publish {
+                flags: f,
+                topic,
+                payload,
+            } if flags & LATE_PUBLISH_HERE != 0 => self.publish_local(topic, f, payload),
+            msg => {
+                if let Err(why) = self.on_envelope(usize::from(w), msg) {
+                    warn!(core = self.idx, "a late worker message: {why}");
+                }
+            }
+        }
     }
 }
 

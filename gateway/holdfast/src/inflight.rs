@@ -97,6 +97,21 @@ impl SocketOps {
         !self.has(SEND_INFLIGHT) && self.in_flight_bytes() == 0
     }
 
+    /// A send is in flight (its bytes are frozen).
+    pub fn send_in_flight(&self) -> bool {
+        self.has(SEND_INFLIGHT)
+    }
+
+    /// The bytes a send took and did not write yet; empty while a send is in flight
+    /// (they are the kernel's then). A live upgrade moves them to the new process.
+    pub fn unsent(&self) -> &[u8] {
+        if self.has(SEND_INFLIGHT) {
+            &[]
+        } else {
+            &self.out[self.out_off as usize..]
+        }
+    }
+
     /// Bytes handed to the kernel and not yet sent.
     pub fn in_flight_bytes(&self) -> usize {
         self.out.len() - self.out_off as usize
@@ -132,6 +147,11 @@ impl SocketOps {
     pub fn send_done(&mut self, res: i32, queued: &mut Vec<u8>) -> Result<(), i32> {
         debug_assert!(self.has(SEND_INFLIGHT), "a send completion without a send");
         self.set(SEND_INFLIGHT, false);
+        if res == -libc::ECANCELED {
+            // Cancelled by a live upgrade before it wrote anything: the bytes stay, for
+            // the new process to send.
+            return Ok(());
+        }
         if res < 0 {
             self.out = Vec::new();
             self.out_off = 0;
@@ -218,6 +238,20 @@ impl SocketOps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cancelled_send_keeps_its_bytes_for_the_hand_over() {
+        let mut ops = SocketOps::new();
+        let mut queued = b"hello".to_vec();
+        ops.start_send(&mut queued).expect("a send");
+        assert!(ops.send_in_flight());
+        assert!(ops.unsent().is_empty(), "the kernel's while in flight");
+        ops.send_done(2, &mut queued).unwrap();
+        ops.start_send(&mut queued).expect("the rest");
+        ops.send_done(-libc::ECANCELED, &mut queued).unwrap();
+        assert!(!ops.send_in_flight());
+        assert_eq!(ops.unsent(), b"llo");
+    }
 
     #[test]
     fn queued_bytes_are_frozen_while_a_send_is_in_flight() {

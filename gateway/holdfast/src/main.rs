@@ -15,7 +15,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use holdfast::config::{CertConfig, Config};
 use holdfast::core::{run_core, ControlWaker, CoreSpec, Mail, Reload};
 use holdfast::metrics::{ConfigMetrics, CoreMetrics};
-use holdfast::{admin, ring, tls};
+use holdfast::{admin, ring, tls, upgrade};
 
 #[derive(Parser)]
 #[command(name = "holdfast", version, about = "io_uring TLS connection gateway")]
@@ -37,6 +37,10 @@ enum Command {
     /// Write man pages and shell completions under DIR (for packaging).
     #[command(hide = true)]
     GenerateDocs { dir: PathBuf },
+    /// Upgrade a running gateway to the binary now at its path, keeping every
+    /// established connection: signals the process named in PID_FILE (SIGUSR2) and waits
+    /// until the new process has rewritten the file and the old one has exited.
+    Upgrade(UpgradeArgs),
     /// Session-ticket keys shared by a fleet (`[tls] ticket_key_file`).
     #[command(subcommand, name = "ticket-key")]
     TicketKey(TicketKeyCommand),
@@ -50,6 +54,16 @@ enum TicketKeyCommand {
         #[arg(long, value_name = "PATH")]
         out: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct UpgradeArgs {
+    /// The pid file the running gateway was started with (`run --pid-file`).
+    #[arg(long, value_name = "PATH")]
+    pid_file: PathBuf,
+    /// Seconds to wait for the upgrade to finish.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    timeout: u64,
 }
 
 #[derive(Args)]
@@ -122,6 +136,13 @@ struct RunArgs {
     /// Drop a worker link that receives nothing for this long.
     #[arg(long, value_name = "MS")]
     heartbeat_timeout_ms: Option<u64>,
+    /// Write the process id here once serving (and again by the new process after a
+    /// live upgrade).
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+    /// Seconds a live upgrade waits for the new binary to be ready.
+    #[arg(long, value_name = "SECS")]
+    upgrade_timeout: Option<u64>,
 }
 
 fn main() {
@@ -135,6 +156,7 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Check(args) => check(args),
+        Command::Upgrade(a) => upgrade_command(&a),
         Command::TicketKey(TicketKeyCommand::Generate { out }) => {
             holdfast::ticket::generate(&out).map_err(anyhow::Error::from)
         }
@@ -203,6 +225,9 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
         cfg.runtime.heartbeat_timeout_ms = v;
         // Keep the interval well inside the timeout when only the timeout is given.
         cfg.runtime.heartbeat_interval_ms = cfg.runtime.heartbeat_interval_ms.min((v / 3).max(1));
+    }
+    if let Some(v) = args.upgrade_timeout {
+        cfg.runtime.upgrade_timeout_secs = v;
     }
     if let Some(v) = args.hibernate_after {
         cfg.tls.hibernate_after_secs = v;
@@ -275,35 +300,93 @@ fn check(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let cfg = Arc::new(load_config(&args)?);
-    let server_tls = tls::ServerTls::build(&cfg, None)?;
-    let config_metrics = Arc::new(ConfigMetrics::default());
-    config_metrics.loaded(SystemTime::now(), false);
-    // SIGHUP's default action ends the process: take it over before anything is served.
-    let hup = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])
-        .context("cannot install the SIGHUP handler")?;
-    let nofile = ring::raise_nofile_limit();
-    // The same checks as `holdfast check`, as warnings: a short host still runs.
-    match host_findings(&cfg) {
-        Ok((findings, profile)) => {
-            for line in holdfast::check::startup_warnings(&findings, &profile) {
-                tracing::warn!("{line}");
+    // Captured now: once an operator replaces the binary, /proc/self/exe names a
+    // deleted file, and the upgrade must start what is at the path now.
+    let exe = std::env::current_exe().context("cannot tell where this binary is")?;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let successor = match upgrade::inherited() {
+        None => None,
+        Some(Ok(inherited)) => Some(inherited),
+        Some(Err(e)) => bail!("started as a live upgrade, but {e}"),
+    };
+    let mut ctl = successor
+        .as_ref()
+        .map(|i| upgrade::FrameReader::new(i.ctl.try_clone().expect("dup of the control socket")));
+    // A successor first reads the offer, so whatever fails from here on is reported to
+    // the old process (which then keeps serving) as well as logged.
+    let offer = match &mut ctl {
+        None => None,
+        Some(ctl) => {
+            let (kind, body) = ctl
+                .next(Instant::now() + Duration::from_secs(30))
+                .context("no offer from the running process")?;
+            if kind != upgrade::OFFER {
+                bail!("the running process sent {kind} instead of its offer");
+            }
+            let admin = ctl
+                .take_fd()
+                .context("the offer came without the admin listener")?;
+            match upgrade::Offer::decode(&body) {
+                Ok(o) => Some((o, admin)),
+                Err(why) => {
+                    refuse(ctl, &why);
+                    bail!("{why}");
+                }
             }
         }
-        Err(e) => tracing::warn!("host check skipped: {e:#}"),
+    };
+    let prepared = prepare(&args, offer.as_ref().map(|(o, _)| o));
+    let (cfg, server_tls, nofile) = match (prepared, &mut ctl) {
+        (Ok(p), _) => p,
+        (Err(e), Some(ctl)) => {
+            refuse(ctl, &format!("{e:#}"));
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
+    };
+    let config_metrics = Arc::new(ConfigMetrics::default());
+    config_metrics.loaded(SystemTime::now(), false);
+    if let Some((o, _)) = &offer {
+        let (m, c) = (&config_metrics, &o.counters);
+        m.reloads_ok.store(c.reloads_ok, Ordering::Relaxed);
+        m.reloads_failed.store(c.reloads_failed, Ordering::Relaxed);
+        m.upgrades_ok.store(c.upgrades_ok, Ordering::Relaxed);
+        m.upgrades_failed
+            .store(c.upgrades_failed, Ordering::Relaxed);
     }
-    for line in holdfast::hints::worker_warnings(&cfg) {
-        tracing::warn!("{line}");
-    }
+    // SIGHUP's default action ends the process: take it over before anything is served.
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGUSR2,
+    ])
+    .context("cannot install the SIGHUP and SIGUSR2 handlers")?;
     let cores = cfg.core_count();
-    let listeners = bind_listeners(cfg.listen, cores, cfg.runtime.backlog)?;
-    let listen_addr = listeners[0]
-        .local_addr()?
-        .as_socket()
-        .context("listener address")?;
-    let admin_listener = std::net::TcpListener::bind(cfg.admin)
-        .with_context(|| format!("cannot bind admin address {}", cfg.admin))?;
+    let (listeners, admin_listener) = match (&successor, offer) {
+        (None, _) | (_, None) => {
+            let listeners = bind_listeners(cfg.listen, cores, cfg.runtime.backlog)?;
+            let admin = std::net::TcpListener::bind(cfg.admin)
+                .with_context(|| format!("cannot bind admin address {}", cfg.admin))?;
+            (listeners.into_iter().map(Some).collect::<Vec<_>>(), admin)
+        }
+        (Some(_), Some((_, admin))) => {
+            // The listeners come with each core's connections; the admin port is the old
+            // process's own socket.
+            (
+                (0..cores).map(|_| None).collect(),
+                std::net::TcpListener::from(admin),
+            )
+        }
+    };
     let admin_addr = admin_listener.local_addr()?;
+    let mut adopt: Vec<Option<std::os::fd::OwnedFd>> = match successor {
+        Some(i) => {
+            if let Some(ctl) = &mut ctl {
+                send_ctl(ctl, upgrade::READY, b"")?;
+            }
+            i.cores.into_iter().map(Some).collect()
+        }
+        None => (0..cores).map(|_| None).collect(),
+    };
 
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -334,6 +417,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             config: cfg.clone(),
             tls: server_tls.server.clone(),
             listener,
+            adopt: adopt[i].take(),
             metrics: metrics[i].clone(),
             shutdown: shutdown.clone(),
             nofile,
@@ -357,9 +441,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     drop(ready_tx);
+    let mut listen_addr = None;
     for _ in 0..cores {
         match ready_rx.recv() {
             Ok(Ok(info)) if info.table > 0 => {
+                listen_addr = listen_addr.or(info.listen);
                 tracing::debug!(features = %info.features, direct = info.direct, table = info.table, "core ready");
                 static LOGGED: std::sync::Once = std::sync::Once::new();
                 LOGGED.call_once(|| {
@@ -380,6 +466,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             Err(_) => bail!("a core thread exited during start"),
         }
     }
+    let listen_addr = listen_addr.context("no core has a listener")?;
     let admin = admin::Admin {
         cores: metrics.clone(),
         workers: cfg
@@ -390,6 +477,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         draining: shutdown.clone(),
         config: config_metrics.clone(),
     };
+    let admin_socket = admin_listener
+        .try_clone()
+        .context("cannot keep the admin listener for upgrades")?;
     std::thread::Builder::new()
         .name("holdfast-admin".into())
         .spawn(move || admin.serve(admin_listener))?;
@@ -398,26 +488,198 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::warn!("no io_uring for waking cores ({e}); reloads apply within 100 ms")
         })
         .ok();
+    if let Some(path) = &args.pid_file {
+        write_pid_file(path)?;
+    }
+    if let Some(ctl) = &mut ctl {
+        config_metrics.upgrades_ok.fetch_add(1, Ordering::Relaxed);
+        send_ctl(ctl, upgrade::TAKEN, &std::process::id().to_le_bytes())?;
+        tracing::info!(
+            "live upgrade: this process (pid {}) has taken over",
+            std::process::id()
+        );
+    }
     let control = Control {
         args,
+        exe,
+        argv,
         config: cfg,
         tls: server_tls,
         mail,
         waker,
         shutdown: shutdown.clone(),
         metrics: config_metrics,
+        admin_socket,
+        upgraded: false,
     };
     std::thread::Builder::new()
         .name("holdfast-control".into())
-        .spawn(move || control.serve(hup))?;
+        .spawn(move || control.serve(signals))?;
     println!("holdfast ready listen={listen_addr} admin={admin_addr} cores={cores}");
     use std::io::Write as _;
     std::io::stdout().flush()?;
     for t in threads {
         let _ = t.join();
     }
-    tracing::info!("drained; exiting");
+    tracing::info!("cores stopped; exiting");
     Ok(())
+}
+
+/// Loads the configuration and certificates and checks the host, as `run` needs them;
+/// for a live upgrade also that this process can take what `offer` brings.
+fn prepare(
+    args: &RunArgs,
+    offer: Option<&upgrade::Offer>,
+) -> anyhow::Result<(Arc<Config>, tls::ServerTls, u64)> {
+    let cfg = Arc::new(load_config(args)?);
+    if let Some(o) = offer {
+        if o.cores as usize != cfg.core_count() {
+            bail!(
+                "the running process has {} cores and this configuration {}: connection ids name their core, so a live upgrade keeps the core count (restart to change it)",
+                o.cores,
+                cfg.core_count()
+            );
+        }
+    }
+    let server_tls = tls::ServerTls::build(&cfg, None)?;
+    let nofile = ring::raise_nofile_limit();
+    // The same checks as `holdfast check`, as warnings: a short host still runs.
+    match host_findings(&cfg) {
+        Ok((findings, profile)) => {
+            for line in holdfast::check::startup_warnings(&findings, &profile) {
+                tracing::warn!("{line}");
+            }
+        }
+        Err(e) => tracing::warn!("host check skipped: {e:#}"),
+    }
+    for line in holdfast::hints::worker_warnings(&cfg) {
+        tracing::warn!("{line}");
+    }
+    Ok((cfg, server_tls, nofile))
+}
+
+fn send_ctl(ctl: &upgrade::FrameReader, kind: u8, body: &[u8]) -> anyhow::Result<()> {
+    upgrade::send_frame(ctl.sock(), &holdfast::handover::frame(kind, body), &[])
+        .context("the running process is gone")
+}
+
+/// Tells the old process why this one will not take over.
+fn refuse(ctl: &upgrade::FrameReader, why: &str) {
+    tracing::error!("live upgrade refused: {why}");
+    let _ = send_ctl(ctl, upgrade::REFUSE, why.as_bytes());
+}
+
+/// Writes this process's id to `path` (through a temporary file and a rename, so a
+/// reader never sees half a number).
+fn write_pid_file(path: &std::path::Path) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("cannot write the pid file {}", path.display()))
+}
+
+/// `holdfast upgrade`: SIGUSR2 to the running gateway, then wait for the pid file to
+/// name a new process and the old one to exit.
+fn upgrade_command(a: &UpgradeArgs) -> anyhow::Result<()> {
+    let read = || -> anyhow::Result<i32> {
+        let text = std::fs::read_to_string(&a.pid_file)
+            .with_context(|| format!("cannot read {}", a.pid_file.display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{} does not hold a pid", a.pid_file.display()))
+    };
+    let old = read()?;
+    let alive = |pid: i32| {
+        rustix::process::test_kill_process(
+            rustix::process::Pid::from_raw(pid).expect("positive pid"),
+        )
+        .is_ok()
+    };
+    if old <= 0 || !alive(old) {
+        bail!(
+            "no gateway runs as pid {old} (from {})",
+            a.pid_file.display()
+        );
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(old).expect("positive pid"),
+        rustix::process::Signal::USR2,
+    )
+    .with_context(|| format!("cannot signal pid {old}"))?;
+    let deadline = Instant::now() + Duration::from_secs(a.timeout);
+    let mut new = None;
+    while Instant::now() < deadline {
+        if let Ok(pid) = read() {
+            if pid != old {
+                new = Some(pid);
+            }
+        }
+        if let Some(pid) = new {
+            if !alive(old) {
+                println!("upgraded: pid {old} -> {pid}");
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match new {
+        Some(pid) => bail!("pid {pid} took over, but the old pid {old} has not exited yet"),
+        None => bail!(
+            "the upgrade did not complete within {} s; pid {old} is still serving (its log says why)",
+            a.timeout
+        ),
+    }
+}
+
+enum UpgradeError {
+    /// Nothing moved: every connection is still served here.
+    Before(String),
+    /// Some connections had moved to a process that then failed.
+    During(String),
+}
+
+/// Waits for control frame `want` from the new process, which may refuse, exit or say
+/// nothing.
+fn wait_ctl(next: &mut upgrade::Successor, want: u8, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = next.child.try_wait() {
+            return Err(format!(
+                "the new binary exited ({status}) before it took over"
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the new binary did not answer within {} s",
+                timeout.as_secs()
+            ));
+        }
+        let step = Instant::now() + Duration::from_millis(100);
+        match next.ctl.next(step.min(deadline)) {
+            Ok((kind, _)) if kind == want => return Ok(()),
+            Ok((upgrade::REFUSE, why)) => {
+                return Err(format!(
+                    "the new binary refused: {}",
+                    String::from_utf8_lossy(&why)
+                ))
+            }
+            Ok((kind, _)) => return Err(format!("the new binary sent {kind} out of turn")),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                // It closed its end: it is exiting; let try_wait say how.
+                std::thread::sleep(Duration::from_millis(20));
+                if let Ok(Some(status)) = next.child.try_wait() {
+                    return Err(format!(
+                        "the new binary exited ({status}) before it took over"
+                    ));
+                }
+                if Instant::now() >= deadline {
+                    return Err("the new binary closed the control socket".to_string());
+                }
+            }
+            Err(e) => return Err(format!("control socket: {e}")),
+        }
+    }
 }
 
 /// How long a reload waits for every core to confirm it runs with the new configuration.
@@ -429,6 +691,13 @@ const RELOAD_APPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// configuration as it was.
 struct Control {
     args: RunArgs,
+    /// This binary's path as it was started, and its arguments: what a live upgrade runs.
+    exe: PathBuf,
+    argv: Vec<std::ffi::OsString>,
+    /// The admin listener, passed to the new process in a live upgrade.
+    admin_socket: std::net::TcpListener,
+    /// A live upgrade handed everything over: nothing more to do here.
+    upgraded: bool,
     /// What the cores run with (after the last successful reload).
     config: Arc<Config>,
     tls: tls::ServerTls,
@@ -440,7 +709,36 @@ struct Control {
 
 impl Control {
     fn serve(mut self, mut signals: signal_hook::iterator::Signals) {
-        for _ in signals.forever() {
+        for sig in signals.forever() {
+            if self.upgraded {
+                tracing::info!("signal {sig} after the hand-over: this process is exiting");
+                continue;
+            }
+            if sig == signal_hook::consts::SIGUSR2 {
+                if self.shutdown.load(Ordering::Relaxed) {
+                    tracing::warn!("SIGUSR2 while draining: not upgrading");
+                    continue;
+                }
+                match self.upgrade() {
+                    Ok(pid) => {
+                        self.upgraded = true;
+                        tracing::info!(
+                            "live upgrade: pid {pid} took over; closing worker links and exiting"
+                        );
+                    }
+                    Err(UpgradeError::Before(why)) => {
+                        self.metrics.upgrades_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            "live upgrade failed: {why}; still serving every connection"
+                        );
+                    }
+                    Err(UpgradeError::During(why)) => {
+                        self.metrics.upgrades_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!("live upgrade failed during the hand-over: {why}; connections already handed over are lost, the rest are served here");
+                    }
+                }
+                continue;
+            }
             if self.shutdown.load(Ordering::Relaxed) {
                 tracing::info!("SIGHUP while draining: not reloading");
                 continue;
@@ -453,6 +751,72 @@ impl Control {
                 self.metrics.failed();
             }
         }
+    }
+
+    /// Starts the binary at `exe` as this process's successor and hands everything over
+    /// (see `upgrade.rs`); returns the new process's pid once it has taken over.
+    fn upgrade(&mut self) -> Result<u32, UpgradeError> {
+        use UpgradeError::{Before, During};
+        let cores = self.mail.len();
+        tracing::info!("live upgrade: starting {}", self.exe.display());
+        let mut next = upgrade::spawn(&self.exe, &self.argv, cores)
+            .map_err(|e| Before(format!("cannot start {}: {e}", self.exe.display())))?;
+        let m = &self.metrics;
+        let offer = upgrade::Offer {
+            format: holdfast::handover::FORMAT,
+            cores: cores as u32,
+            counters: upgrade::ProcessCounters {
+                reloads_ok: m.reloads_ok.load(Ordering::Relaxed),
+                reloads_failed: m.reloads_failed.load(Ordering::Relaxed),
+                upgrades_ok: m.upgrades_ok.load(Ordering::Relaxed),
+                upgrades_failed: m.upgrades_failed.load(Ordering::Relaxed),
+            },
+        };
+        use std::os::fd::AsFd as _;
+        let sent = upgrade::send_frame(
+            next.ctl.sock(),
+            &offer.encode(),
+            &[self.admin_socket.as_fd()],
+        );
+        let timeout = Duration::from_secs(self.config.runtime.upgrade_timeout_secs);
+        let ready = sent
+            .map_err(|e| format!("the new binary is not listening: {e}"))
+            .and_then(|()| wait_ctl(&mut next, upgrade::READY, timeout));
+        if let Err(why) = ready {
+            let _ = next.child.kill();
+            let _ = next.child.wait();
+            return Err(Before(why));
+        }
+        // Past this point connections move. A core whose new counterpart stops reading
+        // keeps what it has not sent (its sends time out).
+        for (i, sock) in next.cores.drain(..).enumerate() {
+            let _ = rustix::net::sockopt::set_socket_timeout(
+                &sock,
+                rustix::net::sockopt::Timeout::Send,
+                Some(Duration::from_secs(10)),
+            );
+            let _ = self.mail[i].send(Mail::Handover(sock));
+        }
+        if let Some(waker) = &mut self.waker {
+            let _ = waker.wake_all();
+        }
+        let taken = wait_ctl(&mut next, upgrade::TAKEN, Duration::from_secs(120));
+        match taken {
+            Ok(()) => {}
+            Err(why) => {
+                let _ = next.child.kill();
+                let _ = next.child.wait();
+                return Err(During(why));
+            }
+        }
+        for inbox in &self.mail {
+            let _ = inbox.send(Mail::Release);
+        }
+        if let Some(waker) = &mut self.waker {
+            let _ = waker.wake_all();
+        }
+        // The child is the new gateway now; it is not waited for.
+        Ok(next.child.id())
     }
 
     fn source(&self) -> String {

@@ -54,10 +54,13 @@ pub enum CloseReason {
     ProxyUntrusted,
     /// A trusted proxy's connection without a valid PROXY header (malformed, or missing).
     ProxyError,
+    /// Not handed over in a live upgrade: still in its handshake when the hand-over
+    /// began and for its grace period, or its state could not be moved.
+    Upgrade,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 22] = [
+    pub const ALL: [CloseReason; 23] = [
         CloseReason::PeerClosed,
         CloseReason::EofMidFrame,
         CloseReason::PeerReset,
@@ -80,6 +83,7 @@ impl CloseReason {
         CloseReason::HandshakeOverload,
         CloseReason::ProxyUntrusted,
         CloseReason::ProxyError,
+        CloseReason::Upgrade,
     ];
 
     pub fn label(self) -> &'static str {
@@ -106,6 +110,7 @@ impl CloseReason {
             CloseReason::HandshakeOverload => "handshake_overload",
             CloseReason::ProxyUntrusted => "proxy_untrusted",
             CloseReason::ProxyError => "proxy_error",
+            CloseReason::Upgrade => "upgrade",
         }
     }
 }
@@ -250,6 +255,55 @@ impl CoreMetrics {
     pub fn close(&self, reason: CloseReason) {
         Self::inc(&self.closes[reason as usize]);
     }
+
+    /// Every counter (not the gauges), each under a stable name: what a live upgrade
+    /// carries to the new process, so that a Prometheus `rate()` does not reset. A name
+    /// the receiving binary does not know is ignored.
+    pub fn counters(&self) -> Vec<(String, &AtomicU64)> {
+        let mut out: Vec<(String, &AtomicU64)> = [
+            ("accepts", &self.accepts),
+            ("accept_errors", &self.accept_errors),
+            ("listen_paused", &self.listen_paused),
+            ("handshakes_ok", &self.handshakes_ok),
+            ("handshakes_failed", &self.handshakes_failed),
+            ("handshakes_queued", &self.handshakes_queued),
+            ("outbound_budget_closes", &self.outbound_budget_closes),
+            ("frames_from_client", &self.frames_from_client),
+            ("frames_to_client", &self.frames_to_client),
+            ("bytes_from_client", &self.bytes_from_client),
+            ("bytes_to_client", &self.bytes_to_client),
+            ("pings", &self.pings),
+            ("hibernations", &self.hibernations),
+            ("wakeups", &self.wakeups),
+            ("recv_buffers_exhausted", &self.recv_buffers_exhausted),
+            ("worker_resent", &self.worker_resent),
+            ("backpressure_pauses", &self.backpressure_pauses),
+            ("cross_core", &self.cross_core),
+            ("published", &self.published),
+            ("worker_protocol_errors", &self.worker_protocol_errors),
+            ("worker_unknown_conn", &self.worker_unknown_conn),
+            ("loop_iterations", &self.loop_iterations),
+            ("completions", &self.completions),
+            ("submissions", &self.submissions),
+            ("loop_busy_ns", &self.loop_busy_ns),
+            ("loop_wait_ns", &self.loop_wait_ns),
+            ("handshake_ms_sum", &self.handshake_ms_sum),
+        ]
+        .into_iter()
+        .map(|(n, c)| (n.to_string(), c))
+        .collect();
+        for (r, c) in CloseReason::ALL.iter().zip(&self.closes) {
+            out.push((format!("closes/{}", r.label()), c));
+        }
+        for (b, c) in HANDSHAKE_BUCKETS_MS.iter().zip(&self.handshake_buckets) {
+            out.push((format!("handshake_le/{b}"), c));
+        }
+        for w in 0..MAX_WORKERS {
+            out.push((format!("worker_frames/{w}"), &self.worker_frames[w]));
+            out.push((format!("worker_link_down/{w}"), &self.worker_link_down[w]));
+        }
+        out
+    }
 }
 
 /// The process's configuration state, written by the control thread (start and SIGHUP),
@@ -262,6 +316,10 @@ pub struct ConfigMetrics {
     pub last_reload_ok: AtomicU64,
     /// Unix time in milliseconds of the last successful load (start or reload).
     pub last_success_unix_ms: AtomicU64,
+    /// Live upgrades (`holdfast upgrade`): taken over by a new process (counted there), or
+    /// failed and served on by this one.
+    pub upgrades_ok: AtomicU64,
+    pub upgrades_failed: AtomicU64,
 }
 
 impl ConfigMetrics {
@@ -284,6 +342,15 @@ impl ConfigMetrics {
 
     /// Appends the config families to a scrape.
     pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP holdfast_upgrades_total Live upgrades by result: ok (this process took over) or failed (the new binary refused, exited or timed out; this process kept serving).\n\
+             # TYPE holdfast_upgrades_total counter\n\
+             holdfast_upgrades_total{{result=\"ok\"}} {}\n\
+             holdfast_upgrades_total{{result=\"failed\"}} {}",
+            self.upgrades_ok.load(Relaxed),
+            self.upgrades_failed.load(Relaxed)
+        );
         let _ = writeln!(
             out,
             "# HELP holdfast_config_reloads_total Configuration reloads (SIGHUP) by result; a failed one changed nothing.\n\
@@ -822,6 +889,23 @@ mod tests {
         assert!(text.contains("holdfast_config_reloads_total{result=\"failed\"} 2\n"));
         assert!(text.contains("holdfast_config_last_reload_successful 0\n"));
         assert!(text.contains("holdfast_config_reload_timestamp_seconds 1700000000.25\n"));
-        assert_eq!(text.matches("# TYPE ").count(), 3);
+        assert!(text.contains("holdfast_upgrades_total{result=\"failed\"} 0\n"));
+        assert_eq!(text.matches("# TYPE ").count(), 4);
+    }
+
+    #[test]
+    fn every_counter_has_one_name_and_no_gauge_is_carried() {
+        let m = CoreMetrics::default();
+        let names: Vec<String> = m.counters().into_iter().map(|(n, _)| n).collect();
+        let unique: std::collections::HashSet<&String> = names.iter().collect();
+        assert_eq!(unique.len(), names.len(), "names are unique");
+        for gauge in [
+            "connections_open",
+            "connections_hibernated",
+            "outbound_bytes",
+        ] {
+            assert!(!names.iter().any(|n| n == gauge), "{gauge} is a gauge");
+        }
+        assert!(names.iter().any(|n| n == "closes/upgrade"));
     }
 }

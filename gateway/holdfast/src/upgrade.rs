@@ -178,6 +178,16 @@ impl FrameReader {
         }
     }
 
+    /// Bytes received elsewhere (the core's ring) for this stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.frames.push(bytes);
+    }
+
+    /// The next whole frame already received, without waiting.
+    pub fn buffered(&mut self) -> io::Result<Option<(u8, Vec<u8>)>> {
+        self.frames.next_frame().map_err(io::Error::other)
+    }
+
     /// The next descriptor received, in the order they were sent.
     pub fn take_fd(&mut self) -> Option<OwnedFd> {
         self.fds.pop_front()
