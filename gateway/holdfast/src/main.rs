@@ -779,9 +779,22 @@ impl Control {
             &[self.admin_socket.as_fd()],
         );
         let timeout = Duration::from_secs(self.config.runtime.upgrade_timeout_secs);
-        let ready = sent
-            .map_err(|e| format!("the new binary is not listening: {e}"))
-            .and_then(|()| wait_ctl(&mut next, upgrade::READY, timeout));
+        let ready = match sent {
+            Ok(()) => wait_ctl(&mut next, upgrade::READY, timeout),
+            Err(e) => {
+                // Its end is closed: most likely it exited at once; say how if it did.
+                let deadline = Instant::now() + Duration::from_secs(1);
+                let mut why = format!("the new binary closed the control socket ({e})");
+                while Instant::now() < deadline {
+                    if let Ok(Some(status)) = next.child.try_wait() {
+                        why = format!("the new binary exited ({status}) before it took over");
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(why)
+            }
+        };
         if let Err(why) = ready {
             let _ = next.child.kill();
             let _ = next.child.wait();

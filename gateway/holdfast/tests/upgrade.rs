@@ -109,3 +109,313 @@ fn established_connections_survive_an_upgrade() {
     assert_eq!(m.sum("holdfast_connections_open", &[]), 50.0);
     assert!(m.sum("holdfast_handshakes_total", &[("result", "ok")]) >= 50.0);
 }
+
+/// A minimal WebSocket client over the harness's TLS client (frames masked).
+struct Ws {
+    client: Client,
+    buf: Vec<u8>,
+}
+
+impl Ws {
+    fn connect(addr: std::net::SocketAddr, pki: &Pki) -> Ws {
+        use std::io::Read;
+        let opts = ClientOptions::new(pki).alpn(&[b"http/1.1"]);
+        let mut client = Client::connect(addr, &opts).expect("TLS connect");
+        client.send_raw(
+            b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        );
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = client.stream.read(&mut chunk).expect("upgrade response");
+            assert!(n > 0, "closed during the upgrade");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        assert!(
+            buf.starts_with(b"HTTP/1.1 101"),
+            "{:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.drain(..end + 4);
+        Ws { client, buf }
+    }
+
+    fn send(&mut self, opcode: holdfast_wire::ws::Opcode, fin: bool, payload: &[u8]) {
+        let mut out = Vec::new();
+        holdfast_wire::ws::encode_client_frame(opcode, fin, payload, [1, 2, 3, 4], &mut out);
+        self.client.send_raw(&out);
+    }
+
+    /// The next data message's payload (server frames are unmasked and unfragmented).
+    fn recv(&mut self) -> Vec<u8> {
+        use std::io::Read;
+        loop {
+            if self.buf.len() >= 2 {
+                let (len, off) = match self.buf[1] & 0x7f {
+                    126 if self.buf.len() >= 4 => (
+                        usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
+                        4,
+                    ),
+                    126 => (usize::MAX, 0),
+                    127 => panic!("no message here is that large"),
+                    n => (usize::from(n), 2),
+                };
+                if len != usize::MAX && self.buf.len() >= off + len {
+                    let opcode = self.buf[0] & 0x0f;
+                    let payload = self.buf[off..off + len].to_vec();
+                    self.buf.drain(..off + len);
+                    if opcode == 9 || opcode == 10 {
+                        continue; // the gateway's keepalive ping
+                    }
+                    return payload;
+                }
+            }
+            let mut chunk = [0u8; 16384];
+            let n = self.client.stream.read(&mut chunk).expect("WebSocket read");
+            assert!(n > 0, "WebSocket closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// A native client with a small receive buffer, so what it does not read queues in the
+/// gateway.
+fn slow_reader(addr: std::net::SocketAddr, pki: &Pki) -> Client {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    sock.connect(&addr.into()).expect("connect");
+    let tcp: std::net::TcpStream = sock.into();
+    Client::connect_over(tcp, &ClientOptions::new(pki)).expect("TLS")
+}
+
+const NATIVE: usize = 1_500;
+const WEBSOCKET: usize = 200;
+const MID_FRAME: usize = 100;
+const SLOW: usize = 4;
+const SLOW_FRAMES: usize = 500;
+const SLOW_PAYLOAD: usize = 16 * 1024;
+
+#[test]
+fn thousands_of_streams_keep_their_order_across_two_upgrades() {
+    use holdfast_wire::ws::Opcode;
+    let dir = TestDir::new();
+    let pki = Pki::generate(&dir);
+    let worker = Worker::start(&dir, &dir.join("worker.sock"));
+    // Slow readers hold megabytes unsent, more than the default per-connection bound.
+    let config = dir.write(
+        "gateway.toml",
+        "[limits]\nmax_outbound_per_conn = 67108864\n",
+    );
+    let config = config.to_str().expect("utf-8").to_owned();
+    let (gateway, pid_file) = gateway_with_pid_file(
+        &dir,
+        &pki,
+        &worker.socket,
+        &["--hibernate-after", "1", "--config", &config],
+    );
+    let mut started = Successors(Vec::new());
+    let opts = ClientOptions::new(&pki);
+    let mut native: Vec<Client> = (0..NATIVE + MID_FRAME)
+        .map(|i| {
+            Client::connect(gateway.listen, &opts).unwrap_or_else(|e| panic!("client {i}: {e}"))
+        })
+        .collect();
+    let mut websocket: Vec<Ws> = (0..WEBSOCKET)
+        .map(|_| Ws::connect(gateway.listen, &pki))
+        .collect();
+    let mut slow: Vec<Client> = (0..SLOW)
+        .map(|_| slow_reader(gateway.listen, &pki))
+        .collect();
+    let handshakes = |g: &Gateway| {
+        Metrics::parse(&http_get(g.admin, "/metrics").expect("metrics").1)
+            .sum("holdfast_handshakes_total", &[("result", "ok")])
+    };
+    let mut seq = 0usize;
+    let mut round = |native: &mut Vec<Client>, websocket: &mut Vec<Ws>, seq: &mut usize| {
+        for (i, c) in native.iter_mut().enumerate() {
+            c.send(FrameType::Data, &payload(&format!("n{seq}"), i, 24));
+        }
+        for (i, w) in websocket.iter_mut().enumerate() {
+            w.send(Opcode::Text, true, &payload(&format!("w{seq}"), i, 24));
+        }
+        for (i, c) in native.iter_mut().enumerate() {
+            assert_eq!(
+                c.recv(),
+                OwnedFrame::Data(payload(&format!("n{seq}"), i, 24)),
+                "native {i}, frame {seq}"
+            );
+        }
+        for (i, w) in websocket.iter_mut().enumerate() {
+            assert_eq!(
+                w.recv(),
+                payload(&format!("w{seq}"), i, 24),
+                "websocket {i}, message {seq}"
+            );
+        }
+        *seq += 1;
+    };
+    round(&mut native, &mut websocket, &mut seq);
+    // Some sleep: after a second idle they hibernate.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let m = Metrics::parse(&http_get(gateway.admin, "/metrics").expect("metrics").1);
+    assert!(m.sum("holdfast_connections_hibernated", &[]) > 0.0);
+    let before = handshakes(&gateway);
+    for upgrade_no in 0..2 {
+        // Half-sent state: a native frame cut in two, a fragmented WebSocket message, and
+        // slow readers with echoes queued in the gateway.
+        let tag = format!("cut{upgrade_no}");
+        for (i, c) in native[NATIVE..].iter_mut().enumerate() {
+            let whole = encode(FrameType::Data, &payload(&tag, i, 40));
+            c.send_raw(&whole[..17]);
+        }
+        for (i, w) in websocket.iter_mut().enumerate() {
+            w.send(Opcode::Text, false, format!("{tag}-{i}:first-").as_bytes());
+        }
+        for (i, c) in slow.iter_mut().enumerate() {
+            for n in 0..SLOW_FRAMES {
+                c.send(
+                    FrameType::Data,
+                    &payload(&format!("s{upgrade_no}-{n}"), i, SLOW_PAYLOAD),
+                );
+            }
+        }
+        // Let the frames reach the gateway and the echoes pile up.
+        std::thread::sleep(Duration::from_millis(500));
+        let m = Metrics::parse(&http_get(gateway.admin, "/metrics").expect("metrics").1);
+        assert!(
+            m.sum("holdfast_outbound_bytes", &[]) > 0.0 || upgrade_no > 0,
+            "slow readers queue echoes in the gateway"
+        );
+        let began = Instant::now();
+        let new = upgrade(&pid_file, &gateway.stderr);
+        started.0.push(new);
+        eprintln!("upgrade {upgrade_no}: {:?}", began.elapsed());
+        for (i, c) in native[NATIVE..].iter_mut().enumerate() {
+            let whole = encode(FrameType::Data, &payload(&tag, i, 40));
+            c.send_raw(&whole[17..]);
+            assert_eq!(
+                c.recv(),
+                OwnedFrame::Data(payload(&tag, i, 40)),
+                "cut frame of {i}"
+            );
+        }
+        for (i, w) in websocket.iter_mut().enumerate() {
+            w.send(Opcode::Continuation, true, b"second");
+            assert_eq!(
+                w.recv(),
+                format!("{tag}-{i}:first-second").into_bytes(),
+                "fragmented message of {i}"
+            );
+        }
+        for (i, c) in slow.iter_mut().enumerate() {
+            for n in 0..SLOW_FRAMES {
+                let want = payload(&format!("s{upgrade_no}-{n}"), i, SLOW_PAYLOAD);
+                assert_eq!(
+                    c.recv(),
+                    OwnedFrame::Data(want),
+                    "slow reader {i}, frame {n}"
+                );
+            }
+        }
+        round(&mut native, &mut websocket, &mut seq);
+    }
+    let m = Metrics::parse(&http_get(gateway.admin, "/metrics").expect("metrics").1);
+    assert_eq!(
+        handshakes(&gateway),
+        before,
+        "no client made a new handshake"
+    );
+    assert_eq!(m.sum("holdfast_upgrades_total", &[("result", "ok")]), 2.0);
+    let total = (NATIVE + MID_FRAME + WEBSOCKET + SLOW) as f64;
+    assert_eq!(m.sum("holdfast_connections_open", &[]), total);
+    assert_eq!(
+        m.sum("holdfast_closes_total", &[]),
+        0.0,
+        "nobody was closed"
+    );
+    // The worker saw one OPEN per connection, from the first process only, and no CLOSE.
+    drop(native);
+    drop(websocket);
+    drop(slow);
+    let log = std::fs::read_to_string(&worker.stderr).expect("worker log");
+    let opens: u64 = log
+        .lines()
+        .filter_map(|l| l.split("opens: ").nth(1))
+        .filter_map(|r| r.split(',').next()?.trim().parse::<u64>().ok())
+        .sum();
+    assert_eq!(
+        opens, total as u64,
+        "one OPEN per connection across both upgrades:\n{log}"
+    );
+}
+
+/// Writes `contents` as an executable at `path`, replacing what is there the way an
+/// operator installs a new binary (a new file renamed over the old name).
+fn install(path: &Path, contents: &[u8]) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, contents).expect("write binary");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("install");
+}
+
+#[test]
+fn a_broken_new_binary_leaves_the_old_process_serving() {
+    let dir = TestDir::new();
+    let pki = Pki::generate(&dir);
+    let worker = Worker::start(&dir, &dir.join("worker.sock"));
+    let real = std::fs::read(gateway_bin()).expect("the gateway binary");
+    let exe = dir.join("holdfast");
+    install(&exe, &real);
+    let pid_file = dir.join("holdfast.pid");
+    let mut args = gateway_args(
+        &pki,
+        &[&worker.socket],
+        &[
+            "--pid-file",
+            pid_file.to_str().expect("utf-8"),
+            "--upgrade-timeout",
+            "2",
+        ],
+    );
+    args.insert(0, exe.clone().into_os_string());
+    let gateway = Gateway::start_program(&dir, args);
+    let mut started = Successors(Vec::new());
+    let mut client = gateway.client(&pki);
+    client.echo(b"before");
+    let old = read_pid(&pid_file).expect("pid file");
+    let failed = |n: f64| {
+        gateway.wait_for_metrics_within(Duration::from_secs(20), "a failed upgrade", &mut |m| {
+            m.sum("holdfast_upgrades_total", &[("result", "failed")]) >= n
+        });
+    };
+    for (n, broken) in [&b"#!/bin/sh\nexit 3\n"[..], b"#!/bin/sh\nexec sleep 600\n"]
+        .into_iter()
+        .enumerate()
+    {
+        install(&exe, broken);
+        gateway.signal(libc::SIGUSR2);
+        failed(n as f64 + 1.0);
+        assert_eq!(
+            read_pid(&pid_file),
+            Some(old),
+            "the pid file still names the old process"
+        );
+        client.echo(format!("still served after broken binary {n}").as_bytes());
+        let mut fresh = gateway.client(&pki);
+        fresh.echo(b"new clients are accepted too");
+    }
+    let log = std::fs::read_to_string(&gateway.stderr).expect("log");
+    assert!(log.contains("the new binary exited"), "{log}");
+    assert!(log.contains("did not answer within 2 s"), "{log}");
+    // The real binary back in place: the upgrade goes through.
+    install(&exe, &real);
+    let new = upgrade(&pid_file, &gateway.stderr);
+    started.0.push(new);
+    client.echo(b"after the upgrade");
+}

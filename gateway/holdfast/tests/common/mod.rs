@@ -378,12 +378,21 @@ impl Gateway {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let mut all = vec![gateway_bin().into_os_string()];
+        all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        Gateway::start_program(dir, all)
+    }
+
+    /// As [`Gateway::start`], with the program as the first of `args` (a copy of the
+    /// gateway binary, say).
+    pub fn start_program(dir: &TestDir, args: Vec<OsString>) -> Gateway {
+        let (program, args) = args.split_first().expect("a program");
+        let args = args.to_vec();
         let stderr_path = dir.join(&format!(
             "gateway-{}.stderr",
             GATEWAY_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut child = Command::new(gateway_bin())
+        let mut child = Command::new(program)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
