@@ -236,7 +236,7 @@ fn thousands_of_streams_keep_their_order_across_two_upgrades() {
             .sum("holdfast_handshakes_total", &[("result", "ok")])
     };
     let mut seq = 0usize;
-    let mut round = |native: &mut Vec<Client>, websocket: &mut Vec<Ws>, seq: &mut usize| {
+    let round = |native: &mut Vec<Client>, websocket: &mut Vec<Ws>, seq: &mut usize| {
         for (i, c) in native.iter_mut().enumerate() {
             c.send(FrameType::Data, &payload(&format!("n{seq}"), i, 24));
         }
