@@ -665,7 +665,12 @@ fn wait_ctl(next: &mut upgrade::Successor, want: u8, timeout: Duration) -> Resul
             }
             Ok((kind, _)) => return Err(format!("the new binary sent {kind} out of turn")),
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
                 // It closed its end: it is exiting; let try_wait say how.
                 std::thread::sleep(Duration::from_millis(20));
                 if let Ok(Some(status)) = next.child.try_wait() {
