@@ -447,7 +447,7 @@ fn a_worker_killed_during_the_upgrade_loses_no_frame() {
     const FRAMES: usize = 5;
     let dir = TestDir::new();
     let pki = Pki::generate(&dir);
-    let (mut a, a_sock) = slow_ack_worker(&dir, "a.sock", 1_500);
+    let (a, a_sock) = slow_ack_worker(&dir, "a.sock", 1_500);
     let (_b, b_sock) = slow_ack_worker(&dir, "b.sock", 0);
     let pid_file = dir.join("holdfast.pid");
     let gateway = Gateway::start(
