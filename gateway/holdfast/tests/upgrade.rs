@@ -220,7 +220,30 @@ fn thousands_of_streams_keep_their_order_across_two_upgrades() {
     );
     let mut started = Successors(Vec::new());
     let opts = ClientOptions::new(&pki);
-    let mut native: Vec<Client> = (0..NATIVE + MID_FRAME)
+    // HOLDFAST_UPGRADE_CONNS raises the native count for a measurement run (the test
+    // process's open files bound it); a prober echoes throughout and reports the longest
+    // round trip, the pause a client saw.
+    let native_n = std::env::var("HOLDFAST_UPGRADE_CONNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(NATIVE);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut prober_client = Client::connect(gateway.listen, &opts).expect("prober");
+    let prober = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut longest = Duration::ZERO;
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                prober_client.echo(&payload("probe", n, 32));
+                longest = longest.max(t.elapsed());
+                n += 1;
+            }
+            (longest, n, prober_client)
+        })
+    };
+    let mut native: Vec<Client> = (0..native_n + MID_FRAME)
         .map(|i| {
             Client::connect(gateway.listen, &opts).unwrap_or_else(|e| panic!("client {i}: {e}"))
         })
@@ -269,7 +292,7 @@ fn thousands_of_streams_keep_their_order_across_two_upgrades() {
         // Half-sent state: a native frame cut in two, a fragmented WebSocket message, and
         // slow readers with echoes queued in the gateway.
         let tag = format!("cut{upgrade_no}");
-        for (i, c) in native[NATIVE..].iter_mut().enumerate() {
+        for (i, c) in native[native_n..].iter_mut().enumerate() {
             let whole = encode(FrameType::Data, &payload(&tag, i, 40));
             c.send_raw(&whole[..17]);
         }
@@ -295,7 +318,7 @@ fn thousands_of_streams_keep_their_order_across_two_upgrades() {
         let new = upgrade(&pid_file, &gateway.stderr);
         started.0.push(new);
         eprintln!("upgrade {upgrade_no}: {:?}", began.elapsed());
-        for (i, c) in native[NATIVE..].iter_mut().enumerate() {
+        for (i, c) in native[native_n..].iter_mut().enumerate() {
             let whole = encode(FrameType::Data, &payload(&tag, i, 40));
             c.send_raw(&whole[17..]);
             assert_eq!(
@@ -324,6 +347,12 @@ fn thousands_of_streams_keep_their_order_across_two_upgrades() {
         }
         round(&mut native, &mut websocket, &mut seq);
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (longest, probes, _prober_client) = prober.join().expect("prober");
+    eprintln!(
+        "{} connections: longest echo round trip {longest:?} over {probes} probes",
+        native_n + MID_FRAME + WEBSOCKET + SLOW + 1
+    );
     let m = Metrics::parse(&http_get(gateway.admin, "/metrics").expect("metrics").1);
     assert_eq!(
         handshakes(&gateway),
@@ -331,7 +360,7 @@ fn thousands_of_streams_keep_their_order_across_two_upgrades() {
         "no client made a new handshake"
     );
     assert_eq!(m.sum("holdfast_upgrades_total", &[("result", "ok")]), 2.0);
-    let total = (NATIVE + MID_FRAME + WEBSOCKET + SLOW) as f64;
+    let total = (native_n + MID_FRAME + WEBSOCKET + SLOW + 1) as f64;
     assert_eq!(m.sum("holdfast_connections_open", &[]), total);
     assert_eq!(
         m.sum("holdfast_closes_total", &[]),
