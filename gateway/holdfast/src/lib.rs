@@ -3,7 +3,8 @@
 //!
 //! `unsafe` is denied in the crate and allowed only in the two modules that talk to the
 //! ring: `ring` (ring setup, the provided-buffer ring) and `core` (submissions naming
-//! memory the kernel reads or writes). Every block there carries a `// SAFETY:` reason.
+//! memory the kernel reads or writes), and in one block of `upgrade` (owning the sockets a
+//! live upgrade inherits). Every block carries a `// SAFETY:` reason.
 #![deny(unsafe_code)]
 
 pub mod admin;

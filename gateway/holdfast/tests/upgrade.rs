@@ -28,12 +28,14 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-/// Kills the processes a test's upgrades started (the first is the harness's child).
-struct Successors(Vec<i32>);
+/// Kills the processes a test's upgrades started, and whatever its pid file names last,
+/// so a failing test leaves no gateway running.
+struct Successors(Vec<i32>, Option<PathBuf>);
 
 impl Drop for Successors {
     fn drop(&mut self) {
-        for &pid in &self.0 {
+        let last = self.1.as_deref().and_then(read_pid);
+        for &pid in self.0.iter().chain(last.iter()) {
             // SAFETY: plain kill(2) of a process this test started.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
@@ -82,7 +84,7 @@ fn established_connections_survive_an_upgrade() {
     let worker = Worker::start(&dir, &dir.join("worker.sock"));
     let (gateway, pid_file) =
         gateway_with_pid_file(&dir, &pki, &worker.socket, &["--hibernate-after", "1"]);
-    let mut started = Successors(Vec::new());
+    let mut started = Successors(Vec::new(), Some(pid_file.clone()));
     let opts = ClientOptions::new(&pki);
     let mut clients: Vec<Client> = (0..50)
         .map(|_| Client::connect(gateway.listen, &opts).expect("connect"))
@@ -218,7 +220,7 @@ fn thousands_of_streams_keep_their_order_across_two_upgrades() {
         &worker.socket,
         &["--hibernate-after", "1", "--config", &config],
     );
-    let mut started = Successors(Vec::new());
+    let mut started = Successors(Vec::new(), Some(pid_file.clone()));
     let opts = ClientOptions::new(&pki);
     // HOLDFAST_UPGRADE_CONNS raises the native count for a measurement run (the test
     // process's open files bound it); a prober echoes throughout and reports the longest
@@ -414,7 +416,7 @@ fn a_broken_new_binary_leaves_the_old_process_serving() {
     );
     args.insert(0, exe.clone().into_os_string());
     let gateway = Gateway::start_program(&dir, args);
-    let mut started = Successors(Vec::new());
+    let mut started = Successors(Vec::new(), Some(pid_file.clone()));
     let mut client = gateway.client(&pki);
     client.echo(b"before");
     let old = read_pid(&pid_file).expect("pid file");
@@ -492,7 +494,7 @@ fn a_worker_killed_during_the_upgrade_loses_no_frame() {
             ],
         ),
     );
-    let mut started = Successors(Vec::new());
+    let mut started = Successors(Vec::new(), Some(pid_file.clone()));
     let opts = ClientOptions::new(&pki);
     let mut clients: Vec<Client> = (0..CLIENTS)
         .map(|_| Client::connect(gateway.listen, &opts).expect("connect"))
