@@ -589,11 +589,14 @@ fn upgrade_command(a: &UpgradeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("{} does not hold a pid", a.pid_file.display()))
     };
     let old = read()?;
-    let alive = |pid: i32| {
-        rustix::process::test_kill_process(
-            rustix::process::Pid::from_raw(pid).expect("positive pid"),
-        )
-        .is_ok()
+    // Running, not exited: a process that exited stays a zombie until its parent reaps it.
+    let alive = |pid: i32| match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .map(str::trim_start)
+            .is_some_and(|state| state.starts_with('Z') || state.starts_with('X')),
+        Err(_) => false,
     };
     if old <= 0 || !alive(old) {
         bail!(

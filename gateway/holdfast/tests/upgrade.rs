@@ -92,8 +92,23 @@ fn established_connections_survive_an_upgrade() {
     for (i, c) in clients.iter_mut().enumerate() {
         c.echo(&payload("before", i, 30));
     }
-    let new = upgrade(&pid_file, &gateway.stderr);
+    // The operator's command: signals, waits, reports.
+    let old = read_pid(&pid_file).expect("pid");
+    let out = std::process::Command::new(gateway_bin())
+        .args(["upgrade", "--pid-file"])
+        .arg(&pid_file)
+        .output()
+        .expect("holdfast upgrade");
+    let new = read_pid(&pid_file).expect("pid");
     started.0.push(new);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        file_tail(&gateway.stderr, 8192)
+    );
+    assert_eq!(stdout.trim(), format!("upgraded: pid {old} -> {new}"));
     for round in 0..3 {
         for (i, c) in clients.iter_mut().enumerate() {
             c.send(FrameType::Data, &payload("after", i + round, 30));
