@@ -82,7 +82,7 @@ fn established_connections_survive_an_upgrade() {
     let dir = TestDir::new();
     let pki = Pki::generate(&dir);
     let worker = Worker::start(&dir, &dir.join("worker.sock"));
-    let (gateway, pid_file) =
+    let (mut gateway, pid_file) =
         gateway_with_pid_file(&dir, &pki, &worker.socket, &["--hibernate-after", "1"]);
     let mut started = Successors(Vec::new(), Some(pid_file.clone()));
     let opts = ClientOptions::new(&pki);
@@ -109,6 +109,10 @@ fn established_connections_survive_an_upgrade() {
         file_tail(&gateway.stderr, 8192)
     );
     assert_eq!(stdout.trim(), format!("upgraded: pid {old} -> {new}"));
+    let status = gateway
+        .wait_timeout(Duration::from_secs(5))
+        .expect("the old process exited");
+    assert!(status.success(), "the old process exits 0: {status}");
     for round in 0..3 {
         for (i, c) in clients.iter_mut().enumerate() {
             c.send(FrameType::Data, &payload("after", i + round, 30));
