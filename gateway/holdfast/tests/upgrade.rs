@@ -444,9 +444,20 @@ fn a_broken_new_binary_leaves_the_old_process_serving() {
             m.sum("holdfast_upgrades_total", &[("result", "failed")]) >= n
         });
     };
-    for (n, broken) in [&b"#!/bin/sh\nexit 3\n"[..], b"#!/bin/sh\nexec sleep 600\n"]
-        .into_iter()
-        .enumerate()
+    // The real binary asked for another core count (each `--cores` value becomes 1).
+    let real_copy = dir.join("holdfast-real");
+    install(&real_copy, &real);
+    let other_cores = format!(
+        "#!/bin/sh\nn=0\nfor a in \"$@\"; do\n  if [ \"$prev\" = --cores ]; then a=1; fi\n  prev=$a\n  set -- \"$@\" \"$a\"\n  n=$((n+1))\ndone\nshift $n\nexec {} \"$@\"\n",
+        real_copy.display()
+    );
+    for (n, broken) in [
+        &b"#!/bin/sh\nexit 3\n"[..],
+        b"#!/bin/sh\nexec sleep 600\n",
+        other_cores.as_bytes(),
+    ]
+    .into_iter()
+    .enumerate()
     {
         install(&exe, broken);
         gateway.signal(libc::SIGUSR2);
@@ -463,6 +474,10 @@ fn a_broken_new_binary_leaves_the_old_process_serving() {
     let log = std::fs::read_to_string(&gateway.stderr).expect("log");
     assert!(log.contains("the new binary exited"), "{log}");
     assert!(log.contains("did not answer within 2 s"), "{log}");
+    assert!(
+        log.contains("the running process has 2 cores and this configuration 1"),
+        "{log}"
+    );
     // The real binary back in place: the upgrade goes through.
     install(&exe, &real);
     let new = upgrade(&pid_file, &gateway.stderr);
