@@ -5,8 +5,9 @@
 //! The connections are held by child processes (see `idle_worker`), because each process
 //! may hold only so many descriptors. This parent owns the timetable of the run: it tells
 //! every child how many connections to hold, waits until all say they are up, lets the
-//! gateway settle, samples /proc, and moves on. It never opens a connection itself. Every
-//! wait has a deadline and the children die with the parent, so a run always ends.
+//! gateway settle, samples /proc, and moves on. The only connections it opens itself are
+//! the few probes of `--then-run` (see `probe`). Every wait has a deadline and the
+//! children die with the parent, so a run always ends.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -22,9 +23,12 @@ use tokio::time::{timeout_at, Instant};
 
 use crate::client;
 use crate::plan;
+use crate::probe;
 use crate::procfs;
 use crate::proto::{Command, Counts, Report};
-use crate::report::{self, IdleMethod, IdleParameters, IdleReport, IdleResults, StepSample};
+use crate::report::{
+    self, IdleMethod, IdleParameters, IdleReport, IdleResults, StepSample, ThenRun,
+};
 use crate::scenario;
 
 /// Failure notes the parent prints at most over a run; the counts carry the rest.
@@ -88,6 +92,16 @@ pub struct IdleArgs {
     /// Name of the system measured, stored in the report (`report` groups runs by it).
     #[arg(long, value_name = "NAME")]
     pub label: Option<String>,
+    /// A shell command to run once every connection is up and measured, before the final
+    /// echo check: a live upgrade, a reload. Its duration and exit code go in the report;
+    /// a non-zero exit fails the run. Meanwhile `--probes` connections of this process
+    /// echo back to back, and the longest round trip they saw is reported as the longest
+    /// pause; the final echo check then shows that every held connection survived it.
+    #[arg(long, value_name = "CMD")]
+    pub then_run: Option<String>,
+    /// Probe connections that echo while `--then-run` runs.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub probes: u64,
 }
 
 /// Something a child said, or its going away.
@@ -414,7 +428,11 @@ pub fn run(args: IdleArgs) -> anyhow::Result<ExitCode> {
         && results.failures.open_failed() == 0
         && results.failures.dropped_while_idle == 0
         && results.echo_failed == 0
-        && results.echo_ok == args.conns;
+        && results.echo_ok == args.conns
+        && results
+            .then_run
+            .as_ref()
+            .is_none_or(|t| t.exit_code == Some(0) && t.probes.failed == 0);
 
     let report = IdleReport::new(
         "idle",
@@ -499,6 +517,11 @@ async fn drive(
         prev_step = step;
     }
 
+    if let Some(command) = &args.then_run {
+        let outcome = then_run(args, command).await;
+        results.then_run = Some(outcome?);
+    }
+
     let per_child = plan::share(args.conns, procs, 0);
     let rounds = per_child.div_ceil(1024) + 1;
     let deadline = Instant::now() + Duration::from_secs_f64(args.timeout * rounds as f64 + 20.0);
@@ -519,6 +542,64 @@ async fn drive(
         }
     }
     Ok(())
+}
+
+/// Runs `command` with the probes echoing throughout: they start half a second before it
+/// and stop half a second after it.
+async fn then_run(args: &IdleArgs, command: &str) -> anyhow::Result<ThenRun> {
+    let spec = probe::ProbeSpec {
+        target: client::resolve(&args.target)?,
+        config: client::client_config(&args.ca)?,
+        server_name: args.server_name.clone(),
+        conns: args.probes,
+        frame_size: args.frame_size,
+        bound: Duration::from_secs_f64(args.timeout.max(30.0)),
+    };
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let probes = tokio::spawn(probe::run(spec, ready_tx, stop));
+    ready
+        .await
+        .context("the probes went away")?
+        .context("opening the probe connections")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    println!("then-run: {command}");
+    let start = Instant::now();
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .kill_on_drop(true)
+        .status()
+        .await;
+    let secs = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop_tx.send(true);
+    let probes = probes.await.context("the probe task")?;
+    let exit_code = match status {
+        Ok(s) => s.code(),
+        Err(e) => {
+            eprintln!("holdfast-bench: starting `{command}`: {e}");
+            None
+        }
+    };
+    println!(
+        "then-run: exit {} after {secs:.3} s; {} probe(s): {} round trips, longest {:.1} ms, \
+         {} failed",
+        exit_code.map_or("by signal".into(), |c| c.to_string()),
+        probes.conns,
+        probes.round_trips,
+        probes.longest_round_trip_ms,
+        probes.failed
+    );
+    for f in &probes.failures {
+        println!("  {f}");
+    }
+    Ok(ThenRun {
+        command: command.to_owned(),
+        secs,
+        exit_code,
+        probes,
+    })
 }
 
 fn mib(bytes: u64) -> String {

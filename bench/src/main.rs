@@ -25,6 +25,7 @@ mod idle;
 mod idle_worker;
 mod nats_echo;
 mod plan;
+mod probe;
 mod procfs;
 mod progress;
 mod proto;

@@ -293,6 +293,22 @@ pub struct IdleResults {
     pub echo_failed: u64,
     /// Wall-clock seconds of the whole run.
     pub elapsed_secs: f64,
+    /// The `--then-run` command and what the probes saw while it ran, if one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub then_run: Option<ThenRun>,
+}
+
+/// A command run while every connection was held (`idle --then-run`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ThenRun {
+    /// The shell command.
+    pub command: String,
+    /// Its wall-clock seconds.
+    pub secs: f64,
+    /// Its exit code (`None`: killed by a signal, or it could not start).
+    pub exit_code: Option<i32>,
+    /// The probe connections that echoed throughout.
+    pub probes: crate::probe::ProbeStats,
 }
 
 /// The JSON report of a measuring subcommand: what ran, where, and what it measured.

@@ -266,6 +266,77 @@ fn idle_reports_connections_the_gateway_drops() {
 }
 
 #[test]
+fn idle_then_run_probes_while_a_command_runs() {
+    let dir = cert_dir("then-run");
+    let (addr, accepted, _rt) = serve(&dir, Mode::Echo);
+    let json = dir.join("idle.json");
+    let marker = dir.join("ran");
+    let command = format!("sleep 0.5 && touch {}", marker.display());
+    let out = run_idle(
+        &addr.to_string(),
+        &dir,
+        &[
+            "--conns", "40", "--steps", "20,40", "--settle", "0", "--probes", "3", "--then-run",
+            &command,
+        ],
+        &json,
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(marker.exists(), "the command ran");
+    assert_eq!(accepted.load(Ordering::Relaxed), 43, "40 held and 3 probes");
+    let r = &read_json(&json)["results"];
+    assert_eq!(r["echo_ok"], 40);
+    let t = &r["then_run"];
+    assert_eq!(t["exit_code"], 0);
+    assert!(t["secs"].as_f64().unwrap() >= 0.5, "{t}");
+    assert_eq!(t["probes"]["conns"], 3);
+    assert_eq!(t["probes"]["failed"], 0);
+    // The probes echo back to back from half a second before the command until half a
+    // second after it.
+    assert!(t["probes"]["round_trips"].as_u64().unwrap() > 30, "{t}");
+    let longest = t["probes"]["longest_round_trip_ms"].as_f64().unwrap();
+    assert!(longest > 0.0 && longest < 30_000.0, "{t}");
+
+    // A command that fails fails the run, and the report says how it exited.
+    let out = run_idle(
+        &addr.to_string(),
+        &dir,
+        &["--conns", "10", "--settle", "0", "--probes", "1", "--then-run", "exit 3"],
+        &json,
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let r = &read_json(&json)["results"];
+    assert_eq!(r["ok"], false);
+    assert_eq!(r["then_run"]["exit_code"], 3);
+    assert_eq!(r["echo_ok"], 10, "the held connections still echo");
+}
+
+#[test]
+fn idle_then_run_counts_probes_the_gateway_drops() {
+    let dir = cert_dir("then-run-drop");
+    // Every connection is closed after its first echo: each probe fails on its second.
+    let (addr, _, _rt) = serve(&dir, Mode::DropEvery(1));
+    let json = dir.join("idle.json");
+    let out = run_idle(
+        &addr.to_string(),
+        &dir,
+        &["--conns", "2", "--settle", "0", "--probes", "2", "--then-run", "true"],
+        &json,
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let t = &read_json(&json)["results"]["then_run"];
+    assert_eq!(t["probes"]["failed"], 2, "{t}");
+    let why = t["probes"]["failures"][0].as_str().unwrap();
+    assert!(
+        why.contains("closed") || why.contains("reset") || why.contains("eof"),
+        "{why}"
+    );
+}
+
+#[test]
 fn idle_fails_fast_when_nothing_listens() {
     let dir = cert_dir("refused");
     // Bind and drop to find a port with nothing on it.
