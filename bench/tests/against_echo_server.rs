@@ -276,13 +276,25 @@ fn idle_then_run_probes_while_a_command_runs() {
         &addr.to_string(),
         &dir,
         &[
-            "--conns", "40", "--steps", "20,40", "--settle", "0", "--probes", "3", "--then-run",
+            "--conns",
+            "40",
+            "--steps",
+            "20,40",
+            "--settle",
+            "0",
+            "--probes",
+            "3",
+            "--then-run",
             &command,
         ],
         &json,
         Duration::from_secs(60),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(marker.exists(), "the command ran");
     assert_eq!(accepted.load(Ordering::Relaxed), 43, "40 held and 3 probes");
     let r = &read_json(&json)["results"];
@@ -302,7 +314,16 @@ fn idle_then_run_probes_while_a_command_runs() {
     let out = run_idle(
         &addr.to_string(),
         &dir,
-        &["--conns", "10", "--settle", "0", "--probes", "1", "--then-run", "exit 3"],
+        &[
+            "--conns",
+            "10",
+            "--settle",
+            "0",
+            "--probes",
+            "1",
+            "--then-run",
+            "exit 3",
+        ],
         &json,
         Duration::from_secs(60),
     );
@@ -322,7 +343,16 @@ fn idle_then_run_counts_probes_the_gateway_drops() {
     let out = run_idle(
         &addr.to_string(),
         &dir,
-        &["--conns", "2", "--settle", "0", "--probes", "2", "--then-run", "true"],
+        &[
+            "--conns",
+            "2",
+            "--settle",
+            "0",
+            "--probes",
+            "2",
+            "--then-run",
+            "true",
+        ],
         &json,
         Duration::from_secs(60),
     );

@@ -541,7 +541,7 @@ fn prepare(
             );
         }
     }
-    let server_tls = tls::ServerTls::build(&cfg, None)?;
+    let server_tls = tls::ServerTls::build(&cfg, None, offer.and_then(|o| o.ticket_secret))?;
     let nofile = ring::raise_nofile_limit();
     // The same checks as `holdfast check`, as warnings: a short host still runs.
     match host_findings(&cfg) {
@@ -779,6 +779,7 @@ impl Control {
                 upgrades_ok: m.upgrades_ok.load(Ordering::Relaxed),
                 upgrades_failed: m.upgrades_failed.load(Ordering::Relaxed),
             },
+            ticket_secret: self.tls.process_ticket_secret,
         };
         use std::os::fd::AsFd as _;
         let sent = upgrade::send_frame(
@@ -850,7 +851,7 @@ impl Control {
     fn reload(&mut self) -> anyhow::Result<()> {
         let reloaded = self.config.reload(load_config(&self.args)?);
         reloaded.config.validate()?;
-        let tls = tls::ServerTls::build(&reloaded.config, Some(&self.tls))?;
+        let tls = tls::ServerTls::build(&reloaded.config, Some(&self.tls), None)?;
         let config = Arc::new(reloaded.config);
 
         let (applied_tx, applied_rx) = mpsc::channel();

@@ -11,6 +11,11 @@
 //! derives the same keys at the same time, restarts and reloads change nothing, and
 //! replacing the file (`holdfast ticket-key generate`) retires every ticket at once.
 //!
+//! Without a file, a process makes a random secret of its own at start ([`FleetTicketer::
+//! random`]): its tickets resume on it alone, across reloads (the secret is kept) and live
+//! upgrades (the old process hands [`FleetTicketer::secret`] to the new one), not after a
+//! restart.
+//!
 //! The AEAD is the crypto provider's own (`ring`'s AES-256-GCM), as in rustls' ticketer.
 //! Keys are derived per ticket (an HKDF expand and a key schedule, about a microsecond,
 //! against the hundred or so of a handshake) so nothing is cached, locked or shared
@@ -29,7 +34,8 @@ use rustls::server::ProducesTickets;
 
 const FILE_HEADER: &str =
     "# holdfast session-ticket key v1: keep secret, mode 0600, the same file on every gateway";
-const SECRET_LEN: usize = 32;
+/// Bytes of a ticket-key secret.
+pub const SECRET_LEN: usize = 32;
 /// Ticket layout: epoch (8, big-endian) | file tag (8) | nonce (12) | sealed state | tag (16).
 /// The first 16 bytes are the key name, also the additional data of the AEAD.
 const NAME_LEN: usize = 16;
@@ -57,6 +63,8 @@ pub enum TicketKeyError {
 
 /// The ticketer over one key file's secret.
 pub struct FleetTicketer {
+    /// The file's (or the process's) secret, kept to hand it to a live upgrade.
+    raw: [u8; SECRET_LEN],
     secret: hkdf::Prk,
     /// Tells this file's tickets from another file's without trying to open them.
     tag: [u8; 8],
@@ -101,8 +109,8 @@ impl FleetTicketer {
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .collect();
-        let secret = decode_hex(&hex)
-            .filter(|s| s.len() == SECRET_LEN)
+        let secret: [u8; SECRET_LEN] = decode_hex(&hex)
+            .and_then(|s| s.try_into().ok())
             .ok_or_else(|| {
                 invalid(format!(
                 "expected {} hex digits (make one with `holdfast ticket-key generate --out PATH`)",
@@ -112,12 +120,23 @@ impl FleetTicketer {
         Ok(FleetTicketer::new(&secret, rotation_secs))
     }
 
-    pub fn new(secret: &[u8], rotation_secs: u64) -> FleetTicketer {
+    /// A ticketer over a fresh random secret: a process's own key, when no file is named.
+    pub fn random(rotation_secs: u64) -> Result<FleetTicketer, TicketKeyError> {
+        Ok(FleetTicketer::new(&random_secret()?, rotation_secs))
+    }
+
+    /// The secret, for a live upgrade to hand to the new process.
+    pub fn secret(&self) -> [u8; SECRET_LEN] {
+        self.raw
+    }
+
+    pub fn new(secret: &[u8; SECRET_LEN], rotation_secs: u64) -> FleetTicketer {
         assert!(rotation_secs > 0, "validated by the config");
         let d = digest::digest(&digest::SHA256, secret);
         let mut tag = [0u8; 8];
         tag.copy_from_slice(&d.as_ref()[..8]);
         FleetTicketer {
+            raw: *secret,
             secret: hkdf::Salt::new(hkdf::HKDF_SHA256, b"holdfast session tickets v1")
                 .extract(secret),
             tag,
@@ -227,10 +246,7 @@ impl ProducesTickets for FleetTicketer {
 /// Writes a new key file at `out` with mode 0600: written beside it and renamed over it,
 /// so a gateway that reloads meanwhile reads the old file or the new one, never half.
 pub fn generate(out: &Path) -> Result<(), TicketKeyError> {
-    let mut secret = [0u8; SECRET_LEN];
-    SystemRandom::new()
-        .fill(&mut secret)
-        .map_err(|_| TicketKeyError::Random)?;
+    let secret = random_secret()?;
     let write_err = |source| TicketKeyError::Write {
         path: out.to_owned(),
         source,
@@ -250,6 +266,14 @@ pub fn generate(out: &Path) -> Result<(), TicketKeyError> {
         .and_then(|()| f.sync_all())
         .map_err(write_err)?;
     std::fs::rename(&tmp, out).map_err(write_err)
+}
+
+fn random_secret() -> Result<[u8; SECRET_LEN], TicketKeyError> {
+    let mut secret = [0u8; SECRET_LEN];
+    SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| TicketKeyError::Random)?;
+    Ok(secret)
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {

@@ -121,7 +121,7 @@ impl ResolvesServerCert for SniResolver {
 
 /// Builds the shared server configuration at start (see [`ServerTls`] for reloads).
 pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    ServerTls::build(config, None).map(|t| t.server)
+    ServerTls::build(config, None, None).map(|t| t.server)
 }
 
 /// The server configuration the cores use for new handshakes, with the end-entity
@@ -131,15 +131,20 @@ pub struct ServerTls {
     pub server: Arc<ServerConfig>,
     /// The end-entity certificate of each configured entry, in order.
     pub leaves: Vec<CertificateDer<'static>>,
+    /// The process's own session-ticket secret, when tickets are on and no key file is
+    /// named: kept across reloads, and handed to the new process by a live upgrade, so
+    /// tickets issued before either still resume after it.
+    pub process_ticket_secret: Option<[u8; crate::ticket::SECRET_LEN]>,
 }
 
 impl ServerTls {
-    /// Loads every certificate and key from disk and builds the configuration. With
-    /// `previous` (a reload), the session-ticket key is kept when tickets stay on, so
-    /// tickets issued before the reload still resume after it.
+    /// Loads every certificate and key from disk and builds the configuration. Without a
+    /// ticket key file, the process's ticket secret is `previous`'s (a reload), else
+    /// `inherited` (a live upgrade's, from the old process), else a new random one.
     pub fn build(
         config: &Config,
         previous: Option<&ServerTls>,
+        inherited: Option<[u8; crate::ticket::SECRET_LEN]>,
     ) -> Result<ServerTls, TlsSetupError> {
         let mut by_name = HashMap::new();
         let mut default = None;
@@ -182,17 +187,23 @@ impl ServerTls {
             sc.enable_secret_extraction = true;
             sc.key_log = Arc::new(crate::record::SecretLog);
         }
+        let mut process_ticket_secret = None;
         if config.tls.session_tickets {
-            sc.ticketer = match (&config.tls.ticket_key_file, previous) {
+            let rotation = config.tls.ticket_rotation_secs;
+            let ticketer = match &config.tls.ticket_key_file {
                 // The fleet's key file, read again on every reload (see `ticket.rs`).
-                (Some(file), _) => Arc::new(crate::ticket::FleetTicketer::from_file(
-                    file,
-                    config.tls.ticket_rotation_secs,
-                )?),
-                // A process key rotates itself; sharing it keeps its schedule too.
-                (None, Some(p)) if p.server.ticketer.enabled() => p.server.ticketer.clone(),
-                (None, _) => provider::Ticketer::new()?,
+                Some(file) => crate::ticket::FleetTicketer::from_file(file, rotation)?,
+                None => {
+                    let kept = previous.and_then(|p| p.process_ticket_secret).or(inherited);
+                    let t = match kept {
+                        Some(secret) => crate::ticket::FleetTicketer::new(&secret, rotation),
+                        None => crate::ticket::FleetTicketer::random(rotation)?,
+                    };
+                    process_ticket_secret = Some(t.secret());
+                    t
+                }
             };
+            sc.ticketer = Arc::new(ticketer);
             sc.send_tls13_tickets = 1;
         } else {
             sc.send_tls13_tickets = 0;
@@ -200,6 +211,7 @@ impl ServerTls {
         Ok(ServerTls {
             server: Arc::new(sc),
             leaves,
+            process_ticket_secret,
         })
     }
 }

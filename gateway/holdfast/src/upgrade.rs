@@ -306,6 +306,9 @@ pub struct Offer {
     pub format: u32,
     pub cores: u32,
     pub counters: ProcessCounters,
+    /// The process's own session-ticket secret (no key file): tickets issued before the
+    /// upgrade resume after it.
+    pub ticket_secret: Option<[u8; crate::ticket::SECRET_LEN]>,
 }
 
 impl Offer {
@@ -321,6 +324,13 @@ impl Offer {
             c.upgrades_failed,
         ] {
             body.put_u64(v);
+        }
+        match &self.ticket_secret {
+            None => body.put_u8(0),
+            Some(secret) => {
+                body.put_u8(1);
+                body.extend_from_slice(secret);
+            }
         }
         handover::frame(OFFER, &body)
     }
@@ -344,10 +354,19 @@ impl Offer {
                 upgrades_ok: r.u64("upgrades")?,
                 upgrades_failed: r.u64("upgrades")?,
             };
+            let ticket_secret = match r.u8("ticket secret")? {
+                0 => None,
+                _ => Some(
+                    r.take(crate::ticket::SECRET_LEN, "ticket secret")?
+                        .try_into()
+                        .expect("SECRET_LEN bytes"),
+                ),
+            };
             Ok(Offer {
                 format,
                 cores,
                 counters,
+                ticket_secret,
             })
         };
         read().map_err(|e| e.to_string())
@@ -405,9 +424,20 @@ mod tests {
                 upgrades_ok: 3,
                 upgrades_failed: 4,
             },
+            ticket_secret: None,
         };
         let frame = offer.encode();
         assert_eq!(Offer::decode(&frame[5..]).expect("decodes"), offer);
+        let with_secret = Offer {
+            ticket_secret: Some([9; crate::ticket::SECRET_LEN]),
+            ..offer.clone()
+        };
+        let long = with_secret.encode();
+        assert_eq!(Offer::decode(&long[5..]).expect("decodes"), with_secret);
+        assert!(
+            Offer::decode(&long[5..long.len() - 1]).is_err(),
+            "a truncated secret"
+        );
         let mut other = frame[5..].to_vec();
         other[0] = 99;
         let err = Offer::decode(&other).expect_err("another format");

@@ -92,6 +92,19 @@ fn established_connections_survive_an_upgrade() {
     for (i, c) in clients.iter_mut().enumerate() {
         c.echo(&payload("before", i, 30));
     }
+    // A client that keeps session tickets; no ticket key file is configured, so the
+    // process's own key must move with the upgrade for its ticket to resume afterwards.
+    let tickets = {
+        let mut config = (*opts.config()).clone();
+        config.resumption = rustls::client::Resumption::in_memory_sessions(8);
+        std::sync::Arc::new(config)
+    };
+    let visit = |g: &Gateway| {
+        let mut c = Client::connect_with(g.listen, tickets.clone(), "localhost").expect("visit");
+        c.echo(b"visit");
+        c.conn().handshake_kind()
+    };
+    assert_eq!(visit(&gateway), Some(rustls::HandshakeKind::Full));
     // The operator's command: signals, waits, reports.
     let old = read_pid(&pid_file).expect("pid");
     let out = std::process::Command::new(gateway_bin())
@@ -125,6 +138,11 @@ fn established_connections_survive_an_upgrade() {
             );
         }
     }
+    assert_eq!(
+        visit(&gateway),
+        Some(rustls::HandshakeKind::Resumed),
+        "a ticket the old process issued resumes on the new one"
+    );
     let m = Metrics::parse(&http_get(gateway.admin, "/metrics").expect("metrics").1);
     assert_eq!(m.sum("holdfast_upgrades_total", &[("result", "ok")]), 1.0);
     assert_eq!(m.sum("holdfast_connections_open", &[]), 50.0);
