@@ -199,6 +199,12 @@ pub struct Runtime {
     pub recv_buffer_size: u32,
     /// Listen backlog per core.
     pub backlog: u32,
+    /// SO_SNDBUF of every client socket, in bytes (set on the listeners, which accepted
+    /// sockets inherit); 0 leaves the kernel's autotuning (up to `net.ipv4.tcp_wmem`'s
+    /// maximum, 4 MiB by default, per connection). A cap bounds the kernel memory a client
+    /// that stops reading can pin, so that the outbound budget, not the kernel, holds
+    /// what it does not read; the kernel doubles the value for its bookkeeping.
+    pub socket_send_buffer: u32,
     /// Pin each core thread to a CPU.
     pub pin: bool,
     /// Use io_uring direct descriptors for client sockets (falls back to regular fds
@@ -280,6 +286,7 @@ impl Default for Runtime {
             recv_buffers: 4096,
             recv_buffer_size: 4096,
             backlog: 65535,
+            socket_send_buffer: 0,
             pin: true,
             direct_descriptors: true,
             worker_retry_ms: 100,
@@ -558,6 +565,7 @@ impl Config {
         fixed!("runtime.recv_buffers", runtime.recv_buffers);
         fixed!("runtime.recv_buffer_size", runtime.recv_buffer_size);
         fixed!("runtime.backlog", runtime.backlog);
+        fixed!("runtime.socket_send_buffer", runtime.socket_send_buffer);
         fixed!("runtime.pin", runtime.pin);
         fixed!("runtime.direct_descriptors", runtime.direct_descriptors);
         reloadable!("tls.certs", tls.certs);

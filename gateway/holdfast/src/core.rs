@@ -748,7 +748,7 @@ impl Core {
                 a.as_socket()
                     .ok_or_else(|| std::io::Error::other("not an IP address"))
             })
-            .and_then(|addr| bind_listener(addr, self.cfg.runtime.backlog));
+            .and_then(|addr| bind_listener(addr, &self.cfg.runtime));
         match fresh {
             Ok(l) => {
                 self.listener = Some(l);
@@ -3105,7 +3105,10 @@ impl ControlWaker {
 
 /// One SO_REUSEPORT listener on `addr`: what `main` binds per core at start, and what a
 /// core binds again when it listens after a full table.
-pub fn bind_listener(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<socket2::Socket> {
+pub fn bind_listener(
+    addr: std::net::SocketAddr,
+    runtime: &crate::config::Runtime,
+) -> std::io::Result<socket2::Socket> {
     let s = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM.cloexec(),
@@ -3118,8 +3121,12 @@ pub fn bind_listener(addr: std::net::SocketAddr, backlog: u32) -> std::io::Resul
     // tcp_keepalive_* settings, at no cost to the event loop).
     s.set_nodelay(true)?;
     s.set_keepalive(true)?;
+    // And SO_SNDBUF, with the lock that turns autotuning off (see the config key).
+    if runtime.socket_send_buffer > 0 {
+        s.set_send_buffer_size(runtime.socket_send_buffer as usize)?;
+    }
     s.bind(&addr.into())?;
-    s.listen(backlog.min(i32::MAX as u32) as i32)?;
+    s.listen(runtime.backlog.min(i32::MAX as u32) as i32)?;
     Ok(s)
 }
 

@@ -244,12 +244,12 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
 fn bind_listeners(
     addr: SocketAddr,
     n: usize,
-    backlog: u32,
+    runtime: &holdfast::config::Runtime,
 ) -> anyhow::Result<Vec<socket2::Socket>> {
     let mut addr = addr;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let s = holdfast::core::bind_listener(addr, backlog)
+        let s = holdfast::core::bind_listener(addr, runtime)
             .with_context(|| format!("cannot listen on {addr}"))?;
         addr = s
             .local_addr()?
@@ -363,7 +363,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let cores = cfg.core_count();
     let (listeners, admin_listener) = match (&successor, offer) {
         (None, _) | (_, None) => {
-            let listeners = bind_listeners(cfg.listen, cores, cfg.runtime.backlog)?;
+            let listeners = bind_listeners(cfg.listen, cores, &cfg.runtime)?;
             let admin = std::net::TcpListener::bind(cfg.admin)
                 .with_context(|| format!("cannot bind admin address {}", cfg.admin))?;
             (listeners.into_iter().map(Some).collect::<Vec<_>>(), admin)

@@ -1,9 +1,10 @@
 //! The per-core outbound budget: a worker PUBLISHes to a topic whose subscribers are
-//! clients that read nothing and a few that do. (A hundred non-readers: on loopback the
-//! kernel's send buffer takes up to `tcp_wmem` max, 4 MiB, per connection before the
-//! gateway queues a byte, so each must be sent more than that.) The core closes the
-//! non-readers that hold the most unsent bytes, as slow consumers, until it is back
-//! under its budget; the readers get every message and are still served.
+//! thousands of clients that read nothing and a few that do. The gateway caps each
+//! client socket's send buffer (`runtime.socket_send_buffer`), as a fan-out box would, so
+//! the kernel holds a few tens of kilobytes per non-reader, not `tcp_wmem`'s 4 MiB, and
+//! what they do not read queues in the gateway. The core closes the non-readers that hold
+//! the most unsent bytes, as slow consumers, until it is back under its budget; the
+//! readers get every message and are still served.
 
 mod common;
 mod fake_worker;
@@ -17,11 +18,15 @@ use holdfast_wire::envelope::Message;
 use holdfast_wire::frame::{FrameType, OwnedFrame};
 use holdfast_wire::ConnId;
 
-const SILENT: usize = 100;
+const SILENT: usize = 2_000;
 const READERS: usize = 4;
-const BUDGET: u64 = 4 << 20;
-const MESSAGES: usize = 400;
-const PAYLOAD: usize = 16 * 1024;
+/// Four times what one message to every non-reader of a core adds: when a core reaches
+/// it, each non-reader holds several messages and a reader at most one.
+const BUDGET: u64 = 16 << 20;
+const MESSAGES: usize = 100;
+const PAYLOAD: usize = 4 * 1024;
+/// SO_SNDBUF of the gateway's client sockets (the kernel doubles it).
+const SEND_BUFFER: u32 = 16 * 1024;
 
 #[test]
 fn over_budget_the_heaviest_non_readers_are_closed_and_readers_keep_up() {
@@ -30,7 +35,10 @@ fn over_budget_the_heaviest_non_readers_are_closed_and_readers_keep_up() {
     let fake = FakeWorker::start(&dir.join("fake.sock"), |_| Mode::Passive);
     let config = dir.write(
         "gateway.toml",
-        format!("[limits]\noutbound_budget_per_core = {BUDGET}\nmax_conns_per_ip = 0\n"),
+        format!(
+            "[limits]\noutbound_budget_per_core = {BUDGET}\nmax_conns_per_ip = 0\n\
+             [runtime]\nsocket_send_buffer = {SEND_BUFFER}\n"
+        ),
     );
     let config = config.to_str().expect("utf-8 path").to_owned();
     let gateway = Gateway::start(
@@ -93,7 +101,14 @@ fn over_budget_the_heaviest_non_readers_are_closed_and_readers_keep_up() {
                     assert_eq!(p.len(), PAYLOAD);
                     got[i] += 1;
                 }
-                other => panic!("reader {i}: expected a published message, got {other:?}"),
+                other => {
+                    let m = gateway.metrics();
+                    panic!(
+                        "reader {i}: expected a published message, got {other:?}; closes by \
+                         reason: {:?}",
+                        m.by_label("holdfast_closes_total", &[], "reason")
+                    )
+                }
             }
         }
     }
@@ -103,13 +118,17 @@ fn over_budget_the_heaviest_non_readers_are_closed_and_readers_keep_up() {
         "every reader got every message"
     );
 
-    // 100 non-readers x 400 x 16 KiB would be 650 MB; the cores held to their budget by
+    // 2 000 non-readers x 100 x 4 KiB would be 800 MB; the cores held to their budget by
     // closing non-readers.
     let m = gateway.wait_for_metrics("non-readers closed for the budget", |m| {
         m.sum("holdfast_outbound_budget_closes_total", &[]) > 0.0
     });
     let closed = m.sum("holdfast_outbound_budget_closes_total", &[]);
     eprintln!("closed for the budget: {closed}");
+    assert!(
+        closed >= (SILENT / 2) as f64 && closed <= SILENT as f64,
+        "{closed} closed: most non-readers, and no reader"
+    );
     for (core, bytes) in m.by_label("holdfast_outbound_bytes", &[], "core") {
         // Checked once per loop pass: one pass's publishes may overshoot before it.
         assert!(
