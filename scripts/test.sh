@@ -4,8 +4,8 @@
 # dashboards check against a real Prometheus and the Debian package test.
 #
 # The tests talk to real peers: Chromium, Python's ssl and websockets, openssl, curl,
-# nats-server, Prometheus, shellcheck, ethtool, nftables, iproute2, systemd-analyze. As
-# root with apt-get, what is missing is installed first (one `apt-get update`, then one
+# nats-server, Prometheus, HAProxy, shellcheck, ethtool, nftables, iproute2,
+# systemd-analyze. As root with apt-get, what is missing is installed first (one `apt-get update`, then one
 # `apt-get install`; HOLDFAST_NO_INSTALL=1 never installs). Otherwise the run stops, naming
 # what is missing and the command that installs it, unless HOLDFAST_ALLOW_SKIP=1: then each
 # test whose peer is missing is counted as skipped, never as passed. Without that variable
@@ -54,6 +54,7 @@ have iproute2 on_path ip
 have nats-server sh -c 'command -v nats-server || test -x /usr/sbin/nats-server'
 have prometheus sh -c 'command -v prometheus && command -v promtool'
 have systemd on_path systemd-analyze
+have haproxy on_path haproxy
 
 if ((${#need[@]})); then
     if [[ $EUID -eq 0 && ${HOLDFAST_NO_INSTALL:-} != 1 ]] && command -v apt-get >/dev/null; then

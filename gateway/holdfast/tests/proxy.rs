@@ -131,7 +131,7 @@ fn free_port() -> u16 {
 #[test]
 fn real_haproxy_with_send_proxy_v2_in_front() {
     if Command::new("haproxy").arg("-v").output().is_err() {
-        eprintln!("SKIP: haproxy is not installed (Debian: apt-get install haproxy)");
+        common::peer::missing("haproxy", "apt-get install haproxy");
         return;
     }
     let g = start(&["--max-conns-per-ip", "1"]);
