@@ -5,11 +5,11 @@
 #
 # The tests talk to real peers: Chromium, Python's ssl and websockets, openssl, curl,
 # nats-server, Prometheus, HAProxy, shellcheck, ethtool, nftables, iproute2,
-# systemd-analyze. As root with apt-get, what is missing is installed first (one `apt-get update`, then one
-# `apt-get install`; HOLDFAST_NO_INSTALL=1 never installs). Otherwise the run stops, naming
-# what is missing and the command that installs it, unless HOLDFAST_ALLOW_SKIP=1: then each
-# test whose peer is missing is counted as skipped, never as passed. Without that variable
-# a missing peer is a failure.
+# systemd-analyze. As root with apt-get, what is missing is installed first (one
+# `apt-get update`, then one `apt-get install`; HOLDFAST_NO_INSTALL=1 never installs).
+# Otherwise the run stops, naming what is missing and the command that installs it, unless
+# HOLDFAST_ALLOW_SKIP=1: then each test whose peer is missing is counted as skipped, never
+# as passed. Without that variable a missing peer is a failure.
 #
 # The integration tests start the gateway and the reference worker as real processes, so
 # every binary is built first; `cargo test` alone builds only the binaries of the package
