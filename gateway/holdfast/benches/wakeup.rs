@@ -20,10 +20,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use holdfast::config::{CertConfig, Config};
+use holdfast::provider::tls as provider;
 use holdfast::session::{Session, SessionConfig, Turn};
 use holdfast::tls::{server_config, TlsSession};
 use holdfast_wire::frame::{self, FrameType};
-use rustls::crypto::ring as provider;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, SupportedCipherSuite};
 

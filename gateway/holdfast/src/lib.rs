@@ -20,6 +20,7 @@ pub mod inflight;
 pub mod link;
 pub mod metrics;
 pub mod peer;
+pub mod provider;
 pub mod rates;
 pub mod record;
 #[allow(unsafe_code)]

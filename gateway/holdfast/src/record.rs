@@ -67,16 +67,15 @@
 use std::cell::RefCell;
 use std::fmt;
 
-use rustls::crypto::cipher::{
-    AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, OutboundChunks,
-    OutboundPlainMessage, NONCE_LEN,
-};
+use rustls::crypto::cipher::{AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, NONCE_LEN};
 use rustls::crypto::tls13::{HkdfExpander, OkmBlock};
 use rustls::{
-    AlertDescription, ConnectionTrafficSecrets, ContentType, ExtractedSecrets, KeyLog,
+    AlertDescription, CipherSuite, ConnectionTrafficSecrets, ContentType, ExtractedSecrets, KeyLog,
     ProtocolVersion, SupportedCipherSuite, Tls13CipherSuite,
 };
 use zeroize::Zeroize;
+
+use crate::provider::primitives::aead;
 
 /// The most plaintext one record may carry (RFC 8446 §5.1).
 pub const MAX_PLAINTEXT: usize = 1 << 14;
@@ -563,12 +562,80 @@ pub struct Opened<'a> {
     pub record: Record<'a>,
 }
 
+/// Seals TLS 1.3 records with the provider's plain AEAD, straight into the caller's
+/// output (no allocation per record): the record header, the inner plaintext (payload and
+/// content type, no padding) encrypted in place, the tag. Not rustls' own encrypter:
+/// aws-lc's TLS 1.3 AES-GCM sealing key takes the first sequence number it sees as 0 and
+/// refuses any later one that is not larger when XORed with it, so it cannot continue a
+/// session at sequence number N, which is what waking from hibernation and a live upgrade
+/// do. The sequence rules it would enforce are this module's own (`seal_record`).
+struct Sealer {
+    key: aead::LessSafeKey,
+    iv: Iv,
+}
+
+impl Sealer {
+    fn new(suite: &Tls13CipherSuite, key: &AeadKey, iv: Iv) -> Option<Sealer> {
+        let alg = match suite.common.suite {
+            CipherSuite::TLS13_AES_128_GCM_SHA256 => &aead::AES_128_GCM,
+            CipherSuite::TLS13_AES_256_GCM_SHA384 => &aead::AES_256_GCM,
+            CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => &aead::CHACHA20_POLY1305,
+            _ => return None,
+        };
+        let key = aead::UnboundKey::new(alg, key.as_ref()).ok()?;
+        Some(Sealer {
+            key: aead::LessSafeKey::new(key),
+            iv,
+        })
+    }
+
+    /// Appends one record of type `typ` carrying `payload` (at most 2^14 bytes), sealed
+    /// with sequence number `seq`.
+    fn seal(
+        &self,
+        typ: ContentType,
+        payload: &[u8],
+        seq: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ()> {
+        let start = out.len();
+        let len = payload.len() + 1 + self.key.algorithm().tag_len();
+        let header = [
+            u8::from(ContentType::ApplicationData),
+            3,
+            3,
+            (len >> 8) as u8,
+            len as u8,
+        ];
+        out.reserve(HEADER_LEN + len);
+        out.extend_from_slice(&header);
+        out.extend_from_slice(payload);
+        out.push(u8::from(typ));
+        let nonce =
+            aead::Nonce::assume_unique_for_key(rustls::crypto::cipher::Nonce::new(&self.iv, seq).0);
+        match self.key.seal_in_place_separate_tag(
+            nonce,
+            aead::Aad::from(header),
+            &mut out[start + HEADER_LEN..],
+        ) {
+            Ok(tag) => {
+                out.extend_from_slice(tag.as_ref());
+                Ok(())
+            }
+            Err(_) => {
+                out.truncate(start);
+                Err(())
+            }
+        }
+    }
+}
+
 /// The record layer of one awake connection: a [`Hibernated`] state plus the AEAD keys it
 /// expanded. Get one from [`Hibernated::wake`]; [`RecordLayer::hibernate`] drops the keys.
 pub struct RecordLayer {
     state: Hibernated,
     rx: Option<Box<dyn MessageDecrypter>>,
-    tx: Option<Box<dyn MessageEncrypter>>,
+    tx: Option<Box<Sealer>>,
     /// Our sending key is rotated with a KeyUpdate that takes this sequence number.
     rekey_at: u64,
     /// No key protects a record with this sequence number or beyond, in either direction.
@@ -798,24 +865,20 @@ impl RecordLayer {
         if seq >= self.seq_max {
             return Err(self.fail(RecordError::SequenceExhausted));
         }
-        let suite = self.state.suite;
-        let tx = &self.state.tx;
-        let encrypter = self.tx.get_or_insert_with(|| {
-            let (key, iv) = tx.traffic_keys(suite);
-            suite.aead_alg.encrypter(key, iv)
-        });
-        let msg = OutboundPlainMessage {
-            typ,
-            version: ProtocolVersion::TLSv1_2,
-            payload: OutboundChunks::Single(payload),
-        };
-        match encrypter.encrypt(msg, seq) {
-            Ok(record) => {
-                out.extend_from_slice(&record.encode());
+        if self.tx.is_none() {
+            let (key, iv) = self.state.tx.traffic_keys(self.state.suite);
+            match Sealer::new(self.state.suite, &key, iv) {
+                Some(sealer) => self.tx = Some(Box::new(sealer)),
+                None => return Err(self.fail(RecordError::EncryptFailed)),
+            }
+        }
+        let sealer = self.tx.as_ref().expect("expanded just above");
+        match sealer.seal(typ, payload, seq, out) {
+            Ok(()) => {
                 self.state.tx_seq = seq + 1;
                 Ok(())
             }
-            Err(_) => Err(self.fail(RecordError::EncryptFailed)),
+            Err(()) => Err(self.fail(RecordError::EncryptFailed)),
         }
     }
 
@@ -842,8 +905,8 @@ mod tests {
     use std::io::{ErrorKind, Read, Write};
     use std::sync::{Arc, LazyLock};
 
+    use crate::provider::tls as provider;
     use proptest::prelude::*;
-    use rustls::crypto::ring as provider;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
     use rustls::server::UnbufferedServerConnection;
     use rustls::unbuffered::{ConnectionState, EncodeError, EncodeTlsData, UnbufferedStatus};
@@ -851,7 +914,7 @@ mod tests {
 
     use super::*;
 
-    /// Every TLS 1.3 suite of the ring provider.
+    /// Every TLS 1.3 suite of the provider the gateway is built with.
     const SUITES: [SupportedCipherSuite; 3] = [
         provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
         provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
@@ -1134,7 +1197,7 @@ mod tests {
     /// Seals records the way the client would, with rustls' own encrypter and the client's
     /// extracted keys, so that the layer must take them as authentic.
     struct Forger {
-        enc: Box<dyn MessageEncrypter>,
+        sealer: Sealer,
         seq: u64,
     }
 
@@ -1151,18 +1214,16 @@ mod tests {
                 _ => unreachable!("a TLS 1.3 AEAD"),
             };
             Forger {
-                enc: suite.aead_alg.encrypter(key, iv),
+                sealer: Sealer::new(suite, &key, iv).expect("a TLS 1.3 suite"),
                 seq,
             }
         }
 
         fn record(&mut self, typ: u8, payload: &[u8]) -> Vec<u8> {
-            let msg = OutboundPlainMessage {
-                typ: ContentType::from(typ),
-                version: ProtocolVersion::TLSv1_2,
-                payload: OutboundChunks::Single(payload),
-            };
-            let record = self.enc.encrypt(msg, self.seq).expect("encrypt").encode();
+            let mut record = Vec::new();
+            self.sealer
+                .seal(ContentType::from(typ), payload, self.seq, &mut record)
+                .expect("seal");
             self.seq += 1;
             record
         }

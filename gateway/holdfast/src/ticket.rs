@@ -16,7 +16,7 @@
 //! upgrades (the old process hands [`FleetTicketer::secret`] to the new one), not after a
 //! restart.
 //!
-//! The AEAD is the crypto provider's own (`ring`'s AES-256-GCM), as in rustls' ticketer.
+//! The AEAD is the crypto provider's own (AES-256-GCM of the provider the gateway is built with, see `provider.rs`), as in rustls' ticketer.
 //! Keys are derived per ticket (an HKDF expand and a key schedule, about a microsecond,
 //! against the hundred or so of a handshake) so nothing is cached, locked or shared
 //! between cores. This module reads files but opens no sockets.
@@ -27,9 +27,11 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
-use ring::rand::{SecureRandom, SystemRandom};
-use ring::{digest, hkdf};
+use crate::provider::primitives::aead::{
+    Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN,
+};
+use crate::provider::primitives::rand::{SecureRandom, SystemRandom};
+use crate::provider::primitives::{digest, hkdf};
 use rustls::server::ProducesTickets;
 
 const FILE_HEADER: &str =

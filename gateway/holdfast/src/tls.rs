@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::provider::tls as provider;
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
-use rustls::crypto::ring as provider;
 use rustls::server::{
     ClientHello, ResolvesServerCert, ServerConnectionData, UnbufferedServerConnection,
 };
