@@ -34,7 +34,10 @@
 # Environment (all optional):
 #   QUICK=1          about 2-3 minutes: 2 rounds, fewer connections, shorter windows
 #   RUNS             rounds (default 3; QUICK 2)
-#   PEERS            systems to run (default "holdfast baseline nginx haproxy")
+#   PEERS            systems to run (default "holdfast baseline nginx haproxy"); add
+#                    holdfast-ring for the gateway built with the ring provider instead of
+#                    aws-lc-rs (built into RING_TARGET_DIR, default target/ring), so a
+#                    provider change is measured before and after in the same run
 #   SERVER_CPUS      CPUs of the server, taskset list (default 0)
 #   LOADGEN_CPUS     CPUs of the load generator and backend (default: every other CPU)
 #   IDLE_STEPS       idle connection counts (default 2000,4000,6000; QUICK 2000,3000)
@@ -93,6 +96,8 @@ say_fd=2 # progress on stderr: stdout carries only the table
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 bin=${BIN_DIR:-$(target_dir)/release}
+ring_target=${RING_TARGET_DIR:-$(target_dir)/ring}
+ring_bin=$ring_target/release
 install_cleanup 5
 
 # count_cpus LIST: how many CPUs a taskset list like 0-3,8 names.
@@ -174,6 +179,7 @@ $(tail -n 5 "$work/apt.log")"
 available() {
     case $1 in
         holdfast) [[ -x $bin/holdfast && -x $bin/holdfast-worker ]] ;;
+        holdfast-ring) [[ -x $ring_bin/holdfast && -x $bin/holdfast-worker ]] ;;
         baseline) [[ -x $bin/holdfast-baseline ]] ;;
         nginx) command -v nginx >/dev/null && nginx_stream_module >/dev/null ;;
         haproxy) command -v haproxy >/dev/null ;;
@@ -184,6 +190,7 @@ available() {
 label_of() {
     case $1 in
         holdfast) echo "holdfast" ;;
+        holdfast-ring) echo "holdfast (ring provider)" ;;
         baseline) echo "tokio-rustls baseline" ;;
         nginx) echo "nginx $(nginx -v 2>&1 | sed -n 's|.*nginx/\([^ ]*\).*|\1|p')" ;;
         haproxy) echo "HAProxy $(haproxy -v 2>/dev/null | sed -n '1s/.*version \([^ ]*\).*/\1/p')" ;;
@@ -197,7 +204,7 @@ start() {
     mkdir -p "$dir"
     chmod 755 "$dir"
     server_pid='' backend_pid='' target=''
-    if [[ $peer == holdfast ]]; then
+    if [[ $peer == holdfast* ]]; then
         taskset -c "$loadgen_cpus" "$bin/holdfast-worker" --log warn echo --socket "$dir/backend.sock" \
             >"$dir/backend.out" 2>"$dir/backend.log" &
         backend_pid=$!
@@ -214,8 +221,10 @@ start() {
         chmod 666 "$dir/backend.sock"
     fi
     case $peer in
-        holdfast)
-            RUST_LOG=warn taskset -c "$server_cpus" "$bin/holdfast" run --listen 127.0.0.1:0 \
+        holdfast | holdfast-ring)
+            local gateway=$bin/holdfast
+            [[ $peer == holdfast ]] || gateway=$ring_bin/holdfast
+            RUST_LOG=warn taskset -c "$server_cpus" "$gateway" run --listen 127.0.0.1:0 \
                 --cert "$work/cert.pem" --key "$work/key.pem" --worker "$dir/backend.sock" \
                 --cores "$server_cores" --admin 127.0.0.1:0 --drain-grace 1 \
                 --max-conns-per-ip 0 --handshakes-per-sec-per-core 0 \
@@ -292,6 +301,10 @@ echo "CPUs: $ncpu; server on $server_cpus ($server_cores core(s)); load generato
 if [[ ${NO_BUILD:-0} != 1 ]]; then
     say "building (release)"
     cargo build --release -p holdfast -p holdfast-worker -p holdfast-bench --bins >&2
+    if [[ " $peers " == *" holdfast-ring "* ]]; then
+        cargo build --release -p holdfast --no-default-features --features ring --bins \
+            --target-dir "$ring_target" >&2
+    fi
 fi
 [[ -x $bin/holdfast-bench ]] || die "no $bin/holdfast-bench; build it or set BIN_DIR"
 install_peers

@@ -1,7 +1,8 @@
 //! `holdfast-bench ceiling`: what rustls alone costs, in memory and on one thread, so the
-//! gateway's figures have a floor to be compared with: TLS 1.3 handshakes (ring provider,
-//! X25519, the ECDSA P-256 certificate `gen-cert` makes), full and resumed, and small
-//! records decrypted and encrypted again.
+//! gateway's figures have a floor to be compared with: TLS 1.3 handshakes (the provider
+//! and key exchange named by `--provider` and `--kx`, the ECDSA P-256 certificate
+//! `gen-cert` makes), full and resumed, and small records decrypted and encrypted again.
+//! Runs with each provider side by side are how the gateway's provider was chosen.
 //!
 //! A client and a server connection pass their bytes through Vecs; nothing touches a
 //! socket. Only the server's calls are timed for the server figures, with the thread's
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ConnectionCommon, ServerConfig, ServerConnection};
@@ -48,6 +49,85 @@ pub struct CeilingArgs {
     /// Name shown for it in `report` tables.
     #[arg(long, value_name = "NAME", default_value = "rustls alone (in memory)")]
     pub label: String,
+    /// Crypto provider of both sides (the gateway's build default when not given).
+    #[arg(long, value_enum)]
+    pub provider: Option<Provider>,
+    /// The key exchange the client offers (and so the server uses).
+    #[arg(long, value_enum, default_value_t = Kx::X25519)]
+    pub kx: Kx,
+    /// The order in which the client offers its TLS 1.3 suites (the server follows it):
+    /// `devices` puts AES-128-GCM first as browsers and phones do (the load generator's
+    /// order); `rustls` puts AES-256-GCM (with SHA-384) first as rustls' own client does.
+    #[arg(long, value_enum, default_value_t = SuiteOrder::Devices)]
+    pub suites: SuiteOrder,
+}
+
+/// Which TLS 1.3 suite order the client offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SuiteOrder {
+    Devices,
+    Rustls,
+}
+
+/// A rustls crypto provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Provider {
+    #[value(name = "aws-lc-rs")]
+    AwsLcRs,
+    Ring,
+}
+
+impl Provider {
+    /// The provider the gateway is built with.
+    pub fn shipped() -> Provider {
+        if holdfast::provider::NAME == "ring" {
+            Provider::Ring
+        } else {
+            Provider::AwsLcRs
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::AwsLcRs => "aws-lc-rs",
+            Provider::Ring => "ring",
+        }
+    }
+
+    fn rustls(self) -> rustls::crypto::CryptoProvider {
+        match self {
+            Provider::AwsLcRs => rustls::crypto::aws_lc_rs::default_provider(),
+            Provider::Ring => rustls::crypto::ring::default_provider(),
+        }
+    }
+}
+
+/// A key exchange group a client offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kx {
+    #[value(name = "x25519")]
+    X25519,
+    /// The hybrid post-quantum group current browsers offer first (aws-lc-rs only).
+    #[value(name = "x25519mlkem768")]
+    X25519Mlkem768,
+}
+
+impl Kx {
+    fn group(
+        self,
+        provider: Provider,
+    ) -> anyhow::Result<&'static dyn rustls::crypto::SupportedKxGroup> {
+        Ok(match (self, provider) {
+            (Kx::X25519, Provider::AwsLcRs) => rustls::crypto::aws_lc_rs::kx_group::X25519,
+            (Kx::X25519, Provider::Ring) => rustls::crypto::ring::kx_group::X25519,
+            (Kx::X25519Mlkem768, Provider::AwsLcRs) => {
+                rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768
+            }
+            (Kx::X25519Mlkem768, Provider::Ring) => {
+                bail!("the ring provider has no X25519MLKEM768; use --provider aws-lc-rs")
+            }
+        })
+    }
 }
 
 /// The server's share of the work: CPU time of timed calls, minus the clock's own cost.
@@ -145,9 +225,32 @@ pub(crate) struct Setup {
     pub(crate) name: ServerName<'static>,
 }
 
+#[cfg(test)]
 pub(crate) fn setup() -> anyhow::Result<Setup> {
+    setup_with(Provider::shipped(), Kx::X25519, SuiteOrder::Devices)
+}
+
+/// The same with a chosen provider (both sides) and the group the client offers; the
+/// server keeps every group of its provider, as the gateway does.
+pub(crate) fn setup_with(provider: Provider, kx: Kx, order: SuiteOrder) -> anyhow::Result<Setup> {
     let g = certs::generate(&["localhost".to_string()])?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut client_provider = rustls::crypto::CryptoProvider {
+        kx_groups: vec![kx.group(provider)?],
+        ..provider.rustls()
+    };
+    if order == SuiteOrder::Devices {
+        // The load generator's order (`client::device_provider`), for this provider.
+        let rank: Vec<_> = crate::client::device_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        client_provider
+            .cipher_suites
+            .sort_by_key(|s| rank.iter().position(|r| *r == s.suite()));
+    }
+    let client_provider = Arc::new(client_provider);
+    let provider = Arc::new(provider.rustls());
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(g.cert.as_bytes())
         .collect::<Result<_, _>>()
         .context("the generated certificate")?;
@@ -163,7 +266,7 @@ pub(crate) fn setup() -> anyhow::Result<Setup> {
     for ca in CertificateDer::pem_slice_iter(g.ca.as_bytes()) {
         roots.add(ca.context("the generated CA")?)?;
     }
-    let mut client = ClientConfig::builder_with_provider(provider)
+    let mut client = ClientConfig::builder_with_provider(client_provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -300,7 +403,8 @@ pub fn run(args: CeilingArgs) -> anyhow::Result<ExitCode> {
         "--record-size x --batch must stay within 16 KiB (rustls' plaintext buffer)"
     );
     let started = Instant::now();
-    let s = setup()?;
+    let provider = args.provider.unwrap_or_else(Provider::shipped);
+    let s = setup_with(provider, args.kx, args.suites)?;
     let overhead = clock_overhead_ns();
     let full = handshakes(&s, &s.client, args.seconds, overhead)?;
     // One store for the resumed loop: each handshake takes a ticket and leaves two.
@@ -318,7 +422,7 @@ pub fn run(args: CeilingArgs) -> anyhow::Result<ExitCode> {
             seconds: args.seconds,
             record_size: args.record_size,
             batch: args.batch,
-            provider: "ring",
+            provider: provider.name(),
             certificate: "ECDSA P-256 (gen-cert)",
         },
         procfs::machine(),
@@ -344,9 +448,10 @@ fn summarize(report: &CeilingReport) {
     let f2 = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.2}"));
     let f0 = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.0}"));
     println!(
-        "ceiling: rustls alone in memory, one thread ({} / {}, ECDSA P-256, ring)",
+        "ceiling: rustls alone in memory, one thread ({} / {}, ECDSA P-256, {})",
         r.cipher_suite.as_deref().unwrap_or("?"),
-        r.kx_group.as_deref().unwrap_or("?")
+        r.kx_group.as_deref().unwrap_or("?"),
+        report.parameters.provider
     );
     for (name, h) in [("full", &r.full), ("resumed", &r.resumed)] {
         println!(
