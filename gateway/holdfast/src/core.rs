@@ -132,6 +132,10 @@ pub struct CoreReady {
 }
 
 // user_data layout: op (8 bits) | generation or link epoch (24 bits) | slot or link (32 bits)
+/// Completions one wait asks for when batching (`runtime.batch_wait_us`): the kernel
+/// wakes the core when this many are there, or `batch_wait_us` after the first.
+const BATCH_COMPLETIONS: usize = 64;
+
 const OP_ACCEPT: u64 = 1;
 const OP_RECV: u64 = 2;
 const OP_SEND: u64 = 3;
@@ -290,6 +294,8 @@ pub struct Core {
     shutdown: Arc<AtomicBool>,
     listener: Option<socket2::Socket>,
     direct: bool,
+    /// The kernel can batch wake-ups (IORING_FEAT_MIN_TIMEOUT, `runtime.batch_wait_us`).
+    min_timeout: bool,
     accept_armed: bool,
     table_full: bool,
     conns: Vec<Option<Box<Conn>>>,
@@ -460,6 +466,7 @@ impl Core {
             shutdown: spec.shutdown,
             listener: spec.listener,
             direct,
+            min_timeout: features.min_timeout,
             accept_armed: false,
             table_full: false,
             conns,
@@ -580,13 +587,25 @@ impl Core {
                 100
             };
             ts = ts.sec(0).nsec(wait_ms * 1_000_000);
-            let args = types::SubmitArgs::new().timespec(&ts);
+            // Completion batching: ask for many completions, and let the kernel wake us
+            // `batch_wait_us` after the first instead of at each (see the config key).
+            let batch_us = if self.min_timeout {
+                self.cfg.runtime.batch_wait_us
+            } else {
+                0
+            };
+            let (want, args) = if batch_us > 0 {
+                let args = types::SubmitArgs::new().min_wait_usec(batch_us);
+                (BATCH_COMPLETIONS, args.timespec(&ts))
+            } else {
+                (1, types::SubmitArgs::new().timespec(&ts))
+            };
             let waited = Instant::now();
             CoreMetrics::add(
                 &self.metrics.submissions,
                 std::mem::take(&mut self.submissions),
             );
-            let wait_result = self.ring.submitter().submit_with_args(1, &args);
+            let wait_result = self.ring.submitter().submit_with_args(want, &args);
             let resumed = Instant::now();
             self.now = resumed;
             self.now_ms = (resumed - self.start).as_millis() as u64;

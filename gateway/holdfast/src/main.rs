@@ -143,6 +143,10 @@ struct RunArgs {
     /// Seconds a live upgrade waits for the new binary to be ready.
     #[arg(long, value_name = "SECS")]
     upgrade_timeout: Option<u64>,
+    /// Completion batching: wake a core at most this many microseconds after its first
+    /// completion arrived (0 = wake per completion).
+    #[arg(long, value_name = "US")]
+    batch_wait_us: Option<u32>,
 }
 
 fn main() {
@@ -225,6 +229,9 @@ fn load_config(args: &RunArgs) -> anyhow::Result<Config> {
         cfg.runtime.heartbeat_timeout_ms = v;
         // Keep the interval well inside the timeout when only the timeout is given.
         cfg.runtime.heartbeat_interval_ms = cfg.runtime.heartbeat_interval_ms.min((v / 3).max(1));
+    }
+    if let Some(v) = args.batch_wait_us {
+        cfg.runtime.batch_wait_us = v;
     }
     if let Some(v) = args.upgrade_timeout {
         cfg.runtime.upgrade_timeout_secs = v;

@@ -23,16 +23,24 @@ pub struct RingFeatures {
     pub defer_taskrun: bool,
     /// COOP_TASKRUN, the fallback when DEFER_TASKRUN is missing.
     pub coop_taskrun: bool,
+    /// IORING_FEAT_MIN_TIMEOUT (6.12+): a wait can ask for several completions but return
+    /// after `min_wait_usec` with whatever arrived, which batches wake-ups under load.
+    pub min_timeout: bool,
 }
 
 impl std::fmt::Display for RingFeatures {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.defer_taskrun {
-            f.write_str("SINGLE_ISSUER|DEFER_TASKRUN")
+            f.write_str("SINGLE_ISSUER|DEFER_TASKRUN")?;
         } else if self.coop_taskrun {
-            f.write_str("COOP_TASKRUN (no DEFER_TASKRUN on this kernel)")
+            f.write_str("COOP_TASKRUN (no DEFER_TASKRUN on this kernel)")?;
         } else {
-            f.write_str("plain (no SINGLE_ISSUER/DEFER_TASKRUN/COOP_TASKRUN on this kernel)")
+            f.write_str("plain (no SINGLE_ISSUER/DEFER_TASKRUN/COOP_TASKRUN on this kernel)")?;
+        }
+        if self.min_timeout {
+            f.write_str(", MIN_TIMEOUT")
+        } else {
+            f.write_str(", no MIN_TIMEOUT (completion batching off)")
         }
     }
 }
@@ -47,11 +55,13 @@ pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
         .setup_defer_taskrun()
         .build(entries)
     {
+        let min_timeout = r.params().is_feature_min_timeout();
         return Ok((
             r,
             RingFeatures {
                 defer_taskrun: true,
                 coop_taskrun: false,
+                min_timeout,
             },
         ));
     }
@@ -60,11 +70,13 @@ pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
         .setup_coop_taskrun()
         .build(entries)
     {
+        let min_timeout = r.params().is_feature_min_timeout();
         return Ok((
             r,
             RingFeatures {
                 defer_taskrun: false,
                 coop_taskrun: true,
+                min_timeout,
             },
         ));
     }
@@ -72,11 +84,13 @@ pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
         .setup_cqsize(cq)
         .build(entries)
         .map_err(|e| explain_setup_error(e, std::path::Path::new("/proc/sys")))?;
+    let min_timeout = r.params().is_feature_min_timeout();
     Ok((
         r,
         RingFeatures {
             defer_taskrun: false,
             coop_taskrun: false,
+            min_timeout,
         },
     ))
 }
