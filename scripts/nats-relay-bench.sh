@@ -77,11 +77,15 @@ timeout $((duration + 120)) "$bin/holdfast-bench" echo --target "$addr" --ca "$w
     --server-pids "$gw_pid" --server-cores 1 --label nats-relay --json "$out" || status=$?
 after_other=$(for p in "$nats_pid" "$bridge_pid" "$echo_pid"; do cpu_secs "$p"; done)
 
-paste <(printf 'nats-server\nbridge\nbackend\n') <(echo "$before_other") <(echo "$after_other") |
-    awk '{ printf "  %s CPU during the run: %.2f s\n", $1, $3 - $2 }'
-python3 - "$out" <<'EOF'
+others=$(paste <(echo "$before_other") <(echo "$after_other") | awk '{ printf "%.3f ", $2 - $1 }')
+# shellcheck disable=SC2086 # three numbers, one argument each
+python3 - "$out" $others <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))["results"]
+frames = r["frames_received"]
+for name, secs in zip(("nats-server", "bridge", "backend"), map(float, sys.argv[2:5])):
+    per = f", {secs * 1e6 / frames:.1f} us per frame" if frames else ""
+    print(f"  {name} CPU during the run: {secs:.2f} s{per}")
 lat, svc = r["latency"], r["service_latency"]
 print("relay through NATS, 1 gateway core:")
 print(f"  frames: {r['frames_received']} of {r['frames_scheduled']} back, {r['frames_lost']} lost, "

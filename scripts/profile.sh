@@ -9,7 +9,10 @@
 # operation times the group's share of the samples).
 #
 #   handshake  short connections: connect, full TLS 1.3 handshake, one echo, close
-#   resumed    the same, resuming with a session ticket
+#              (the client offers AES-128-GCM first, as browsers and phones do)
+#   handshake-sha384  the same with the suites in rustls' client order (AES-256-GCM with
+#              SHA-384 first), to see what the suite costs in the same run
+#   resumed    the same as handshake, resuming with a session ticket
 #   echo       64-byte frames through the worker and back, open loop at ECHO_RATE
 #
 # Environment (all optional):
@@ -72,9 +75,11 @@ common=(--target "$target" --ca "$work/ca.pem" --server-pids "$gateway" --server
 for scenario in $scenarios; do
     case $scenario in
         handshake) load=(handshake --conns-parallel "$hs_parallel" --duration "$secs") ;;
+        handshake-sha384)
+            load=(handshake --conns-parallel "$hs_parallel" --duration "$secs" --suites rustls) ;;
         resumed) load=(handshake --conns-parallel "$hs_parallel" --duration "$secs" --resume) ;;
         echo) load=(echo --conns "$echo_conns" --size 64 --rate "$echo_rate" --duration "$secs") ;;
-        *) die "unknown scenario $scenario (handshake, resumed, echo)" ;;
+        *) die "unknown scenario $scenario (handshake, handshake-sha384, resumed, echo)" ;;
     esac
     say "$scenario: ${load[*]}"
     taskset -c "$loadgen_cpus" perf record -q -e cpu-clock -F 2999 -g -p "$gateway" \

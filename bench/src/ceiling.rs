@@ -23,6 +23,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ConnectionCommon, ServerConfig, ServerConnection};
 
 use crate::certs;
+use crate::client::SuiteOrder;
 use crate::procfs;
 use crate::report::{
     self, CeilingHandshakes, CeilingParameters, CeilingRecords, CeilingReport, CeilingResults,
@@ -60,13 +61,6 @@ pub struct CeilingArgs {
     /// order); `rustls` puts AES-256-GCM (with SHA-384) first as rustls' own client does.
     #[arg(long, value_enum, default_value_t = SuiteOrder::Devices)]
     pub suites: SuiteOrder,
-}
-
-/// Which TLS 1.3 suite order the client offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SuiteOrder {
-    Devices,
-    Rustls,
 }
 
 /// A rustls crypto provider.
@@ -238,17 +232,7 @@ pub(crate) fn setup_with(provider: Provider, kx: Kx, order: SuiteOrder) -> anyho
         kx_groups: vec![kx.group(provider)?],
         ..provider.rustls()
     };
-    if order == SuiteOrder::Devices {
-        // The load generator's order (`client::device_provider`), for this provider.
-        let rank: Vec<_> = crate::client::device_provider()
-            .cipher_suites
-            .iter()
-            .map(|s| s.suite())
-            .collect();
-        client_provider
-            .cipher_suites
-            .sort_by_key(|s| rank.iter().position(|r| *r == s.suite()));
-    }
+    order.apply(&mut client_provider);
     let client_provider = Arc::new(client_provider);
     let provider = Arc::new(provider.rustls());
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(g.cert.as_bytes())

@@ -21,28 +21,57 @@ use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 use crate::report::StageFailures;
 
-/// The gateway's crypto provider with its TLS 1.3 suites in the order browsers and phones
-/// offer them: AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305 (Chrome, Firefox, Safari and
-/// Android with AES hardware all put AES-128-GCM first). rustls' own client offers
+/// The order in which a client offers its TLS 1.3 suites (the gateway follows it). The
+/// load generator and the ceiling offer what devices offer: Chrome, Firefox, Safari and
+/// Android with AES hardware all put AES-128-GCM first. rustls' own client puts
 /// AES-256-GCM first, whose SHA-384 key schedule costs the server several times more than
-/// SHA-256 on CPUs with SHA extensions but no fast SHA-512 (AMD); a load generator that
-/// stands for devices offers what devices offer. The ceiling uses the same order.
-pub fn device_provider() -> rustls::crypto::CryptoProvider {
-    let mut provider = holdfast::provider::default_provider();
-    provider.cipher_suites.sort_by_key(|s| match s.suite() {
-        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
-        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
-        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => 2,
-        _ => 3,
-    });
-    provider
+/// SHA-256 on CPUs with SHA extensions but no fast SHA-512 (AMD).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SuiteOrder {
+    /// AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305: as browsers and phones offer them.
+    #[default]
+    Devices,
+    /// AES-256-GCM (SHA-384) first, as rustls' own client offers them.
+    Rustls,
+}
+
+impl SuiteOrder {
+    /// Orders `provider`'s suites this way.
+    pub fn apply(self, provider: &mut rustls::crypto::CryptoProvider) {
+        use rustls::CipherSuite as S;
+        let rank: &[S] = match self {
+            SuiteOrder::Devices => &[
+                S::TLS13_AES_128_GCM_SHA256,
+                S::TLS13_AES_256_GCM_SHA384,
+                S::TLS13_CHACHA20_POLY1305_SHA256,
+            ],
+            SuiteOrder::Rustls => &[
+                S::TLS13_AES_256_GCM_SHA384,
+                S::TLS13_AES_128_GCM_SHA256,
+                S::TLS13_CHACHA20_POLY1305_SHA256,
+            ],
+        };
+        provider.cipher_suites.sort_by_key(|s| {
+            rank.iter()
+                .position(|r| *r == s.suite())
+                .unwrap_or(rank.len())
+        });
+    }
 }
 
 /// A TLS 1.3 client configuration trusting only the CA in `ca_pem`, offering only ALPN
-/// `holdfast/1` and the suites in devices' order ([`device_provider`]). Session
+/// `holdfast/1` and the suites in devices' order ([`SuiteOrder::Devices`]). Session
 /// resumption is off: every connection pays a full handshake, as a fleet of distinct
 /// devices would.
 pub fn client_config(ca_pem: &Path) -> anyhow::Result<Arc<ClientConfig>> {
+    client_config_ordered(ca_pem, SuiteOrder::Devices)
+}
+
+/// The same, offering the TLS 1.3 suites in `order`.
+pub fn client_config_ordered(
+    ca_pem: &Path,
+    order: SuiteOrder,
+) -> anyhow::Result<Arc<ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca_pem)
         .with_context(|| format!("reading CA certificates from {}", ca_pem.display()))?
@@ -55,7 +84,9 @@ pub fn client_config(ca_pem: &Path) -> anyhow::Result<Arc<ClientConfig>> {
     if roots.is_empty() {
         bail!("{}: no certificate in it", ca_pem.display());
     }
-    let provider = Arc::new(device_provider());
+    let mut provider = holdfast::provider::default_provider();
+    order.apply(&mut provider);
+    let provider = Arc::new(provider);
     let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .context("building the certificate verifier")?;

@@ -72,6 +72,11 @@ pub struct HandshakeArgs {
     /// TLS server name to send and verify.
     #[arg(long, value_name = "NAME", default_value = "localhost")]
     pub server_name: String,
+    /// The order in which the clients offer their TLS 1.3 suites (the gateway follows it):
+    /// `devices` (AES-128-GCM first, as browsers and phones) or `rustls` (AES-256-GCM with
+    /// SHA-384 first, as rustls' own client).
+    #[arg(long, value_enum, default_value_t = client::SuiteOrder::Devices)]
+    pub suites: client::SuiteOrder,
     /// Client threads, each with a ring of its own; the loops are spread over them.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub threads: usize,
@@ -290,7 +295,7 @@ pub fn run(args: HandshakeArgs) -> anyhow::Result<ExitCode> {
     crate::sys::raise_nofile_limit().context("raising the open-file limit")?;
     let target = client::resolve(&args.target)?;
     let sources = Sources::resolve(args.sources.as_deref(), target)?;
-    let base = client::client_config(&args.ca)?;
+    let base = client::client_config_ordered(&args.ca, args.suites)?;
     scenario::check_server_pids(&args.server_pids)?;
     let configs: Vec<Arc<ClientConfig>> = (0..args.conns_parallel)
         .map(|_| {

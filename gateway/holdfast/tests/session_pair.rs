@@ -41,7 +41,10 @@ static SETUP: LazyLock<Setup> = LazyLock::new(|| {
     let client = |alpn: &[&[u8]]| {
         let mut roots = RootCertStore::empty();
         roots.add(pki.ca_der.clone()).expect("trust the test CA");
-        let mut c = ClientConfig::builder()
+        let provider = Arc::new(holdfast::provider::default_provider());
+        let mut c = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("the provider's protocol versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
         c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
