@@ -37,7 +37,9 @@
 #   PEERS            systems to run (default "holdfast baseline nginx haproxy"); add
 #                    holdfast-ring for the gateway built with the ring provider instead of
 #                    aws-lc-rs (built into RING_TARGET_DIR, default target/ring), so a
-#                    provider change is measured before and after in the same run
+#                    provider change is measured before and after in the same run; and
+#                    holdfast-batched for the gateway with --batch-wait-us BATCH_US
+#                    (default 200), completion batching against none in the same run
 #   SERVER_CPUS      CPUs of the server, taskset list (default 0)
 #   LOADGEN_CPUS     CPUs of the load generator and backend (default: every other CPU)
 #   IDLE_STEPS       idle connection counts (default 2000,4000,6000; QUICK 2000,3000)
@@ -180,6 +182,7 @@ available() {
     case $1 in
         holdfast) [[ -x $bin/holdfast && -x $bin/holdfast-worker ]] ;;
         holdfast-ring) [[ -x $ring_bin/holdfast && -x $bin/holdfast-worker ]] ;;
+        holdfast-batched) [[ -x $bin/holdfast && -x $bin/holdfast-worker ]] ;;
         baseline) [[ -x $bin/holdfast-baseline ]] ;;
         nginx) command -v nginx >/dev/null && nginx_stream_module >/dev/null ;;
         haproxy) command -v haproxy >/dev/null ;;
@@ -191,6 +194,7 @@ label_of() {
     case $1 in
         holdfast) echo "holdfast" ;;
         holdfast-ring) echo "holdfast (ring provider)" ;;
+        holdfast-batched) echo "holdfast (batch-wait ${BATCH_US:-200} us)" ;;
         baseline) echo "tokio-rustls baseline" ;;
         nginx) echo "nginx $(nginx -v 2>&1 | sed -n 's|.*nginx/\([^ ]*\).*|\1|p')" ;;
         haproxy) echo "HAProxy $(haproxy -v 2>/dev/null | sed -n '1s/.*version \([^ ]*\).*/\1/p')" ;;
@@ -221,13 +225,14 @@ start() {
         chmod 666 "$dir/backend.sock"
     fi
     case $peer in
-        holdfast | holdfast-ring)
-            local gateway=$bin/holdfast
-            [[ $peer == holdfast ]] || gateway=$ring_bin/holdfast
+        holdfast | holdfast-ring | holdfast-batched)
+            local gateway=$bin/holdfast extra=()
+            [[ $peer != holdfast-ring ]] || gateway=$ring_bin/holdfast
+            [[ $peer != holdfast-batched ]] || extra=(--batch-wait-us "${BATCH_US:-200}")
             RUST_LOG=warn taskset -c "$server_cpus" "$gateway" run --listen 127.0.0.1:0 \
                 --cert "$work/cert.pem" --key "$work/key.pem" --worker "$dir/backend.sock" \
                 --cores "$server_cores" --admin 127.0.0.1:0 --drain-grace 1 \
-                --max-conns-per-ip 0 --handshakes-per-sec-per-core 0 \
+                --max-conns-per-ip 0 --handshakes-per-sec-per-core 0 ${extra[@]+"${extra[@]}"} \
                 >"$dir/server.out" 2>"$dir/server.log" &
             server_pid=$!
             pids+=("$server_pid")

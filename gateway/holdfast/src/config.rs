@@ -224,8 +224,8 @@ pub struct Runtime {
     /// that saves a sleep and a wake-up per completion; a completion that arrives after a
     /// quiet spell of this length is handled at once. Needs IORING_FEAT_MIN_TIMEOUT
     /// (Linux 6.12+); older kernels wake per completion. Off by default: on the 2-vCPU
-    /// test VM, 50 us bought nothing measurable and 200 us cut CPU per relayed frame at
-    /// 25 000 frames/s by about a fifth for ~350 us more median latency
+    /// test VM, 200 us cut CPU per relayed frame at 25 000 frames/s by a quarter for
+    /// ~330 us more median latency and ~10 % more CPU per short connection
     /// (docs/benchmarks.md); a box that wants that trade sets it.
     pub batch_wait_us: u32,
     /// Live upgrade: how long the running process waits for the new binary to say it is
