@@ -6,7 +6,8 @@
 # one scenario, and prints the breakdown: userspace against kernel, by group (crypto,
 # rustls, holdfast, allocator; the kernel's TCP, io_uring, scheduler, ...) and by
 # function, each in microseconds per operation (the scenario's measured server CPU per
-# operation times the group's share of the samples).
+# operation times the group's share of the samples), and the gateway's system calls per
+# operation (perf stat on the syscall tracepoints, counted in the same window).
 #
 #   handshake  short connections: connect, full TLS 1.3 handshake, one echo, close
 #              (the client offers AES-128-GCM first, as browsers and phones do)
@@ -86,13 +87,20 @@ for scenario in $scenarios; do
         -o "$out/$scenario.perf" 2>"$out/$scenario.perf.log" &
     perf_pid=$!
     pids+=("$perf_pid")
+    # System calls of the gateway in the same window (tracepoints; counted, not sampled).
+    taskset -c "$loadgen_cpus" perf stat -x, -o "$out/$scenario.syscalls" -p "$gateway" \
+        -e raw_syscalls:sys_enter,syscalls:sys_enter_io_uring_enter \
+        -e syscalls:sys_enter_getpeername,syscalls:sys_enter_close 2>/dev/null &
+    stat_pid=$!
+    pids+=("$stat_pid")
     sleep 0.5
     timeout $((secs + 60)) taskset -c "$loadgen_cpus" "$bin/holdfast-bench" "${load[0]}" \
         "${common[@]}" "${load[@]:1}" --json "$out/$scenario.json" >"$out/$scenario.out" 2>&1 ||
         warn "$scenario: the load generator failed; see $out/$scenario.out"
-    kill -INT "$perf_pid" 2>/dev/null || true
-    wait "$perf_pid" 2>/dev/null || true
+    kill -INT "$perf_pid" "$stat_pid" 2>/dev/null || true
+    wait "$perf_pid" "$stat_pid" 2>/dev/null || true
     pids=("${pids[@]/$perf_pid/}")
+    pids=("${pids[@]/$stat_pid/}")
     perf report -i "$out/$scenario.perf" --stdio --no-children -g none --percent-limit 0 \
         --sort dso,sym 2>/dev/null >"$out/$scenario.report" || true
     us=$(json_value "$out/$scenario.json" us_per_op)
@@ -100,6 +108,12 @@ for scenario in $scenarios; do
     busy=$(json_value "$out/$scenario.json" utilization || true)
     python3 scripts/profile-groups.py "$out/$scenario.report" "$scenario" "${us:-null}" \
         "${user_us:-null}" "$top" "${busy:-}" | tee "$out/$scenario.md"
+    ops=$(json_value "$out/$scenario.json" ops)
+    if [[ -s $out/$scenario.syscalls && ${ops:-0} -gt 0 ]]; then
+        awk -F, -v n="$ops" 'NF > 2 && $1 ~ /^[0-9]/ { sub(/^[a-z_]+:sys_enter_?/, "", $3);
+            printf "%s%s %.2f", (k++ ? ", " : "\nsystem calls per operation: "), ($3 == "" ? "all" : $3), $1 / n }
+            END { if (k) print "" }' "$out/$scenario.syscalls" | tee -a "$out/$scenario.md"
+    fi
 done
 
 stop "$gateway"

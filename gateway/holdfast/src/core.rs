@@ -39,7 +39,7 @@ use crate::inflight::{CloseStep, SocketOps};
 use crate::link::{Link, LinkState};
 use crate::metrics::{CloseReason, CoreMetrics};
 use crate::peer::Peer;
-use crate::ring::{build_ring, peer_of_installed_fd, BufRing, RingFeatures};
+use crate::ring::{build_ring, AcceptAddrs, BufRing, RingFeatures};
 use crate::route;
 use crate::session::{CloseCause, Deadline, Event, Session, SessionConfig, Turn};
 use crate::tls::TlsSession;
@@ -136,12 +136,18 @@ pub struct CoreReady {
 /// wakes the core when this many are there, or `batch_wait_us` after the first.
 const BATCH_COMPLETIONS: usize = 64;
 
+/// Accepts each core keeps armed on its listener, each with its own address buffer
+/// (`AcceptAddrs`): the peer address comes with the accepted socket. io_uring wakes one
+/// waiting accept per arriving connection (its poll is exclusive), so keeping several
+/// armed costs no thundering herd, and a burst is taken several per pass.
+const ACCEPTS: usize = 16;
+
 const OP_ACCEPT: u64 = 1;
 const OP_RECV: u64 = 2;
 const OP_SEND: u64 = 3;
 const OP_SHUTDOWN: u64 = 4;
 const OP_CLOSE: u64 = 5;
-const OP_PEER: u64 = 6;
+// 6 was the peer-address FixedFdInstall, before accepts carried the address.
 const OP_LINK_RECV: u64 = 7;
 const OP_LINK_SEND: u64 = 8;
 const OP_CANCEL: u64 = 9;
@@ -296,7 +302,9 @@ pub struct Core {
     direct: bool,
     /// The kernel can batch wake-ups (IORING_FEAT_MIN_TIMEOUT, `runtime.batch_wait_us`).
     min_timeout: bool,
-    accept_armed: bool,
+    /// Which of the `ACCEPTS` accepts are in flight (bit i: buffer i of `accept_addrs`).
+    accepts_armed: u32,
+    accept_addrs: AcceptAddrs,
     table_full: bool,
     conns: Vec<Option<Box<Conn>>>,
     gens: Vec<u32>,
@@ -467,7 +475,8 @@ impl Core {
             listener: spec.listener,
             direct,
             min_timeout: features.min_timeout,
-            accept_armed: false,
+            accepts_armed: 0,
+            accept_addrs: AcceptAddrs::new(ACCEPTS),
             table_full: false,
             conns,
             gens: vec![0; table as usize],
@@ -681,12 +690,11 @@ impl Core {
     fn complete(&mut self, user_data: u64, res: i32, flags: u32) {
         let (op, gen, slot) = ud_parts(user_data);
         match op {
-            OP_ACCEPT => self.on_accept(res, flags),
+            OP_ACCEPT => self.on_accept(slot as usize, res),
             OP_RECV => self.on_recv(slot, gen, res, flags),
             OP_SEND => self.on_send(slot, gen, res),
             OP_SHUTDOWN => self.on_shutdown(slot, gen),
             OP_CLOSE => self.on_close(slot, gen),
-            OP_PEER => self.on_peer(slot, gen, res),
             OP_LINK_RECV => self.on_link_recv(slot as usize, gen, res),
             OP_LINK_SEND => self.on_link_send(slot as usize, gen, res),
             OP_CANCEL => {}
@@ -700,7 +708,8 @@ impl Core {
     // ---- accept ------------------------------------------------------------------------
 
     fn arm_accept(&mut self) {
-        if self.accept_armed
+        let all = (1u32 << self.accept_addrs.len()) - 1;
+        if self.accepts_armed == all
             || self.table_full
             || self.drain_deadline.is_some()
             || self.up.is_some()
@@ -718,16 +727,42 @@ impl Core {
             return;
         }
         self.start_adopted();
-        let Some(l) = &self.listener else { return };
-        let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
-            .allocate_file_index(self.direct)
-            .build()
-            .user_data(ud(OP_ACCEPT, 0, 0));
-        // SAFETY: multishot accept names only the listener fd, which lives in `self.listener`
-        // until the core exits (drain shuts it down but keeps it open); `resume_listening`
-        // replaces it only while no accept is armed.
-        unsafe { self.push(e) };
-        self.accept_armed = true;
+        let Some(fd) = self.listener.as_ref().map(|l| l.as_raw_fd()) else {
+            return;
+        };
+        for i in 0..self.accept_addrs.len() {
+            if self.accepts_armed & (1 << i) != 0 {
+                continue;
+            }
+            let (addr, len) = self.accept_addrs.prepare(i);
+            let slot = self.direct.then(types::DestinationSlot::auto_target);
+            let e = opcode::Accept::new(types::Fd(fd), addr, len)
+                .file_index(slot)
+                .build()
+                .user_data(ud(OP_ACCEPT, 0, i as u32));
+            // SAFETY: the accept names the listener fd, which lives in `self.listener`
+            // until the core exits (drain shuts it down but keeps it open;
+            // `resume_listening` replaces it only while no accept is armed), and address
+            // buffer i, which `accept_addrs` keeps in place for the core's life and which
+            // no other accept uses until this one completes (bit i of `accepts_armed`).
+            unsafe { self.push(e) };
+            self.accepts_armed |= 1 << i;
+        }
+    }
+
+    /// Cancels every accept in flight (drain, live upgrade); each still completes, with
+    /// ECANCELED or with a connection it had already taken.
+    fn cancel_accepts(&mut self) {
+        for i in 0..self.accept_addrs.len() {
+            if self.accepts_armed & (1 << i) == 0 {
+                continue;
+            }
+            let e = opcode::AsyncCancel::new(ud(OP_ACCEPT, 0, i as u32))
+                .build()
+                .user_data(ud(OP_CANCEL, 0, 0));
+            // SAFETY: a cancel names only a user_data value.
+            unsafe { self.push(e) };
+        }
     }
 
     /// The table is full: stop listening, so that SO_REUSEPORT hashes new clients to the
@@ -757,7 +792,7 @@ impl Core {
     /// were refused while it "listened".) The old socket is closed once its multishot
     /// accept has ended.
     fn resume_listening(&mut self) {
-        if self.accept_armed {
+        if self.accepts_armed != 0 {
             return;
         }
         let Some(old) = &self.listener else { return };
@@ -783,16 +818,21 @@ impl Core {
         }
     }
 
-    fn on_accept(&mut self, res: i32, flags: u32) {
-        if !cqueue::more(flags) {
-            self.accept_armed = false;
-        }
+    fn on_accept(&mut self, i: usize, res: i32) {
+        // Re-armed by the next pass's `arm_accept` (unless draining, full or leaving).
+        self.accepts_armed &= !(1 << i);
         if res < 0 {
             let errno = -res;
-            // A listener shut down (drain, or a full table) ends the multishot accept.
+            // Our own cancel, or a listener shut down (drain, or a full table).
             if errno == libc::ECANCELED
                 || errno == libc::EINVAL && (self.drain_deadline.is_some() || self.table_full)
             {
+                return;
+            }
+            if errno == libc::ECONNABORTED {
+                // The client reset before we took it: nothing of ours to close.
+                CoreMetrics::inc(&self.metrics.accept_errors);
+                debug!(core = self.idx, "a client reset before its accept");
                 return;
             }
             CoreMetrics::inc(&self.metrics.accept_errors);
@@ -850,7 +890,8 @@ impl Core {
             seq: 0,
             born_ms: self.now_ms as u32,
             asleep: false,
-            peer: Peer::Unknown,
+            // The kernel wrote the address into this accept's buffer.
+            peer: Peer::from(self.accept_addrs.peer(i)),
             admit: ADMIT_PROCESS,
             pre: Pre::Done,
             outq: 0,
@@ -858,24 +899,8 @@ impl Core {
         });
         self.drive(&mut conn, slot);
         self.put(slot, conn);
-        // Nothing is read until the peer address is known and admission said yes.
-        if self.direct {
-            let e = opcode::FixedFdInstall::new(types::Fixed(slot), 0)
-                .build()
-                .user_data(ud(OP_PEER, gen, slot));
-            // SAFETY: names only the fixed slot.
-            unsafe { self.push(e) };
-        } else {
-            let raw = BorrowedRaw(slot as i32);
-            let peer = socket2::SockRef::from(&raw)
-                .peer_addr()
-                .ok()
-                .and_then(|a| a.as_socket());
-            if let Some(c) = self.conns[slot as usize].as_mut() {
-                c.peer = Peer::from(peer);
-            }
-            self.admit(slot, gen);
-        }
+        // Nothing is read until admission said yes.
+        self.admit(slot, gen);
     }
 
     /// Closes a just-accepted descriptor that gets no connection, counted as `reason`.
@@ -885,20 +910,6 @@ impl Core {
             .user_data(ud(OP_CANCEL, 0, 0));
         // SAFETY: Close names only the descriptor.
         unsafe { self.push(e) };
-    }
-
-    fn on_peer(&mut self, slot: u32, gen: u32, res: i32) {
-        // Without an address (the fd table was full for the install) the connection is
-        // admitted without a per-address count rather than refused for our own limit.
-        let peer = if res < 0 {
-            None
-        } else {
-            peer_of_installed_fd(res)
-        };
-        if let Some(c) = self.conn_mut(slot, gen) {
-            c.peer = Peer::from(peer);
-        }
-        self.admit(slot, gen);
     }
 
     /// The peer address is known: count it against its source's cap (refuse over it),
@@ -1509,14 +1520,10 @@ impl Core {
         );
         if let Some(l) = &self.listener {
             // Shutting a listening socket down stops it listening (new clients are hashed to
-            // the remaining listeners or refused) and ends the multishot accept.
+            // the remaining listeners or refused) and ends the armed accepts.
             let _ = l.shutdown(std::net::Shutdown::Read);
         }
-        let e = opcode::AsyncCancel::new(ud(OP_ACCEPT, 0, 0))
-            .build()
-            .user_data(ud(OP_CANCEL, 0, 0));
-        // SAFETY: a cancel names only a user_data value.
-        unsafe { self.push(e) };
+        self.cancel_accepts();
         self.drain_total = self.open;
         self.drain_started = self.now;
         self.drain_step();
@@ -2292,11 +2299,7 @@ impl Core {
         }
         // The listener is shared with the new process now: stop accepting on it without
         // shutting it down (that would stop it listening for both).
-        let e = opcode::AsyncCancel::new(ud(OP_ACCEPT, 0, 0))
-            .build()
-            .user_data(ud(OP_CANCEL, 0, 0));
-        // SAFETY: a cancel names only a user_data value.
-        unsafe { self.push(e) };
+        self.cancel_accepts();
         let now = self.now;
         self.up = Some(Box::new(Outgoing {
             sock,
@@ -3055,23 +3058,6 @@ pub fn drain_due(total: u64, elapsed: Duration, spread: Duration) -> u64 {
         u64::MAX
     } else {
         (total as f64 * elapsed.as_secs_f64() / spread.as_secs_f64()).ceil() as u64
-    }
-}
-
-/// A raw fd borrowed for one socket call (the regular-fd fallback's client sockets).
-struct BorrowedRaw(i32);
-
-impl AsRawFd for BorrowedRaw {
-    fn as_raw_fd(&self) -> i32 {
-        self.0
-    }
-}
-
-impl std::os::fd::AsFd for BorrowedRaw {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        // SAFETY: the fd is a client socket owned by this core's table for the duration of
-        // the borrow (it is closed only through the ring after its Close submission).
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0) }
     }
 }
 

@@ -339,14 +339,65 @@ pub fn raise_nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// The peer address of a socket given as a regular fd (used after installing a direct
-/// descriptor into the fd table for one syscall). Closes the fd.
-pub fn peer_of_installed_fd(fd: i32) -> Option<std::net::SocketAddr> {
-    // SAFETY: the kernel just installed `fd` for us (FixedFdInstall); nobody else owns it,
-    // so wrapping it in an OwnedFd closes it exactly once.
-    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let sock = socket2::SockRef::from(&owned);
-    sock.peer_addr().ok().and_then(|a| a.as_socket())
+/// Where the kernel writes each accepted connection's peer address: one buffer per accept
+/// a core keeps armed, so the address arrives with the socket (an accept that allocates a
+/// direct descriptor has no descriptor to call getpeername on).
+///
+/// The buffers live on the heap and are never moved or freed while the core runs: a
+/// pointer handed to an accept submission stays valid until that accept completes, as
+/// long as this value outlives the ring's in-flight accepts (the core drops its ring
+/// first, see `Core`'s field order) and the caller prepares a buffer only when its
+/// previous accept has completed.
+pub struct AcceptAddrs {
+    slots: Box<[AcceptAddr]>,
+}
+
+struct AcceptAddr {
+    storage: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+impl AcceptAddrs {
+    pub fn new(n: usize) -> AcceptAddrs {
+        let slots = (0..n)
+            .map(|_| AcceptAddr {
+                // SAFETY: sockaddr_storage is plain bytes; all zeros is a valid value.
+                storage: unsafe { std::mem::zeroed() },
+                len: 0,
+            })
+            .collect();
+        AcceptAddrs { slots }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The address and length pointers for the accept that will use buffer `i`.
+    pub fn prepare(&mut self, i: usize) -> (*mut libc::sockaddr, *mut libc::socklen_t) {
+        let slot = &mut self.slots[i];
+        slot.len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        (
+            std::ptr::addr_of_mut!(slot.storage).cast(),
+            std::ptr::addr_of_mut!(slot.len),
+        )
+    }
+
+    /// The peer address the kernel wrote into buffer `i` for the accept that just
+    /// completed successfully; None for anything but IPv4 and IPv6.
+    pub fn peer(&self, i: usize) -> Option<std::net::SocketAddr> {
+        let slot = &self.slots[i];
+        let max = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: `storage` is a whole sockaddr_storage and `len` is clamped to its size;
+        // the kernel wrote an address of the listener's family and its length there when
+        // the accept completed, and SockAddr only reads `len` bytes of it by family.
+        let addr = unsafe { socket2::SockAddr::new(slot.storage, slot.len.min(max)) };
+        addr.as_socket()
+    }
 }
 
 #[cfg(test)]
