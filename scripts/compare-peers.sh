@@ -42,6 +42,9 @@
 #                    (default 200), completion batching against none in the same run
 #   SERVER_CPUS      CPUs of the server, taskset list (default 0)
 #   LOADGEN_CPUS     CPUs of the load generator and backend (default: every other CPU)
+#   LOADGEN_THREADS  load-generator threads (rings) for handshake, echo and storm
+#                    (default: one per load-generator CPU), so that on a big box the
+#                    client side is not one core
 #   IDLE_STEPS       idle connection counts (default 2000,4000,6000; QUICK 2000,3000)
 #   IDLE_RATE        idle connections opened per second (default 1500)
 #   HS_SECS          seconds per handshake window (default 4; QUICK 1)
@@ -298,10 +301,11 @@ ulimit -n "$(ulimit -Hn)"
 (($(ulimit -n) >= 2 * idle_conns + 1000)) ||
     warn "open-file limit $(ulimit -n) is tight for peers holding $idle_conns clients (each also holds a backend connection)"
 server_cores=$(count_cpus "$server_cpus")
+loadgen_threads=${LOADGEN_THREADS:-$(count_cpus "$loadgen_cpus")}
 if ((ncpu < 2)); then
     warn "one CPU: the server and the load generator share it"
 fi
-echo "CPUs: $ncpu; server on $server_cpus ($server_cores core(s)); load generator and backends on $loadgen_cpus" >&2
+echo "CPUs: $ncpu; server on $server_cpus ($server_cores core(s)); load generator ($loadgen_threads thread(s)) and backends on $loadgen_cpus" >&2
 
 if [[ ${NO_BUILD:-0} != 1 ]]; then
     say "building (release)"
@@ -347,7 +351,7 @@ for round in $(seq 1 "$runs"); do
             continue
         fi
         common=(--target "$target" --ca "$work/ca.pem" --label "$label")
-        cpu=(--server-pids "$server_pid" --server-cores "$server_cores")
+        cpu=(--server-pids "$server_pid" --server-cores "$server_cores" --threads "$loadgen_threads")
         echo "  idle: $idle_steps connections" >&2
         bench 300 idle "${common[@]}" --conns "$idle_conns" --steps "$idle_steps" \
             --rate "$idle_rate" --settle 2 --gateway-pid "$server_pid" --json "$out/$peer-idle-$round.json"
