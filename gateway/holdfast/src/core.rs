@@ -141,6 +141,8 @@ const BATCH_COMPLETIONS: usize = 64;
 /// waiting accept per arriving connection (its poll is exclusive), so keeping several
 /// armed costs no thundering herd, and a burst is taken several per pass.
 const ACCEPTS: usize = 16;
+// `Core::accepts_armed` has a bit per accept.
+const _: () = assert!(ACCEPTS <= 32);
 
 const OP_ACCEPT: u64 = 1;
 const OP_RECV: u64 = 2;
@@ -819,6 +821,10 @@ impl Core {
     }
 
     fn on_accept(&mut self, i: usize, res: i32) {
+        debug_assert!(
+            i < self.accept_addrs.len() && self.accepts_armed & (1 << i) != 0,
+            "a completion for accept {i}, which is not armed"
+        );
         // Re-armed by the next pass's `arm_accept` (unless draining, full or leaving).
         self.accepts_armed &= !(1 << i);
         if res < 0 {
