@@ -770,7 +770,7 @@ impl Core {
     /// The table is full: stop listening, so that SO_REUSEPORT hashes new clients to the
     /// other cores' listeners (or the kernel refuses them when every core is full) instead
     /// of leaving them in this listener's backlog, connected as far as they can tell and
-    /// never served. Shutting the listener down also ends the multishot accept.
+    /// never served. Shutting the listener down also ends the armed accepts.
     fn pause_listening(&mut self) {
         if self.table_full {
             return;
