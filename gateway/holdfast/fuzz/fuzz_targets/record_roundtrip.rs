@@ -12,9 +12,9 @@
 use std::io::{ErrorKind, Read, Write};
 use std::sync::{Arc, LazyLock};
 
+use holdfast::provider::tls as provider;
 use holdfast::record::{self, Hibernated, Record, RecordLayer};
 use libfuzzer_sys::fuzz_target;
-use rustls::crypto::ring as provider;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
