@@ -87,10 +87,6 @@ echo_rate=${ECHO_RATE:-5000}
 echo_load_rate=${ECHO_LOAD_RATE:-25000}
 ncpu=$(nproc)
 server_cpus=${SERVER_CPUS:-0}
-if [[ -z ${LOADGEN_CPUS:-} ]]; then
-    if ((ncpu > 1)); then LOADGEN_CPUS="1-$((ncpu - 1))"; else LOADGEN_CPUS=0; fi
-fi
-loadgen_cpus=$LOADGEN_CPUS
 out=${OUT_DIR:-$root/target/compare-peers/$(date +%Y%m%d-%H%M%S)}
 idle_conns=${idle_steps##*,}
 
@@ -100,25 +96,11 @@ script=compare-peers
 say_fd=2 # progress on stderr: stdout carries only the table
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
+loadgen_cpus=${LOADGEN_CPUS:-$(other_cpus "$ncpu")}
 bin=${BIN_DIR:-$(target_dir)/release}
 ring_target=${RING_TARGET_DIR:-$(target_dir)/ring}
 ring_bin=$ring_target/release
 install_cleanup 5
-
-# count_cpus LIST: how many CPUs a taskset list like 0-3,8 names.
-count_cpus() {
-    local n=0 part a b
-    IFS=, read -ra parts <<<"$1"
-    for part in "${parts[@]}"; do
-        if [[ $part == *-* ]]; then
-            a=${part%-*} b=${part#*-}
-            n=$((n + b - a + 1))
-        else
-            n=$((n + 1))
-        fi
-    done
-    echo "$n"
-}
 
 # free_port FROM: the first port from FROM up that nothing listens on.
 free_port() {

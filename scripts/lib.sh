@@ -64,6 +64,27 @@ install_cleanup() {
     trap 'exit 130' INT TERM
 }
 
+# count_cpus LIST: how many CPUs a taskset list like 0-3,8 names.
+count_cpus() {
+    local n=0 part a b
+    IFS=, read -ra parts <<<"$1"
+    for part in "${parts[@]}"; do
+        if [[ $part == *-* ]]; then
+            a=${part%-*} b=${part#*-}
+            n=$((n + b - a + 1))
+        else
+            n=$((n + 1))
+        fi
+    done
+    echo "$n"
+}
+
+# other_cpus N: the taskset list of every CPU but CPU 0 on an N-CPU machine (0 when N is
+# 1): where load generators and backends run beside a server on CPU 0.
+other_cpus() {
+    if (($1 > 1)); then echo "1-$(($1 - 1))"; else echo 0; fi
+}
+
 # say MESSAGE: a progress heading, on stdout (stderr where say_fd=2).
 say() { printf '\n==> %s\n' "$*" >&"${say_fd:-1}"; }
 warn() { printf '%s: warning: %s\n' "$script" "$*" >&2; }

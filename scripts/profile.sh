@@ -48,8 +48,8 @@ echo_rate=${ECHO_RATE:-100000}
 top=${TOP:-25}
 ncpu=$(nproc)
 server_cpus=${SERVER_CPUS:-0}
-loadgen_cpus=${LOADGEN_CPUS:-$( ((ncpu > 1)) && seq -s, 1 $((ncpu - 1)) || echo 0)}
-threads=${THREADS:-$(($(taskset -c "$loadgen_cpus" nproc)))}
+loadgen_cpus=${LOADGEN_CPUS:-$(other_cpus "$ncpu")}
+threads=${THREADS:-$(count_cpus "$loadgen_cpus")}
 bin=${BIN_DIR:-$(target_dir)/release}
 out=${OUT_DIR:-$(target_dir)/profile/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$out"

@@ -710,7 +710,7 @@ impl Core {
     // ---- accept ------------------------------------------------------------------------
 
     fn arm_accept(&mut self) {
-        let all = (1u32 << self.accept_addrs.len()) - 1;
+        let all = (1u32 << ACCEPTS) - 1;
         if self.accepts_armed == all
             || self.table_full
             || self.drain_deadline.is_some()
@@ -732,7 +732,7 @@ impl Core {
         let Some(fd) = self.listener.as_ref().map(|l| l.as_raw_fd()) else {
             return;
         };
-        for i in 0..self.accept_addrs.len() {
+        for i in 0..ACCEPTS {
             if self.accepts_armed & (1 << i) != 0 {
                 continue;
             }
@@ -755,7 +755,7 @@ impl Core {
     /// Cancels every accept in flight (drain, live upgrade); each still completes, with
     /// ECANCELED or with a connection it had already taken.
     fn cancel_accepts(&mut self) {
-        for i in 0..self.accept_addrs.len() {
+        for i in 0..ACCEPTS {
             if self.accepts_armed & (1 << i) == 0 {
                 continue;
             }
@@ -791,8 +791,8 @@ impl Core {
     /// flap): listen again with a fresh socket on the same address, which joins the
     /// SO_REUSEPORT group as the start-up listeners did. (Calling listen() again on the
     /// shut-down socket succeeds but does not reliably put it back in the group: clients
-    /// were refused while it "listened".) The old socket is closed once its multishot
-    /// accept has ended.
+    /// were refused while it "listened".) The old socket is replaced only once every
+    /// accept armed on it has completed.
     fn resume_listening(&mut self) {
         if self.accepts_armed != 0 {
             return;
@@ -822,7 +822,7 @@ impl Core {
 
     fn on_accept(&mut self, i: usize, res: i32) {
         debug_assert!(
-            i < self.accept_addrs.len() && self.accepts_armed & (1 << i) != 0,
+            i < ACCEPTS && self.accepts_armed & (1 << i) != 0,
             "a completion for accept {i}, which is not armed"
         );
         // Re-armed by the next pass's `arm_accept` (unless draining, full or leaving).
@@ -835,17 +835,14 @@ impl Core {
             {
                 return;
             }
-            if errno == libc::ECONNABORTED {
-                // The client reset before we took it: nothing of ours to close.
-                CoreMetrics::inc(&self.metrics.accept_errors);
-                debug!(core = self.idx, "a client reset before its accept");
-                return;
-            }
             CoreMetrics::inc(&self.metrics.accept_errors);
             if errno == libc::ENFILE || errno == libc::EMFILE {
                 // The kernel had accepted a client it could not give a slot: it is gone.
                 self.metrics.close(CloseReason::TableFull);
                 self.pause_listening();
+            } else if errno == libc::ECONNABORTED {
+                // The client reset before we took it: nothing of ours to close.
+                debug!(core = self.idx, "a client reset before its accept");
             } else {
                 warn!(
                     core = self.idx,
@@ -904,9 +901,8 @@ impl Core {
             leaving: false,
         });
         self.drive(&mut conn, slot);
-        self.put(slot, conn);
         // Nothing is read until admission said yes.
-        self.admit(slot, gen);
+        self.admit(slot, gen, conn);
     }
 
     /// Closes a just-accepted descriptor that gets no connection, counted as `reason`.
@@ -918,13 +914,11 @@ impl Core {
         unsafe { self.push(e) };
     }
 
-    /// The peer address is known: count it against its source's cap (refuse over it),
-    /// then start reading (the handshake) if the core's handshake budget allows, or let
-    /// it wait unread (`admission.rs`).
-    fn admit(&mut self, slot: u32, gen: u32) {
-        let Some(mut conn) = self.take(slot, gen) else {
-            return;
-        };
+    /// A just-accepted connection, with the peer address its accept brought: count it
+    /// against its source's cap (refuse over it), then start reading (the handshake) if
+    /// the core's handshake budget allows, or let it wait unread (`admission.rs`). Puts
+    /// the connection into the table.
+    fn admit(&mut self, slot: u32, gen: u32, mut conn: Box<Conn>) {
         if !conn.session.is_closing() {
             let limits = self.cfg.admission_limits(self.cores);
             let now = self.tick();

@@ -49,47 +49,32 @@ impl std::fmt::Display for RingFeatures {
 /// a SINGLE_ISSUER ring used from another thread fails with EEXIST.
 pub fn build_ring(entries: u32) -> io::Result<(IoUring, RingFeatures)> {
     let cq = entries.saturating_mul(4).max(1024);
-    if let Ok(r) = IoUring::builder()
+    let (ring, defer_taskrun, coop_taskrun) = if let Ok(r) = IoUring::builder()
         .setup_cqsize(cq)
         .setup_single_issuer()
         .setup_defer_taskrun()
         .build(entries)
     {
-        let min_timeout = r.params().is_feature_min_timeout();
-        return Ok((
-            r,
-            RingFeatures {
-                defer_taskrun: true,
-                coop_taskrun: false,
-                min_timeout,
-            },
-        ));
-    }
-    if let Ok(r) = IoUring::builder()
+        (r, true, false)
+    } else if let Ok(r) = IoUring::builder()
         .setup_cqsize(cq)
         .setup_coop_taskrun()
         .build(entries)
     {
-        let min_timeout = r.params().is_feature_min_timeout();
-        return Ok((
-            r,
-            RingFeatures {
-                defer_taskrun: false,
-                coop_taskrun: true,
-                min_timeout,
-            },
-        ));
-    }
-    let r = IoUring::builder()
-        .setup_cqsize(cq)
-        .build(entries)
-        .map_err(|e| explain_setup_error(e, std::path::Path::new("/proc/sys")))?;
-    let min_timeout = r.params().is_feature_min_timeout();
+        (r, false, true)
+    } else {
+        let r = IoUring::builder()
+            .setup_cqsize(cq)
+            .build(entries)
+            .map_err(|e| explain_setup_error(e, std::path::Path::new("/proc/sys")))?;
+        (r, false, false)
+    };
+    let min_timeout = ring.params().is_feature_min_timeout();
     Ok((
-        r,
+        ring,
         RingFeatures {
-            defer_taskrun: false,
-            coop_taskrun: false,
+            defer_taskrun,
+            coop_taskrun,
             min_timeout,
         },
     ))
@@ -367,14 +352,6 @@ impl AcceptAddrs {
             })
             .collect();
         AcceptAddrs { slots }
-    }
-
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
     }
 
     /// The address and length pointers for the accept that will use buffer `i`.

@@ -7,6 +7,18 @@ mod common;
 use common::{payload, Client, ClientOptions, Stack, CORES};
 use holdfast_wire::frame::{FrameType, OwnedFrame};
 
+/// `n` connections to the stack's gateway, all open at once.
+fn connect_many(stack: &Stack, n: usize) -> Vec<Client> {
+    let opts = ClientOptions::new(&stack.pki);
+    let config = opts.config();
+    (0..n)
+        .map(|i| {
+            Client::connect_with(stack.gateway.listen, config.clone(), &opts.server_name)
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"))
+        })
+        .collect()
+}
+
 #[test]
 fn data_frames_echo_through_a_rustls_client() {
     let stack = Stack::start(&[]);
@@ -109,14 +121,7 @@ fn a_frame_split_over_many_writes_echoes_once_whole() {
 #[test]
 fn two_hundred_connections_spread_over_cores_all_echo() {
     let stack = Stack::start(&[]);
-    let opts = ClientOptions::new(&stack.pki);
-    let config = opts.config();
-    let mut clients: Vec<Client> = (0..200)
-        .map(|i| {
-            Client::connect_with(stack.gateway.listen, config.clone(), &opts.server_name)
-                .unwrap_or_else(|e| panic!("connection {i}: {e}"))
-        })
-        .collect();
+    let mut clients = connect_many(&stack, 200);
     // All connections are open at once; each gets its own payload back.
     for (i, c) in clients.iter_mut().enumerate() {
         c.send(FrameType::Data, &payload("conn", i, 32));
@@ -160,14 +165,7 @@ fn a_clean_client_close_is_counted_as_peer_closed() {
 fn with_completion_batching_on_every_connection_and_a_lone_late_frame_echo() {
     // 5 ms: far more than the gateway's own work, so frames wait for each other's wake-up.
     let stack = Stack::start(&["--batch-wait-us", "5000"]);
-    let opts = ClientOptions::new(&stack.pki);
-    let config = opts.config();
-    let mut clients: Vec<Client> = (0..50)
-        .map(|i| {
-            Client::connect_with(stack.gateway.listen, config.clone(), &opts.server_name)
-                .unwrap_or_else(|e| panic!("connection {i}: {e}"))
-        })
-        .collect();
+    let mut clients = connect_many(&stack, 50);
     for round in 0..3 {
         for (i, c) in clients.iter_mut().enumerate() {
             c.send(FrameType::Data, &payload("batched", i * 10 + round, 48));
