@@ -11,6 +11,10 @@
 #              per frame and frames/s per core at full load; at the lower one (where the
 #              load generator keeps its timetable easily), p50/p99/p999 latency
 #   storm      N clients drop and reconnect at once: time until all are back
+#   saturated  the server held to SAT_QUOTA % of its core (the kernel's cpu controller),
+#              so that one load-generator core offers it more 64-byte frames (SAT_RATE)
+#              than it can take: server CPU per frame with the server's CPU the limit. A
+#              second table, compared with holdfast saturated the same way.
 #
 # plus rustls alone in memory (the ceiling). Every scenario runs RUNS times, the systems
 # taking turns within each round so that noise from other work on the machine spreads
@@ -55,6 +59,11 @@
 #   ECHO_SECS        seconds of each echo run (default 4; QUICK 1)
 #   STORM_CONNS      clients in the storm (default 2000; QUICK 500)
 #   CEILING_SECS     seconds per part of the rustls ceiling (default 2; QUICK 0.5)
+#   SAT_QUOTA        percent of one core the server gets in the saturated run (default
+#                    25); 0 leaves the saturated run out. Needs root and a cpu cgroup
+#                    controller
+#   SAT_RATE         frames per second offered in the saturated run (default 80000: more
+#                    than any system here relays on a quarter of a core)
 #   OUT_DIR          where reports go (default target/compare-peers/DATE-TIME)
 #   NO_BUILD=1       use the binaries in BIN_DIR as they are
 #   BIN_DIR          the binaries (default $CARGO_TARGET_DIR/release, or target/release)
@@ -85,6 +94,8 @@ hs_parallel=${HS_PARALLEL:-32}
 echo_conns=${ECHO_CONNS:-100}
 echo_rate=${ECHO_RATE:-5000}
 echo_load_rate=${ECHO_LOAD_RATE:-25000}
+sat_quota=${SAT_QUOTA:-25}
+sat_rate=${SAT_RATE:-80000}
 ncpu=$(nproc)
 server_cpus=${SERVER_CPUS:-0}
 out=${OUT_DIR:-$root/target/compare-peers/$(date +%Y%m%d-%H%M%S)}
@@ -310,7 +321,7 @@ for p in $peers; do
 done
 ((${#running[@]} > 0)) || die "no system to compare"
 
-mkdir -p "$out"
+mkdir -p "$out" "$out/sat"
 log=$out/bench.log
 : >"$log"
 "$bin/holdfast-bench" gen-cert --out "$work" >/dev/null
@@ -350,6 +361,12 @@ for round in $(seq 1 "$runs"); do
         echo "  storm: $storm_conns clients drop and reconnect (with their session tickets)" >&2
         bench 180 storm "${common[@]}" "${cpu[@]}" --conns "$storm_conns" --resume \
             --json "$out/$peer-storm-$round.json"
+        if ((sat_quota > 0)) && cpu_quota "$server_pid" "$sat_quota" "holdfast-peers-$$-$peer-$round"; then
+            echo "  saturated: 64 B frames at $sat_rate/s, the server held to $sat_quota % of a core" >&2
+            common=(--target "$target" --ca "$work/ca.pem" --label "$label, $sat_quota % of a core")
+            bench 120 echo "${common[@]}" "${cpu[@]}" --conns "$echo_conns" --size 64 \
+                --rate "$sat_rate" --duration "$echo_secs" --json "$out/sat/$peer-echo-$round.json"
+        fi
         stop "$server_pid" "$backend_pid"
         for f in "$work/$peer-$round"/*.log; do
             if [[ -s $f ]]; then cp "$f" "$out/$peer-$round-$(basename "$f")"; fi
@@ -368,5 +385,19 @@ say "done in $((SECONDS - started)) s; $failures scenario run(s) reported failur
         "client to holdfast-bench unix-echo. Storm overflows are machine-wide." \
         "Reports, chart and logs: $out"
 } >>"$out/summary.md"
+if compgen -G "$out/sat/*.json" >/dev/null; then
+    "$bin/holdfast-bench" report --reference "holdfast, $sat_quota % of a core" \
+        --md "$out/saturated.md" "$out"/sat/*.json "$out"/ceiling-*.json >/dev/null
+    {
+        echo
+        echo "Saturated: each server held to $sat_quota % of one core by the kernel's cpu controller" \
+            "(10 ms periods) and offered $sat_rate frames/s, more than it can relay there: its CPU is" \
+            "the limit. CPU per frame is what counts here; latency is queueing. Reports: $out/sat"
+    } >>"$out/saturated.md"
+fi
 echo
 cat "$out/summary.md"
+if [[ -f $out/saturated.md ]]; then
+    echo
+    cat "$out/saturated.md"
+fi

@@ -12,6 +12,7 @@
 
 pids=()
 stop_grace=5
+cgroups=()
 
 # target_dir: where cargo writes its build, as an absolute path: $CARGO_TARGET_DIR (a
 # relative one is taken from the repository root, where the scripts run cargo) or target/.
@@ -52,6 +53,10 @@ cleanup() {
     local status=$?
     trap - EXIT INT TERM
     stop ${pids[@]+"${pids[@]}"}
+    local g
+    for g in ${cgroups[@]+"${cgroups[@]}"}; do
+        rmdir "$g" 2>/dev/null || true
+    done
     rm -rf "$work"
     exit "$status"
 }
@@ -83,6 +88,36 @@ count_cpus() {
 # 1): where load generators and backends run beside a server on CPU 0.
 other_cpus() {
     if (($1 > 1)); then echo "1-$(($1 - 1))"; else echo 0; fi
+}
+
+# cpu_quota PID PERCENT NAME: holds process PID, every thread of it, to PERCENT of one
+# CPU with the kernel's cpu controller (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us) in
+# 10 ms periods, in a new cgroup NAME that the exit cleanup removes. Returns non-zero,
+# with a warning, where no cpu controller can be used (not root, no controller).
+cpu_quota() {
+    local pid=$1 pct=$2 name=$3 period=10000 quota dir
+    quota=$((period * pct / 100))
+    if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
+        dir=/sys/fs/cgroup/$name
+        if ! { grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control ||
+            echo +cpu >/sys/fs/cgroup/cgroup.subtree_control; } 2>/dev/null ||
+            ! mkdir -p "$dir" 2>/dev/null; then
+            warn "cannot make cgroup $dir with the cpu controller"
+            return 1
+        fi
+        cgroups+=("$dir")
+        echo "$quota $period" >"$dir/cpu.max" || return 1
+    elif [[ -w /sys/fs/cgroup/cpu ]]; then
+        dir=/sys/fs/cgroup/cpu/$name
+        mkdir -p "$dir" || return 1
+        cgroups+=("$dir")
+        echo "$period" >"$dir/cpu.cfs_period_us" && echo "$quota" >"$dir/cpu.cfs_quota_us" ||
+            return 1
+    else
+        warn "no writable cpu cgroup controller (root and /sys/fs/cgroup are needed)"
+        return 1
+    fi
+    echo "$pid" >"$dir/cgroup.procs"
 }
 
 # say MESSAGE: a progress heading, on stdout (stderr where say_fd=2).

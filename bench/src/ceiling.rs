@@ -243,9 +243,20 @@ pub(crate) fn setup_with(provider: Provider, kx: Kx, order: SuiteOrder) -> anyho
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
-    // As holdfast configures its server: ALPN holdfast/1, two tickets after a handshake.
+    // As holdfast configures its server (`tls.rs`, default config): ALPN holdfast/1; one
+    // stateless session ticket after a handshake, sealed by holdfast's own ticketer (the
+    // gateway's provider, whatever `provider` is); the traffic secrets kept for
+    // hibernation, taken after each handshake as the gateway takes them.
+    let tls = holdfast::config::TlsConfig::default();
     server.alpn_protocols = vec![holdfast_wire::frame::ALPN.to_vec()];
-    server.send_tls13_tickets = 2;
+    server.ticketer = Arc::new(holdfast::ticket::FleetTicketer::random(
+        tls.ticket_rotation_secs,
+    )?);
+    server.send_tls13_tickets = 1;
+    if tls.hibernate_after_secs > 0 {
+        server.enable_secret_extraction = true;
+        server.key_log = Arc::new(holdfast::record::SecretLog);
+    }
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(g.ca.as_bytes()) {
         roots.add(ca.context("the generated CA")?)?;
@@ -278,6 +289,8 @@ fn handshakes(
         let mut client = ClientConnection::new(client_config.clone(), s.name.clone())?;
         let mut server = clock.time(|| ServerConnection::new(s.server.clone()))?;
         handshake(&mut client, &mut server, &mut clock)?;
+        // The gateway takes the secrets the key log kept, right after the handshake.
+        clock.time(|| drop(holdfast::record::take_traffic_secrets()));
         ensure!(
             server.alpn_protocol() == Some(holdfast_wire::frame::ALPN),
             "ALPN was not negotiated"
@@ -391,7 +404,7 @@ pub fn run(args: CeilingArgs) -> anyhow::Result<ExitCode> {
     let s = setup_with(provider, args.kx, args.suites)?;
     let overhead = clock_overhead_ns();
     let full = handshakes(&s, &s.client, args.seconds, overhead)?;
-    // One store for the resumed loop: each handshake takes a ticket and leaves two.
+    // One store for the resumed loop: each handshake takes a ticket and leaves one.
     let resuming = crate::client::resuming(&s.client);
     let mut seed = ClientConnection::new(resuming.clone(), s.name.clone())?;
     let mut seed_server = ServerConnection::new(s.server.clone())?;
