@@ -16,6 +16,8 @@ pub struct Window {
     cores: u32,
     server: Option<CpuSnapshot>,
     client: Option<CpuTicks>,
+    /// The CPUs the load generator may run on, and their busy and total ticks at the start.
+    loadgen: Option<(Vec<usize>, (u64, u64))>,
     started: Instant,
 }
 
@@ -25,8 +27,31 @@ pub struct Measured {
     pub server: Option<ServerCpu>,
     /// The load generator's CPU as a share of one core.
     pub client_utilization: Option<f64>,
+    /// How busy the CPUs the load generator may run on were over the window (0 to 1),
+    /// whoever kept them busy: the load generator, a backend beside it, anything else.
+    /// At [`CLIENT_BOUND`] or above, the client side, not the server, was the limit.
+    pub loadgen_cpus_busy: Option<f64>,
     /// Wall-clock seconds of the window.
     pub wall_secs: f64,
+}
+
+/// The share of busy time on the load generator's CPUs from which a closed-loop figure
+/// (handshakes per second) says more about the client side than about the server.
+pub const CLIENT_BOUND: f64 = 0.9;
+
+/// The summary line on the load generator's CPUs, saying when the client side was the
+/// limit.
+pub fn loadgen_line(busy: Option<f64>) -> Option<String> {
+    let busy = busy?;
+    let verdict = if busy >= CLIENT_BOUND {
+        ": the client side was the limit, not the server"
+    } else {
+        ""
+    };
+    Some(format!(
+        "  load generator's CPUs {:.0}% busy{verdict}",
+        busy * 100.0
+    ))
 }
 
 impl Window {
@@ -45,6 +70,9 @@ impl Window {
             cores,
             server,
             client: procfs::process_ticks(std::process::id()),
+            loadgen: sys::affinity_cpus()
+                .ok()
+                .and_then(|cpus| procfs::cpus_ticks(&cpus).map(|t| (cpus, t))),
             started: Instant::now(),
         })
     }
@@ -72,9 +100,15 @@ impl Window {
             }
             _ => None,
         };
+        let loadgen_cpus_busy = self.loadgen.and_then(|(cpus, (busy0, total0))| {
+            let (busy1, total1) = procfs::cpus_ticks(&cpus)?;
+            let total = total1.saturating_sub(total0);
+            (total > 0).then(|| busy1.saturating_sub(busy0) as f64 / total as f64)
+        });
         Measured {
             server,
             client_utilization,
+            loadgen_cpus_busy,
             wall_secs,
         }
     }

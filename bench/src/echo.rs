@@ -480,6 +480,7 @@ fn bench(
     results.server_cpu_us_per_frame = measured.server.as_ref().and_then(|c| c.us_per_op);
     results.server_cpu = measured.server;
     results.client_cpu_utilization = measured.client_utilization;
+    results.loadgen_cpus_busy = measured.loadgen_cpus_busy;
     results.frames_lost = results.frames_sent - results.frames_received.min(results.frames_sent);
     results.frames_per_sec = results.frames_received as f64 / args.duration;
     results.frames_per_sec_per_core = results.frames_per_sec / args.server_cores as f64;
@@ -533,6 +534,9 @@ fn summarize(report: &EchoReport) {
             c.cores,
             r.frames_per_sec_per_core.round()
         );
+    }
+    if let Some(line) = crate::cpu::loadgen_line(r.loadgen_cpus_busy) {
+        println!("{line}");
     }
     println!(
         "  {} in {:.1} s",

@@ -421,6 +421,7 @@ fn bench(
         server_cpu_us_per_handshake: measured.server.as_ref().and_then(|c| c.us_per_op),
         server_cpu: measured.server,
         client_cpu_utilization: measured.client_utilization,
+        loadgen_cpus_busy: measured.loadgen_cpus_busy,
         latency,
         cipher_suite: info.as_ref().and_then(|i| i.cipher_suite.clone()),
         kx_group: info.and_then(|i| i.kx_group),
@@ -465,6 +466,9 @@ fn summarize(report: &HandshakeReport) {
             c.utilization * 100.0,
             r.client_cpu_utilization.unwrap_or(f64::NAN) * 100.0
         );
+    }
+    if let Some(line) = crate::cpu::loadgen_line(r.loadgen_cpus_busy) {
+        println!("{line}");
     }
     let l = &r.latency;
     println!(

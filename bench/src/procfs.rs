@@ -532,3 +532,52 @@ IpExt: 5 99
         assert!(process_tree(&[u32::MAX - 1]).is_err());
     }
 }
+
+/// Busy and total clock ticks of `cpus` together, from the per-CPU lines of /proc/stat
+/// (busy: everything but idle and iowait). `None` when /proc/stat cannot be read or names
+/// none of them.
+pub fn cpus_ticks(cpus: &[usize]) -> Option<(u64, u64)> {
+    parse_cpus_ticks(&fs::read_to_string("/proc/stat").ok()?, cpus)
+}
+
+fn parse_cpus_ticks(text: &str, cpus: &[usize]) -> Option<(u64, u64)> {
+    let (mut busy, mut total, mut seen) = (0u64, 0u64, false);
+    for line in text.lines() {
+        let mut fields = line.split_ascii_whitespace();
+        let Some(cpu) = fields.next().and_then(|n| n.strip_prefix("cpu")) else {
+            continue;
+        };
+        let Ok(cpu) = cpu.parse::<usize>() else {
+            continue; // the "cpu" line of all CPUs together
+        };
+        if !cpus.contains(&cpu) {
+            continue;
+        }
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let v: Vec<u64> = fields.take(8).filter_map(|f| f.parse().ok()).collect();
+        if v.len() < 5 {
+            continue;
+        }
+        let sum: u64 = v.iter().sum();
+        total += sum;
+        busy += sum - v[3] - v[4];
+        seen = true;
+    }
+    seen.then_some((busy, total))
+}
+
+#[cfg(test)]
+mod cpus_ticks_tests {
+    use super::parse_cpus_ticks;
+
+    #[test]
+    fn busy_is_all_but_idle_and_iowait_of_the_named_cpus() {
+        let text = "cpu  100 0 50 1000 10 0 5 0 0 0\n\
+                    cpu0 60 0 30 400 5 0 5 0 0 0\n\
+                    cpu1 40 0 20 600 5 0 0 0 0 0\n\
+                    intr 12345\n";
+        assert_eq!(parse_cpus_ticks(text, &[1]), Some((60, 665)));
+        assert_eq!(parse_cpus_ticks(text, &[0, 1]), Some((155, 1165)));
+        assert_eq!(parse_cpus_ticks(text, &[7]), None);
+    }
+}

@@ -149,6 +149,8 @@ pub struct Summary {
     pub full_rate: Option<Stat>,
     /// Full handshakes: server utilization (0..1).
     pub full_busy: Option<Stat>,
+    /// Full handshakes: how busy the load generator's CPUs were (0..1).
+    pub full_loadgen_busy: Option<Stat>,
     /// Resumed handshakes: server µs per short connection.
     pub resumed_us: Option<Stat>,
     /// Resumed handshakes: share that actually resumed (0..1).
@@ -235,6 +237,7 @@ pub fn summarize(label: &str, runs: &[&Run], rates: Option<(f64, f64)>) -> Summa
         full_user_us: hs(false, &|r| r.num("/results/server_cpu/user_us_per_op")),
         full_rate: hs(false, &|r| r.num("/results/handshakes_per_sec_per_core")),
         full_busy: hs(false, &|r| r.num("/results/server_cpu/utilization")),
+        full_loadgen_busy: hs(false, &|r| r.num("/results/loadgen_cpus_busy")),
         resumed_us: hs(true, &|r| r.num("/results/server_cpu_us_per_handshake")),
         resumed_share: hs(true, &|r| {
             let n = r.num("/results/handshakes")?;
@@ -334,10 +337,16 @@ pub fn cell(s: Option<Stat>, unit: &str) -> String {
     out
 }
 
-fn pct(s: Option<Stat>) -> String {
-    s.map_or(String::new(), |s| {
+/// The server's utilisation after a closed-loop rate, and whether the load generator's
+/// CPUs were the limit instead (`cpu::CLIENT_BOUND`).
+fn pct(server: Option<Stat>, loadgen: Option<Stat>) -> String {
+    let mut out = server.map_or(String::new(), |s| {
         format!(", {:.0}% busy", s.median * 100.0)
-    })
+    });
+    if let Some(l) = loadgen.filter(|l| l.median >= crate::cpu::CLIENT_BOUND) {
+        let _ = write!(out, ", client-bound ({:.0}%)", l.median * 100.0);
+    }
+    out
 }
 
 /// The first value of `pointer` among the runs of `scenario`, for column headers.
@@ -425,7 +434,11 @@ pub fn table(runs: &[Run], reference: Option<&str>) -> String {
                 cell(s.idle_kernel, " B"),
                 cell(s.full_us, " µs"),
                 cell(s.full_user_us, " µs"),
-                format!("{}{}", cell(s.full_rate, ""), pct(s.full_busy)),
+                format!(
+                    "{}{}",
+                    cell(s.full_rate, ""),
+                    pct(s.full_busy, s.full_loadgen_busy)
+                ),
                 format!(
                     "{}{}",
                     cell(s.resumed_us, " µs"),
@@ -846,7 +859,9 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         "\nEach cell: the median of the runs, and (min–max) where they differ. CPU figures are \
          the server's own processes only; a userspace column is the user time (utime) within the \
          CPU column before it, the rest being the kernel's work in the server's context. The \
-         ceiling row is rustls alone in memory, all userspace.\n",
+         ceiling row is rustls alone in memory, all userspace. `client-bound (N%)` after a \
+         handshake rate: the load generator's CPUs were N% busy (backends there included), so \
+         the client side, not the server, set that rate.\n",
     );
     if let Some(rf) = &args.reference {
         let lines = ratios(&runs, rf);
@@ -1049,6 +1064,33 @@ mod tests {
         assert_eq!(g[0].0, "holdfast");
         assert_eq!(g[1].0, "nginx");
         assert_eq!(group(&runs, None)[0].0, "nginx");
+    }
+
+    #[test]
+    fn a_closed_loop_rate_says_when_the_load_generator_was_the_limit() {
+        let with_loadgen = |mut r: Run, busy: f64| {
+            r.json["results"]["loadgen_cpus_busy"] = json!(busy);
+            r
+        };
+        let runs = [
+            with_loadgen(hs("bound", false, 100.0), 0.97),
+            with_loadgen(hs("bound", false, 100.0), 0.95),
+            with_loadgen(hs("free", false, 100.0), 0.6),
+            hs("unknown", false, 100.0),
+        ];
+        let t = table(&runs, None);
+        let row = |label: &str| {
+            t.lines()
+                .find(|l| l.starts_with(&format!("| {label} |")))
+                .unwrap_or_else(|| panic!("no row {label} in {t}"))
+                .to_string()
+        };
+        assert!(
+            row("bound").contains("5000, 50% busy, client-bound (96%)"),
+            "{t}"
+        );
+        assert!(row("free").contains("5000, 50% busy |"), "{t}");
+        assert!(row("unknown").contains("5000, 50% busy |"), "{t}");
     }
 
     #[test]

@@ -420,6 +420,9 @@ pub struct EchoResults {
     /// The load generator's own CPU time over the same window, as a share of one core: near
     /// 1.0 the client, not the server, was the limit.
     pub client_cpu_utilization: Option<f64>,
+    /// How busy the load generator's CPUs were over the window (0 to 1; backends running
+    /// there count too): at 0.9 or above the client side was the limit.
+    pub loadgen_cpus_busy: Option<f64>,
     /// Wall-clock seconds of the whole run, connecting and draining included.
     pub elapsed_secs: f64,
 }
@@ -590,6 +593,9 @@ pub struct HandshakeResults {
     pub server_cpu: Option<ServerCpu>,
     /// The load generator's CPU over the window as a share of one core.
     pub client_cpu_utilization: Option<f64>,
+    /// How busy the load generator's CPUs were over the window (0 to 1; backends running
+    /// there count too): at 0.9 or above the client side was the limit.
+    pub loadgen_cpus_busy: Option<f64>,
     /// Duration of each whole short connection (connect to echo received), microseconds.
     pub latency: Latency,
     /// TLS cipher suite negotiated (the last connection's).

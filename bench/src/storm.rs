@@ -822,6 +822,7 @@ mod tests {
         Measured {
             server: None,
             client_utilization: None,
+            loadgen_cpus_busy: None,
             wall_secs: 0.5,
         }
     }

@@ -1,6 +1,6 @@
 //! The few libc calls the load generator needs and the only `unsafe` in this crate:
 //! raising the open-file limit, asking the page size and the clock-tick rate, tightening
-//! a thread's timer slack and reading a thread's CPU clock.
+//! a thread's timer slack, reading a thread's CPU clock and the CPUs it may run on.
 //!
 //! Each call passes plain integers or a pointer to a local it owns for the call's
 //! duration; nothing here keeps a pointer or touches memory the kernel writes later.
@@ -76,4 +76,21 @@ pub fn clock_ticks_per_sec() -> u64 {
     } else {
         100
     }
+}
+
+/// The CPUs the calling thread may run on (its affinity mask, as `taskset` set it).
+pub fn affinity_cpus() -> io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is a plain bit array; all zeros is a valid, empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a live cpu_set_t of the size passed, which sched_getaffinity only
+    // writes into; pid 0 is the calling thread.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads bit `cpu` of the set, and `cpu` is below CPU_SETSIZE.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
 }
