@@ -27,9 +27,10 @@ pub struct Measured {
     pub server: Option<ServerCpu>,
     /// The load generator's CPU as a share of one core.
     pub client_utilization: Option<f64>,
-    /// How busy the CPUs the load generator may run on were over the window (0 to 1),
-    /// whoever kept them busy: the load generator, a backend beside it, anything else.
-    /// At [`CLIENT_BOUND`] or above, the client side, not the server, was the limit.
+    /// How busy the CPUs the load generator may run on (and the server may not) were over
+    /// the window (0 to 1), whoever kept them busy: the load generator, a backend beside
+    /// it, anything else. At [`CLIENT_BOUND`] or above, the client side, not the server,
+    /// was the limit. `None` where the two share every CPU.
     pub loadgen_cpus_busy: Option<f64>,
     /// Wall-clock seconds of the window.
     pub wall_secs: f64,
@@ -54,6 +55,17 @@ pub fn loadgen_line(busy: Option<f64>) -> Option<String> {
     ))
 }
 
+/// The CPUs the load generator may run on and the server may not: where the client side
+/// works alone. `None` when they cannot be told apart (no pinning: every CPU is shared).
+fn loadgen_cpus(server_roots: &[u32]) -> Option<Vec<usize>> {
+    let mut cpus = sys::affinity_cpus(0).ok()?;
+    for &pid in server_roots {
+        let server = sys::affinity_cpus(pid).ok()?;
+        cpus.retain(|c| !server.contains(c));
+    }
+    (!cpus.is_empty()).then_some(cpus)
+}
+
 impl Window {
     /// Samples the server's processes (`roots` and descendants; none when empty) and this
     /// process. Fails when a server pid is not running, so a typo never reads as zero.
@@ -70,8 +82,7 @@ impl Window {
             cores,
             server,
             client: procfs::process_ticks(std::process::id()),
-            loadgen: sys::affinity_cpus()
-                .ok()
+            loadgen: loadgen_cpus(roots)
                 .and_then(|cpus| procfs::cpus_ticks(&cpus).map(|t| (cpus, t))),
             started: Instant::now(),
         })

@@ -78,14 +78,20 @@ pub fn clock_ticks_per_sec() -> u64 {
     }
 }
 
-/// The CPUs the calling thread may run on (its affinity mask, as `taskset` set it).
-pub fn affinity_cpus() -> io::Result<Vec<usize>> {
+/// The CPUs thread `tid` may run on (its affinity mask, as `taskset` set it); 0 is the
+/// calling thread, a process id names that process's main thread.
+pub fn affinity_cpus(tid: u32) -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is a plain bit array; all zeros is a valid, empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a live cpu_set_t of the size passed, which sched_getaffinity only
-    // writes into; pid 0 is the calling thread.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    // writes into; the id is a plain integer.
+    let rc = unsafe {
+        libc::sched_getaffinity(
+            tid as libc::pid_t,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &mut set,
+        )
+    };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
