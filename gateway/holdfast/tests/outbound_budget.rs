@@ -120,8 +120,17 @@ fn over_budget_the_heaviest_non_readers_are_closed_and_readers_keep_up() {
 
     // 2 000 non-readers x 100 x 4 KiB would be 800 MB; the cores held to their budget by
     // closing non-readers.
-    let m = gateway.wait_for_metrics("non-readers closed for the budget", |m| {
-        m.sum("holdfast_outbound_budget_closes_total", &[]) > 0.0
+    // Both cores close as their passes get to it (the second core's publishes arrive
+    // through the first): wait until the count has stood still for half a second.
+    let (mut last, mut still) = (0.0, 0);
+    let m = gateway.wait_for_metrics("non-readers closed for the budget, settled", |m| {
+        let closed = m.sum("holdfast_outbound_budget_closes_total", &[]);
+        if closed > 0.0 && closed == last {
+            still += 1;
+        } else {
+            (last, still) = (closed, 0);
+        }
+        still >= 5
     });
     let closed = m.sum("holdfast_outbound_budget_closes_total", &[]);
     eprintln!("closed for the budget: {closed}");
