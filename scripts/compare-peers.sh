@@ -59,9 +59,10 @@
 #   ECHO_SECS        seconds of each echo run (default 4; QUICK 1)
 #   STORM_CONNS      clients in the storm (default 2000; QUICK 500)
 #   CEILING_SECS     seconds per part of the rustls ceiling (default 2; QUICK 0.5)
-#   SAT_QUOTA        percent of one core the server gets in the saturated run (default
-#                    25); 0 leaves the saturated run out. Needs root and a cpu cgroup
-#                    controller
+#   SAT_QUOTA        percent of one CPU the whole server (every process and thread of
+#                    it, whatever SERVER_CPUS says) gets in the saturated run: 10 to 100
+#                    (default 25); 0 leaves the saturated run out. Needs root and a cpu
+#                    cgroup controller
 #   SAT_RATE         frames per second offered in the saturated run (default 80000: more
 #                    than any system here relays on a quarter of a core)
 #   OUT_DIR          where reports go (default target/compare-peers/DATE-TIME)
@@ -96,6 +97,8 @@ echo_rate=${ECHO_RATE:-5000}
 echo_load_rate=${ECHO_LOAD_RATE:-25000}
 sat_quota=${SAT_QUOTA:-25}
 sat_rate=${SAT_RATE:-80000}
+[[ $sat_quota == 0 ]] || ((sat_quota >= 10 && sat_quota <= 100)) ||
+    { echo "compare-peers: SAT_QUOTA must be 0 or 10 to 100, not $sat_quota" >&2; exit 1; }
 ncpu=$(nproc)
 server_cpus=${SERVER_CPUS:-0}
 out=${OUT_DIR:-$root/target/compare-peers/$(date +%Y%m%d-%H%M%S)}
@@ -385,15 +388,22 @@ say "done in $((SECONDS - started)) s; $failures scenario run(s) reported failur
         "client to holdfast-bench unix-echo. Storm overflows are machine-wide." \
         "Reports, chart and logs: $out"
 } >>"$out/summary.md"
+shopt -s nullglob
+sat_reports=("$out"/sat/*.json "$out"/ceiling-*.json)
+shopt -u nullglob
 if compgen -G "$out/sat/*.json" >/dev/null; then
-    "$bin/holdfast-bench" report --reference "holdfast, $sat_quota % of a core" \
-        --md "$out/saturated.md" "$out"/sat/*.json "$out"/ceiling-*.json >/dev/null
-    {
-        echo
-        echo "Saturated: each server held to $sat_quota % of one core by the kernel's cpu controller" \
-            "(10 ms periods) and offered $sat_rate frames/s, more than it can relay there: its CPU is" \
-            "the limit. CPU per frame is what counts here; latency is queueing. Reports: $out/sat"
-    } >>"$out/saturated.md"
+    if "$bin/holdfast-bench" report --reference "holdfast, $sat_quota % of a core" \
+        --md "$out/saturated.md" "${sat_reports[@]}" >/dev/null; then
+        {
+            echo
+            echo "Saturated: each server (all its processes) held to $sat_quota % of one CPU by the" \
+                "kernel's cpu controller (10 ms periods) and offered $sat_rate frames/s, more than it can" \
+                "relay there: its CPU is the limit. CPU per frame is what counts here; latency is" \
+                "queueing. Reports: $out/sat"
+        } >>"$out/saturated.md"
+    else
+        warn "the saturated runs' report failed; their JSON is in $out/sat"
+    fi
 fi
 echo
 cat "$out/summary.md"

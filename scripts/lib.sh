@@ -13,6 +13,7 @@
 pids=()
 stop_grace=5
 cgroups=()
+cpu_controller_enabled=0
 
 # target_dir: where cargo writes its build, as an absolute path: $CARGO_TARGET_DIR (a
 # relative one is taken from the repository root, where the scripts run cargo) or target/.
@@ -57,6 +58,9 @@ cleanup() {
     for g in ${cgroups[@]+"${cgroups[@]}"}; do
         rmdir "$g" 2>/dev/null || true
     done
+    if ((cpu_controller_enabled)); then
+        echo -cpu 2>/dev/null >/sys/fs/cgroup/cgroup.subtree_control || true
+    fi
     rm -rf "$work"
     exit "$status"
 }
@@ -90,34 +94,71 @@ other_cpus() {
     if (($1 > 1)); then echo "1-$(($1 - 1))"; else echo 0; fi
 }
 
-# cpu_quota PID PERCENT NAME: holds process PID, every thread of it, to PERCENT of one
+# descendants PID: PID and every process below it, one per line (from each thread's
+# /proc/PID/task/TID/children), so that a master process's workers come along.
+descendants() {
+    local p c t
+    echo "$1"
+    for t in /proc/"$1"/task/*/children; do
+        [[ -r $t ]] || continue
+        for c in $(<"$t"); do
+            descendants "$c"
+        done
+    done
+}
+
+# cpu_quota PID PERCENT NAME: holds process PID and every process below it (nginx's
+# workers under their master), all their threads together, to PERCENT (10 to 100) of one
 # CPU with the kernel's cpu controller (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us) in
-# 10 ms periods, in a new cgroup NAME that the exit cleanup removes. Returns non-zero,
-# with a warning, where no cpu controller can be used (not root, no controller).
+# 10 ms periods, in a new cgroup NAME that the exit cleanup removes (and, on v2, the cpu
+# controller of the root's children off again if this enabled it). Returns non-zero, with
+# a warning, where that cannot be done (not root, no cpu controller, a write refused).
 cpu_quota() {
-    local pid=$1 pct=$2 name=$3 period=10000 quota dir
+    local pid=$1 pct=$2 name=$3 period=10000 quota dir p
+    if ((pct < 10 || pct > 100)); then
+        warn "a CPU quota of $pct % is outside 10-100 % (the kernel's least is 1 ms per 10 ms period)"
+        return 1
+    fi
     quota=$((period * pct / 100))
     if grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null; then
         dir=/sys/fs/cgroup/$name
-        if ! { grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control ||
-            echo +cpu >/sys/fs/cgroup/cgroup.subtree_control; } 2>/dev/null ||
-            ! mkdir -p "$dir" 2>/dev/null; then
-            warn "cannot make cgroup $dir with the cpu controller"
+        if ! grep -qw cpu /sys/fs/cgroup/cgroup.subtree_control; then
+            if ! echo +cpu 2>/dev/null >/sys/fs/cgroup/cgroup.subtree_control; then
+                warn "cannot enable the cpu controller in /sys/fs/cgroup/cgroup.subtree_control"
+                return 1
+            fi
+            cpu_controller_enabled=1
+        fi
+        if ! mkdir -p "$dir" 2>/dev/null; then
+            warn "cannot make cgroup $dir"
             return 1
         fi
         cgroups+=("$dir")
-        echo "$quota $period" >"$dir/cpu.max" || return 1
+        if ! echo "$quota $period" 2>/dev/null >"$dir/cpu.max"; then
+            warn "cannot set $dir/cpu.max to $quota $period"
+            return 1
+        fi
     elif [[ -w /sys/fs/cgroup/cpu ]]; then
         dir=/sys/fs/cgroup/cpu/$name
-        mkdir -p "$dir" || return 1
-        cgroups+=("$dir")
-        echo "$period" >"$dir/cpu.cfs_period_us" && echo "$quota" >"$dir/cpu.cfs_quota_us" ||
+        if ! mkdir -p "$dir" 2>/dev/null; then
+            warn "cannot make cgroup $dir"
             return 1
+        fi
+        cgroups+=("$dir")
+        if ! { echo "$period" >"$dir/cpu.cfs_period_us" && echo "$quota" >"$dir/cpu.cfs_quota_us"; } 2>/dev/null; then
+            warn "cannot set the cfs quota of $dir to $quota us per $period us"
+            return 1
+        fi
     else
         warn "no writable cpu cgroup controller (root and /sys/fs/cgroup are needed)"
         return 1
     fi
-    echo "$pid" >"$dir/cgroup.procs"
+    for p in $(descendants "$pid"); do
+        if ! echo "$p" 2>/dev/null >"$dir/cgroup.procs"; then
+            warn "cannot move process $p into $dir"
+            return 1
+        fi
+    done
 }
 
 # say MESSAGE: a progress heading, on stdout (stderr where say_fd=2).

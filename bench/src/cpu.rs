@@ -30,7 +30,7 @@ pub struct Measured {
     /// How busy the CPUs the load generator may run on (and the server may not) were over
     /// the window (0 to 1), whoever kept them busy: the load generator, a backend beside
     /// it, anything else. At [`CLIENT_BOUND`] or above, the client side, not the server,
-    /// was the limit. `None` where the two share every CPU.
+    /// was the limit. `None` without server pids, or where the two share every CPU.
     pub loadgen_cpus_busy: Option<f64>,
     /// Wall-clock seconds of the window.
     pub wall_secs: f64,
@@ -40,14 +40,16 @@ pub struct Measured {
 /// (handshakes per second) says more about the client side than about the server.
 pub const CLIENT_BOUND: f64 = 0.9;
 
-/// The summary line on the load generator's CPUs, saying when the client side was the
-/// limit.
-pub fn loadgen_line(busy: Option<f64>) -> Option<String> {
+/// The summary line on the load generator's CPUs. After a closed loop (a rate the two
+/// sides reach together) it says when the client side was the limit; after an open loop
+/// (a fixed timetable) a busy client may have lagged its timetable, which the latency
+/// from schedule then includes.
+pub fn loadgen_line(busy: Option<f64>, closed_loop: bool) -> Option<String> {
     let busy = busy?;
-    let verdict = if busy >= CLIENT_BOUND {
-        ": the client side was the limit, not the server"
-    } else {
-        ""
+    let verdict = match (busy >= CLIENT_BOUND, closed_loop) {
+        (false, _) => "",
+        (true, true) => ": the client side was the limit, not the server",
+        (true, false) => ": the client may have lagged its timetable",
     };
     Some(format!(
         "  load generator's CPUs {:.0}% busy{verdict}",
@@ -56,8 +58,12 @@ pub fn loadgen_line(busy: Option<f64>) -> Option<String> {
 }
 
 /// The CPUs the load generator may run on and the server may not: where the client side
-/// works alone. `None` when they cannot be told apart (no pinning: every CPU is shared).
+/// works alone. `None` when they cannot be told apart: no server pids were given (the
+/// server may be anywhere), or every CPU is shared.
 fn loadgen_cpus(server_roots: &[u32]) -> Option<Vec<usize>> {
+    if server_roots.is_empty() {
+        return None;
+    }
     let mut cpus = sys::affinity_cpus(0).ok()?;
     for &pid in server_roots {
         let server = sys::affinity_cpus(pid).ok()?;

@@ -535,7 +535,7 @@ fn summarize(report: &EchoReport) {
             r.frames_per_sec_per_core.round()
         );
     }
-    if let Some(line) = crate::cpu::loadgen_line(r.loadgen_cpus_busy) {
+    if let Some(line) = crate::cpu::loadgen_line(r.loadgen_cpus_busy, false) {
         println!("{line}");
     }
     println!(

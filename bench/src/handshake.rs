@@ -467,7 +467,7 @@ fn summarize(report: &HandshakeReport) {
             r.client_cpu_utilization.unwrap_or(f64::NAN) * 100.0
         );
     }
-    if let Some(line) = crate::cpu::loadgen_line(r.loadgen_cpus_busy) {
+    if let Some(line) = crate::cpu::loadgen_line(r.loadgen_cpus_busy, true) {
         println!("{line}");
     }
     let l = &r.latency;

@@ -290,9 +290,17 @@ impl Engine {
         self.unsubmitted_connects += 1;
         if self.unsubmitted_connects >= CONNECTS_PER_SUBMIT {
             self.unsubmitted_connects = 0;
-            if let Err(e) = self.ring.submit() {
-                // Only a broken ring fails here; the next wait reports it.
-                eprintln!("holdfast-bench: submitting to the ring: {e}");
+            match self.ring.submit() {
+                Ok(_) => {}
+                // A signal, no memory for the moment, or completions to reap first: what
+                // was not submitted stays queued, and the next wait submits it.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                // A broken ring: the next wait reports it.
+                Err(e) => eprintln!("holdfast-bench: submitting to the ring: {e}"),
             }
         }
         id
