@@ -366,7 +366,7 @@ for round in $(seq 1 "$runs"); do
         echo "  storm: $storm_conns clients drop and reconnect (with their session tickets)" >&2
         bench 180 storm "${common[@]}" "${cpu[@]}" --conns "$storm_conns" --resume \
             --json "$out/$peer-storm-$round.json"
-        if ((sat_quota > 0)) && cpu_quota "$server_pid" "$sat_quota" "holdfast-peers-$$-$peer-$round"; then
+        if ((sat_quota > 0)) && cpu_quota "$server_pid" "$sat_quota" "holdfast-peers-$$"; then
             echo "  saturated: 64 B frames at $sat_rate/s, the server held to $sat_quota % of a core" >&2
             common=(--target "$target" --ca "$work/ca.pem" --label "$label, $sat_quota % of a core")
             bench 120 echo "${common[@]}" "${cpu[@]}" --conns "$echo_conns" --size 64 \

@@ -110,11 +110,11 @@ descendants() {
 # cpu_quota PID PERCENT NAME: holds process PID and every process below it (nginx's
 # workers under their master), all their threads together, to PERCENT (10 to 100) of one
 # CPU with the kernel's cpu controller (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us) in
-# 10 ms periods, in a new cgroup NAME that the exit cleanup removes (and, on v2, the cpu
-# controller of the root's children off again if this enabled it). Returns non-zero, with
-# a warning, where that cannot be done (not root, no cpu controller, a write refused).
+# 10 ms periods, in cgroup NAME (made on first use; the exit cleanup removes it and, on
+# v2, turns the root's cpu controller off again if this turned it on). Returns non-zero,
+# with a warning, where that cannot be done (not root, no cpu controller, a write refused).
 cpu_quota() {
-    local pid=$1 pct=$2 name=$3 period=10000 quota dir p
+    local pid=$1 pct=$2 name=$3 period=10000 quota dir p set_quota=0
     if ((pct < 10 || pct > 100)); then
         warn "a CPU quota of $pct % is outside 10-100 % (the kernel's least is 1 ms per 10 ms period)"
         return 1
@@ -129,28 +129,27 @@ cpu_quota() {
             fi
             cpu_controller_enabled=1
         fi
-        if ! mkdir -p "$dir" 2>/dev/null; then
-            warn "cannot make cgroup $dir"
-            return 1
-        fi
-        cgroups+=("$dir")
-        if ! echo "$quota $period" 2>/dev/null >"$dir/cpu.max"; then
-            warn "cannot set $dir/cpu.max to $quota $period"
-            return 1
-        fi
     elif [[ -w /sys/fs/cgroup/cpu ]]; then
         dir=/sys/fs/cgroup/cpu/$name
-        if ! mkdir -p "$dir" 2>/dev/null; then
+    else
+        warn "no writable cpu cgroup controller (root and /sys/fs/cgroup are needed)"
+        return 1
+    fi
+    if [[ ! -d $dir ]]; then
+        if ! mkdir "$dir" 2>/dev/null; then
             warn "cannot make cgroup $dir"
             return 1
         fi
         cgroups+=("$dir")
-        if ! { echo "$period" >"$dir/cpu.cfs_period_us" && echo "$quota" >"$dir/cpu.cfs_quota_us"; } 2>/dev/null; then
-            warn "cannot set the cfs quota of $dir to $quota us per $period us"
-            return 1
-        fi
+    fi
+    if [[ -f $dir/cpu.max ]]; then
+        echo "$quota $period" 2>/dev/null >"$dir/cpu.max" && set_quota=1
     else
-        warn "no writable cpu cgroup controller (root and /sys/fs/cgroup are needed)"
+        { echo "$period" >"$dir/cpu.cfs_period_us" && echo "$quota" >"$dir/cpu.cfs_quota_us"; } \
+            2>/dev/null && set_quota=1
+    fi
+    if ((!set_quota)); then
+        warn "cannot set the CPU quota of $dir to $quota us per $period us"
         return 1
     fi
     for p in $(descendants "$pid"); do

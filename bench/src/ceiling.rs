@@ -243,20 +243,15 @@ pub(crate) fn setup_with(provider: Provider, kx: Kx, order: SuiteOrder) -> anyho
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
-    // As holdfast configures its server (`tls.rs`, default config): ALPN holdfast/1; one
-    // stateless session ticket after a handshake, sealed by holdfast's own ticketer (the
-    // gateway's provider, whatever `provider` is); the traffic secrets kept for
-    // hibernation, taken after each handshake as the gateway takes them.
+    // As holdfast configures its server with its default config: ALPN holdfast/1 and its
+    // session settings (`tls::session_settings`: one stateless ticket per handshake from
+    // holdfast's own ticketer, on the gateway's provider whatever `provider` is; the
+    // traffic secrets kept for hibernation, taken after each handshake as the gateway
+    // takes them).
     let tls = holdfast::config::TlsConfig::default();
     server.alpn_protocols = vec![holdfast_wire::frame::ALPN.to_vec()];
-    server.ticketer = Arc::new(holdfast::ticket::FleetTicketer::random(
-        tls.ticket_rotation_secs,
-    )?);
-    server.send_tls13_tickets = 1;
-    if tls.hibernate_after_secs > 0 {
-        server.enable_secret_extraction = true;
-        server.key_log = Arc::new(holdfast::record::SecretLog);
-    }
+    let ticketer = holdfast::ticket::FleetTicketer::random(tls.ticket_rotation_secs)?;
+    holdfast::tls::session_settings(&mut server, &tls, tls.session_tickets.then_some(ticketer));
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(g.ca.as_bytes()) {
         roots.add(ca.context("the generated CA")?)?;

@@ -93,6 +93,35 @@ pub fn load_certified_key(c: &CertConfig) -> Result<CertifiedKey, TlsSetupError>
     }
 }
 
+/// The session settings of the gateway's rustls server, beside its certificates, versions
+/// and ALPN; `holdfast-bench ceiling` applies them too, so that "rustls alone" is rustls as
+/// the gateway runs it.
+/// - Session tickets let a reconnect storm resume instead of paying full handshakes: one per
+///   handshake from `ticketer` (none without one). They are stateless (sealed with a
+///   rotating key): rustls' default server-side cache holds 256 sessions, which a storm of
+///   thousands of clients would overrun, and a cache sized for millions would cost memory
+///   per connection.
+/// - Hibernation takes an established TLS 1.3 connection off rustls: it needs the traffic
+///   secrets (logged to the record layer's thread-local key log) and the sequence numbers
+///   (secret extraction).
+pub fn session_settings(
+    sc: &mut ServerConfig,
+    tls: &crate::config::TlsConfig,
+    ticketer: Option<crate::ticket::FleetTicketer>,
+) {
+    if tls.hibernate_after_secs > 0 {
+        sc.enable_secret_extraction = true;
+        sc.key_log = Arc::new(crate::record::SecretLog);
+    }
+    match ticketer {
+        Some(t) => {
+            sc.ticketer = Arc::new(t);
+            sc.send_tls13_tickets = 1;
+        }
+        None => sc.send_tls13_tickets = 0,
+    }
+}
+
 /// Picks a certificate by SNI: exact (case-insensitive) name match, else the default.
 #[derive(Debug)]
 struct SniResolver {
@@ -176,21 +205,10 @@ impl ServerTls {
         if config.websocket.enabled {
             sc.alpn_protocols.push(b"http/1.1".to_vec());
         }
-        // Session tickets let a reconnect storm resume instead of paying full handshakes. They
-        // are stateless (encrypted with a rotating key): the default server-side session cache
-        // holds 256 sessions, which a storm of thousands of clients would overrun, and a cache
-        // sized for millions would cost memory per connection.
-        // Hibernation takes an established TLS 1.3 connection off rustls: it needs the
-        // traffic secrets (logged to the record layer's thread-local key log) and the
-        // sequence numbers (secret extraction).
-        if config.tls.hibernate_after_secs > 0 {
-            sc.enable_secret_extraction = true;
-            sc.key_log = Arc::new(crate::record::SecretLog);
-        }
         let mut process_ticket_secret = None;
-        if config.tls.session_tickets {
+        let ticketer = if config.tls.session_tickets {
             let rotation = config.tls.ticket_rotation_secs;
-            let ticketer = match &config.tls.ticket_key_file {
+            Some(match &config.tls.ticket_key_file {
                 // The fleet's key file, read again on every reload (see `ticket.rs`).
                 Some(file) => crate::ticket::FleetTicketer::from_file(file, rotation)?,
                 None => {
@@ -202,12 +220,11 @@ impl ServerTls {
                     process_ticket_secret = Some(t.secret());
                     t
                 }
-            };
-            sc.ticketer = Arc::new(ticketer);
-            sc.send_tls13_tickets = 1;
+            })
         } else {
-            sc.send_tls13_tickets = 0;
-        }
+            None
+        };
+        session_settings(&mut sc, &config.tls, ticketer);
         Ok(ServerTls {
             server: Arc::new(sc),
             leaves,
