@@ -2,7 +2,7 @@
 //! and heartbeats. It keeps no per-connection state; what a worker does with OPEN, FRAME
 //! and CLOSE is the worker's business.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -325,17 +325,60 @@ impl Link {
     }
 
     /// Reads once into the buffer; `false` on end of stream.
+    ///
+    /// It sleeps in poll(2) for readable data, never in read(2). A reader asleep in a
+    /// blocking read waits on the socket's one wait queue, unkeyed, and Unix sockets wake
+    /// that queue with a write-space event each time the gateway takes data this worker
+    /// wrote: every reply would wake this thread for nothing, and the gateway's core would
+    /// pay for that cross-CPU wake-up in the read (a tenth of its CPU per relayed frame in
+    /// a profile on a 2-vCPU VM; docs/benchmarks.md has the A/B). poll's wait is keyed by
+    /// event and sleeps through those. The stream's read timeout and non-blocking mode are honoured as a
+    /// read would: `WouldBlock` when the timeout passes or nothing is there.
     fn fill(&mut self) -> io::Result<bool> {
-        let buf = self.state.read_space();
-        let n = loop {
-            match self.stream.read(buf) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+        loop {
+            let buf = self.state.read_space();
+            match rustix::net::recv(&self.stream, buf, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((n, _)) => {
+                    self.state.filled(n);
+                    return Ok(n > 0);
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => {
+                    if !wait_readable(&self.stream)? {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
-        };
-        self.state.filled(n);
-        Ok(n > 0)
+        }
+    }
+}
+
+/// Waits until `stream` is readable (or at its end); `false` when it is in non-blocking
+/// mode or its read timeout (SO_RCVTIMEO) passed first.
+fn wait_readable(stream: &UnixStream) -> io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    if rustix::fs::fcntl_getfl(stream)?.contains(rustix::fs::OFlags::NONBLOCK) {
+        return Ok(false);
+    }
+    let timeout =
+        rustix::net::sockopt::socket_timeout(stream, rustix::net::sockopt::Timeout::Recv)?.map(
+            |d| {
+                Timespec::try_from(d).unwrap_or(Timespec {
+                    tv_sec: i64::MAX,
+                    tv_nsec: 0,
+                })
+            },
+        );
+    loop {
+        let mut fds = [PollFd::new(stream, PollFlags::IN)];
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(0) => return Ok(false),
+            // Readable, at its end, or failed: the next recv says which.
+            Ok(_) => return Ok(true),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 

@@ -496,3 +496,118 @@ fn echo_worker_drops_a_link_that_sends_garbage_and_keeps_serving() {
         });
     }
 }
+
+#[test]
+fn sdk_recv_honours_the_read_timeout_and_non_blocking_mode() {
+    let (mut link, mut gw) = pair();
+    gw.hello(envelope::VERSION);
+    link.stream()
+        .set_read_timeout(Some(Duration::from_millis(150)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    match link.recv() {
+        Err(LinkError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}"),
+        other => panic!("expected the read timeout, got {other:?}"),
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(140) && waited < TIMEOUT,
+        "waited {waited:?} for a 150 ms read timeout"
+    );
+
+    link.stream().set_nonblocking(true).unwrap();
+    let started = std::time::Instant::now();
+    match link.recv() {
+        Err(LinkError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}"),
+        other => panic!("expected WouldBlock in non-blocking mode, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_millis(100));
+
+    // What arrives is read in either mode.
+    gw.send(&[open(conn(1), 1)]);
+    link.stream().set_nonblocking(false).unwrap();
+    match link.recv().unwrap() {
+        Some(Event::Open { conn: c, .. }) => assert_eq!(c, conn(1)),
+        other => panic!("expected OPEN, got {other:?}"),
+    }
+}
+
+/// The thread's voluntary context switches, from /proc (Linux).
+fn voluntary_switches(task: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{task}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .expect("voluntary_ctxt_switches in /proc status")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A worker blocked in `recv` sleeps while the gateway reads what it wrote: Unix sockets
+/// wake a blocking reader each time its own written bytes are taken (a write-space
+/// event on the socket's one wait queue), which cost the gateway's core a cross-CPU
+/// wake-up per relayed frame until the link waited in poll(2) for readable data only.
+#[test]
+fn sdk_recv_sleeps_while_the_gateway_reads_its_replies() {
+    let (mut link, mut gw) = pair();
+    let (task_tx, task_rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let task = std::fs::read_link("/proc/thread-self").unwrap();
+        task_tx.send(task.to_string_lossy().into_owned()).unwrap();
+        // 64 replies of 1 KiB, each written on its own (one socket buffer each), then
+        // block in recv.
+        for i in 0..64 {
+            link.send(conn(i), false, &[7; 1024]);
+            link.flush().unwrap();
+        }
+        match link.recv() {
+            Ok(Some(Event::Open { conn: c, .. })) => c,
+            other => panic!("expected OPEN, got {other:?}"),
+        }
+    });
+    let task = task_rx.recv().unwrap();
+    // Wait until the worker sleeps in recv with all of its replies written.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let written = loop {
+        let stat = std::fs::read_to_string(format!("/proc/{task}/stat")).unwrap();
+        let state = stat.rsplit(") ").next().unwrap().chars().next().unwrap();
+        let mut pending = 0i32;
+        // SAFETY: FIONREAD writes one int through the pointer, which outlives the call.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&gw.stream),
+                libc::FIONREAD,
+                &mut pending,
+            )
+        };
+        assert_eq!(r, 0);
+        if state == 'S' && pending as usize >= 64 * 1024 {
+            break pending as usize;
+        }
+        assert!(std::time::Instant::now() < deadline, "worker never blocked");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let before = voluntary_switches(&task);
+    // Read the replies in small pieces, slowly: every read frees buffers of the worker's
+    // socket, and a worker that wakes for it has time to fall asleep again in between.
+    let mut got = 0;
+    let mut chunk = [0u8; 1024];
+    while got < written {
+        let n = gw.stream.read(&mut chunk).unwrap();
+        assert!(n > 0);
+        got += n;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let after = voluntary_switches(&task);
+    assert!(
+        after - before <= 2,
+        "the worker blocked in recv woke {} times while the gateway read its replies",
+        after - before
+    );
+    gw.hello(envelope::VERSION);
+    gw.send(&[open(conn(9), 1)]);
+    assert_eq!(worker.join().unwrap(), conn(9));
+}
