@@ -1343,9 +1343,19 @@ impl Core {
         let Some(op) = conn.sock.start_send(conn.session.transmit()) else {
             return;
         };
+        // A closing connection's last bytes (close_notify) wait in the kernel for the
+        // shutdown that follows this send's completion, and leave with its FIN in one
+        // segment: one transmit and one receive path (run in our context on loopback)
+        // instead of two, and one wake-up of the client.
+        let more = if conn.sock.is_closing() {
+            libc::MSG_MORE
+        } else {
+            0
+        };
         let e = on_socket!(self.direct, slot, |fd| opcode::Send::new(
             fd, op.ptr, op.len
         )
+        .flags(more)
         .build())
         .user_data(ud(OP_SEND, conn.gen, slot));
         // SAFETY: `SocketOps` keeps the bytes frozen until `send_done`, and the Conn that
