@@ -77,6 +77,13 @@ pub struct HandshakeArgs {
     /// SHA-384 first, as rustls' own client).
     #[arg(long, value_enum, default_value_t = client::SuiteOrder::Devices)]
     pub suites: client::SuiteOrder,
+    /// How often the clients verify the server's handshake signature once its certificate
+    /// chain has been verified and pinned: `sampled` (one handshake in 64; the ECDSA
+    /// verification is a quarter of a client's CPU per handshake, which is what limits
+    /// the short-connection rate of one load-generator core) or `every`. The server signs
+    /// every handshake either way.
+    #[arg(long, value_enum, default_value_t = client::SignatureChecks::Sampled)]
+    pub signatures: client::SignatureChecks,
     /// Client threads, each with a ring of its own; the loops are spread over them.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub threads: usize,
@@ -295,7 +302,7 @@ pub fn run(args: HandshakeArgs) -> anyhow::Result<ExitCode> {
     crate::sys::raise_nofile_limit().context("raising the open-file limit")?;
     let target = client::resolve(&args.target)?;
     let sources = Sources::resolve(args.sources.as_deref(), target)?;
-    let base = client::client_config_ordered(&args.ca, args.suites)?;
+    let base = client::client_config_with(&args.ca, args.suites, args.signatures)?;
     scenario::check_server_pids(&args.server_pids)?;
     let configs: Vec<Arc<ClientConfig>> = (0..args.conns_parallel)
         .map(|_| {
