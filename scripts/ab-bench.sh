@@ -7,7 +7,9 @@
 # every scenario against it, and stops both. It prints, per scenario and side, the
 # gateway's CPU per operation (the load generator's server CPU: utime + stime of the
 # gateway), its userspace part, and the echo worker's own CPU per operation (from
-# /proc/PID/stat around the scenario), round by round and the median, and B ÷ A.
+# /proc/PID/stat around the scenario), round by round and the median, the p99 latency
+# (echo: from each frame's scheduled send time; handshake: of a connection) round by
+# round, and B ÷ A.
 #
 #   handshake  short connections: connect, full TLS 1.3 handshake, one echo, close
 #   resumed    the same, resuming with a session ticket
@@ -93,11 +95,11 @@ side() {
             die "$scenario ($name): the load generator failed; see $out/$scenario-$name-$round.out"
         after=$(cpu_ticks "$worker")
         ops=$(json_value "$json" ops)
-        printf '%s %s %s %s %s %s\n' "$scenario" "$name" "$round" \
+        printf '%s %s %s %s %s %s %s\n' "$scenario" "$name" "$round" \
             "$(json_value "$json" us_per_op)" "$(json_value "$json" user_us_per_op)" \
             "$(awk -v t=$((after - before)) -v hz="$hz" -v n="$ops" \
                 'BEGIN { if (n > 0) printf "%.2f", t / hz * 1e6 / n; else print "nan" }')" \
-            >>"$out/results.txt"
+            "$(json_value "$json" p99_us || true)" >>"$out/results.txt"
     done
     stop "$gateway" "$worker"
 }
@@ -124,8 +126,8 @@ def f(x):
         return float(x)
     except ValueError:
         return float("nan")
-print("| scenario | side | gateway CPU per op, by round | median | userspace | worker CPU per op | median |")
-print("|---|---|---|---|---|---|---|")
+print("| scenario | side | gateway CPU per op, by round | median | userspace | worker CPU per op | median | p99 latency, by round |")
+print("|---|---|---|---|---|---|---|---|")
 med = {}
 for scenario in dict.fromkeys(r[0] for r in rows):
     for side in ("A", "B"):
@@ -133,10 +135,12 @@ for scenario in dict.fromkeys(r[0] for r in rows):
         gw = [f(r[3]) for r in got]
         user = [f(r[4]) for r in got]
         wk = [f(r[5]) for r in got]
+        p99 = [r[6] if len(r) > 6 and r[6] else "–" for r in got]
         med[(scenario, side)] = (statistics.median(gw), statistics.median(wk))
         print(f"| {scenario} | {side} | {' / '.join(f'{x:.1f}' for x in gw)} µs | "
               f"{statistics.median(gw):.2f} µs | {statistics.median(user):.2f} µs | "
-              f"{' / '.join(f'{x:.1f}' for x in wk)} µs | {statistics.median(wk):.2f} µs |")
+              f"{' / '.join(f'{x:.1f}' for x in wk)} µs | {statistics.median(wk):.2f} µs | "
+              f"{' / '.join(p99)} µs |")
 print()
 for scenario in dict.fromkeys(r[0] for r in rows):
     (ga, wa), (gb, wb) = med[(scenario, "A")], med[(scenario, "B")]
