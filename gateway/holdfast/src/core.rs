@@ -1105,6 +1105,7 @@ impl Core {
                 self.rearm.push(slot);
             }
         } else if res == 0 {
+            conn.sock.peer_done();
             conn.session.on_eof(now, &self.scfg, &mut self.turn);
         } else {
             match -res {
@@ -1116,6 +1117,7 @@ impl Core {
                 }
                 libc::ECANCELED => {}
                 libc::ECONNRESET | libc::EPIPE | libc::ETIMEDOUT | libc::EHOSTUNREACH => {
+                    conn.sock.peer_done();
                     conn.session.close(
                         CloseCause::silent(CloseReason::PeerReset),
                         now,
@@ -1344,9 +1346,9 @@ impl Core {
             return;
         };
         // A closing connection's last bytes (close_notify) wait in the kernel for the
-        // shutdown that follows this send's completion, and leave with its FIN in one
-        // segment: one transmit and one receive path (run in our context on loopback)
-        // instead of two, and one wake-up of the client.
+        // shutdown or close that follows this send's completion, and leave with its FIN
+        // in one segment: one transmit (and on loopback one run of the client's receive
+        // path) instead of two, and one wake-up of the client.
         let more = if conn.sock.is_closing() {
             libc::MSG_MORE
         } else {

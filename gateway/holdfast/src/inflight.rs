@@ -54,6 +54,9 @@ const SHUTDOWN_SUBMITTED: u16 = 1 << 5;
 const SHUTDOWN_DONE: u16 = 1 << 6;
 const CANCEL_SUBMITTED: u16 = 1 << 7;
 const CLOSE_SUBMITTED: u16 = 1 << 8;
+/// The client is done sending: its FIN was read (or it reset the connection), so the
+/// kernel holds no unread input of it and none can come.
+const PEER_DONE: u16 = 1 << 9;
 
 impl SocketOps {
     pub fn new() -> SocketOps {
@@ -194,6 +197,11 @@ impl SocketOps {
         self.set(SHUTDOWN_DONE, true);
     }
 
+    /// The client finished sending: a receive read its FIN, or it reset the connection.
+    pub fn peer_done(&mut self) {
+        self.set(PEER_DONE, true);
+    }
+
     /// What to submit next for a closing connection, given whether its session still has
     /// bytes queued: shutdown once every byte is out (or at once when cut), cancel a
     /// lingering receive when cut, close once nothing is in flight. Each step is
@@ -203,6 +211,20 @@ impl SocketOps {
             return None;
         }
         let flushed = !self.has(SEND_INFLIGHT) && self.in_flight_bytes() == 0 && nothing_queued;
+        if !self.has(SHUTDOWN_SUBMITTED)
+            && flushed
+            && !self.has(CUT)
+            && (self.has(PEER_DONE) || !self.has(LINGER))
+        {
+            // Nothing to wait for: the client is done sending, or we do not linger for
+            // its FIN. Close alone sends our FIN (with any bytes the last send left to
+            // it), once an armed receive is cancelled. A Shutdown would run on an io-wq
+            // thread, a hand-off and two context switches per connection: most of the
+            // cost of closing. (Input the client sends after its last read, if any, makes
+            // the kernel reset instead, as a close after a shutdown would.)
+            self.set(SHUTDOWN_SUBMITTED, true);
+            self.set(SHUTDOWN_DONE, true);
+        }
         if !self.has(SHUTDOWN_SUBMITTED) && (self.has(CUT) || flushed) {
             self.set(SHUTDOWN_SUBMITTED, true);
             // A graceful close only shuts our sending side and keeps reading until the
@@ -219,7 +241,7 @@ impl SocketOps {
             return None;
         }
         if self.has(RECV_ARMED) {
-            if self.has(CUT) && !self.has(CANCEL_SUBMITTED) {
+            if (self.has(CUT) || !self.has(LINGER)) && !self.has(CANCEL_SUBMITTED) {
                 self.set(CANCEL_SUBMITTED, true);
                 return Some(CloseStep::CancelRecv);
             }
@@ -315,6 +337,41 @@ mod tests {
     }
 
     #[test]
+    fn a_client_that_finished_sending_is_closed_without_a_shutdown() {
+        let mut ops = SocketOps::new();
+        ops.recv_submitted();
+        // The client's FIN: the receive ends and the session answers with close_notify.
+        ops.recv_ended();
+        ops.peer_done();
+        let mut queued = b"close_notify".to_vec();
+        ops.begin_close(false);
+        ops.start_send(&mut queued).unwrap();
+        assert_eq!(ops.next_close_step(true), None, "the send is in flight");
+        ops.send_done(12, &mut queued).unwrap();
+        assert_eq!(ops.next_close_step(true), Some(CloseStep::Close));
+        assert_eq!(ops.next_close_step(true), None, "each step once");
+        assert!(ops.is_quiet());
+    }
+
+    #[test]
+    fn a_client_done_sending_still_gets_every_byte_before_the_close() {
+        let mut ops = SocketOps::new();
+        ops.recv_submitted();
+        ops.recv_ended();
+        ops.peer_done();
+        ops.begin_close(true);
+        // Bytes still queued: nothing is closed under them.
+        assert_eq!(ops.next_close_step(false), None);
+        let mut queued = b"last".to_vec();
+        ops.start_send(&mut queued).unwrap();
+        ops.send_done(2, &mut queued).unwrap();
+        assert_eq!(ops.next_close_step(true), None, "two bytes not yet sent");
+        ops.start_send(&mut queued).unwrap();
+        ops.send_done(2, &mut queued).unwrap();
+        assert_eq!(ops.next_close_step(true), Some(CloseStep::Close));
+    }
+
+    #[test]
     fn a_cut_connection_shuts_both_ways_and_cancels_its_receive() {
         let mut ops = SocketOps::new();
         ops.recv_submitted();
@@ -338,19 +395,17 @@ mod tests {
     }
 
     #[test]
-    fn a_close_without_a_last_message_shuts_both_ways() {
+    fn a_close_without_a_last_message_cancels_its_receive_and_closes() {
         let mut ops = SocketOps::new();
         ops.recv_submitted();
         ops.begin_close(false);
-        assert_eq!(
-            ops.next_close_step(true),
-            Some(CloseStep::Shutdown(libc::SHUT_RDWR))
-        );
-        ops.shutdown_done();
-        // The shut-down socket ends the receive; until then nothing more is submitted.
-        assert_eq!(ops.next_close_step(true), None);
+        // No shutdown (an io-wq hand-off): the receive is cancelled, and Close sends
+        // the FIN once it has ended.
+        assert_eq!(ops.next_close_step(true), Some(CloseStep::CancelRecv));
+        assert_eq!(ops.next_close_step(true), None, "until the receive ends");
         ops.recv_ended();
         assert_eq!(ops.next_close_step(true), Some(CloseStep::Close));
+        assert!(ops.is_quiet());
     }
 
     #[test]
