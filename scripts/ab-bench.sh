@@ -7,9 +7,10 @@
 # every scenario against it, and stops both. It prints, per scenario and side, the
 # gateway's CPU per operation (the load generator's server CPU: utime + stime of the
 # gateway), its userspace part, and the echo worker's own CPU per operation (from
-# /proc/PID/stat around the scenario), round by round and the median, the p99 latency
-# (echo: from each frame's scheduled send time; handshake: of a connection) round by
-# round, and B ÷ A.
+# /proc/PID/stat around the whole load-generator run, warm-up and drain included, so a
+# little above the true figure; compare it between A and B), round by round and the
+# median, the p99 latency (echo: from each frame's scheduled send time; handshake: of a
+# connection) round by round, and B ÷ A.
 #
 #   handshake  short connections: connect, full TLS 1.3 handshake, one echo, close
 #   resumed    the same, resuming with a session ticket
@@ -31,6 +32,7 @@
 #   A_DIR=/tmp/old B_DIR=target/release ROUNDS=3 scripts/ab-bench.sh
 set -euo pipefail
 
+caller=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 script="ab-bench"
 work=$(mktemp -d "${TMPDIR:-/tmp}/holdfast-ab.XXXXXX")
@@ -40,8 +42,10 @@ pids=()
 install_cleanup 3
 
 bin=${BIN_DIR:-$(target_dir)/release}
-a_dir=${A_DIR:-$bin}
-b_dir=${B_DIR:-$bin}
+# A_DIR and B_DIR as given, relative to where the script was started.
+absolute() { if [[ $1 == /* ]]; then printf '%s\n' "$1"; else printf '%s\n' "$caller/$1"; fi; }
+a_dir=$(absolute "${A_DIR:-$bin}")
+b_dir=$(absolute "${B_DIR:-$bin}")
 scenarios=${SCENARIOS:-echo}
 rounds=${ROUNDS:-3}
 secs=${SECS:-4}
@@ -126,6 +130,8 @@ def f(x):
         return float(x)
     except ValueError:
         return float("nan")
+def ratio(b, a):
+    return f"{b / a:.2f}×" if a else "–"
 print("| scenario | side | gateway CPU per op, by round | median | userspace | worker CPU per op | median | p99 latency, by round |")
 print("|---|---|---|---|---|---|---|---|")
 med = {}
@@ -144,6 +150,6 @@ for scenario in dict.fromkeys(r[0] for r in rows):
 print()
 for scenario in dict.fromkeys(r[0] for r in rows):
     (ga, wa), (gb, wb) = med[(scenario, "A")], med[(scenario, "B")]
-    print(f"{scenario}: gateway B ÷ A = {gb / ga:.2f}×, worker B ÷ A = {wb / wa:.2f}×")
+    print(f"{scenario}: gateway B ÷ A = {ratio(gb, ga)}, worker B ÷ A = {ratio(wb, wa)}")
 EOF
 say "reports in $out"

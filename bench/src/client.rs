@@ -26,7 +26,8 @@ use crate::report::StageFailures;
 /// Android with AES hardware all put AES-128-GCM first. rustls' own client puts
 /// AES-256-GCM first, whose SHA-384 key schedule costs the server several times more than
 /// SHA-256 on CPUs with SHA extensions but no fast SHA-512 (AMD).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SuiteOrder {
     /// AES-128-GCM, AES-256-GCM, ChaCha20-Poly1305: as browsers and phones offer them.
     #[default]
@@ -61,7 +62,8 @@ impl SuiteOrder {
 
 /// How often the client checks the server's handshake signature (TLS 1.3
 /// CertificateVerify) once the server's certificate chain is pinned (see `PinAfterFirst`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SignatureChecks {
     /// On the first handshake with a chain and on one in [`SIGNATURE_SAMPLE`] after it:
     /// what a load generator needs to know it talks to the key holder, without spending

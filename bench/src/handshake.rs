@@ -332,6 +332,8 @@ pub fn run(args: HandshakeArgs) -> anyhow::Result<ExitCode> {
             timeout_secs: args.timeout,
             server_pids: args.server_pids.clone(),
             server_cores: args.server_cores,
+            suites: args.suites,
+            signatures: args.signatures,
         },
         procfs::machine(),
         Some(CPU_METHOD),

@@ -566,6 +566,11 @@ pub struct HandshakeParameters {
     pub server_pids: Vec<u32>,
     /// Cores the server runs on.
     pub server_cores: u32,
+    /// The order the clients offered their TLS 1.3 suites in: `devices` or `rustls`.
+    pub suites: crate::client::SuiteOrder,
+    /// How often the clients verified the server's handshake signature over its pinned
+    /// chain: `sampled` (one handshake in 64) or `every`.
+    pub signatures: crate::client::SignatureChecks,
 }
 
 /// The outcome of a handshake run.

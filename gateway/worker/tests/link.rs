@@ -552,42 +552,37 @@ fn voluntary_switches(task: &str) -> u64 {
 fn sdk_recv_sleeps_while_the_gateway_reads_its_replies() {
     let (mut link, mut gw) = pair();
     let (task_tx, task_rx) = std::sync::mpsc::channel();
+    let (written_tx, written_rx) = std::sync::mpsc::channel();
     let worker = std::thread::spawn(move || {
         let task = std::fs::read_link("/proc/thread-self").unwrap();
         task_tx.send(task.to_string_lossy().into_owned()).unwrap();
-        // 64 replies of 1 KiB, each written on its own (one socket buffer each), then
-        // block in recv.
-        for i in 0..64 {
+        // 32 replies of 1 KiB, each written on its own (one socket buffer each, far below
+        // the default send buffer), then block in recv.
+        for i in 0..32 {
             link.send(conn(i), false, &[7; 1024]);
             link.flush().unwrap();
         }
+        written_tx.send(()).unwrap();
         match link.recv() {
             Ok(Some(Event::Open { conn: c, .. })) => c,
             other => panic!("expected OPEN, got {other:?}"),
         }
     });
-    let task = task_rx.recv().unwrap();
-    // Wait until the worker sleeps in recv with all of its replies written.
+    let task = task_rx.recv_timeout(TIMEOUT).unwrap();
+    written_rx
+        .recv_timeout(TIMEOUT)
+        .expect("the worker wrote its replies (a send buffer too small for 34 KiB?)");
+    // Wait until the worker sleeps in recv.
     let deadline = std::time::Instant::now() + TIMEOUT;
-    let written = loop {
+    loop {
         let stat = std::fs::read_to_string(format!("/proc/{task}/stat")).unwrap();
-        let state = stat.rsplit(") ").next().unwrap().chars().next().unwrap();
-        let mut pending = 0i32;
-        // SAFETY: FIONREAD writes one int through the pointer, which outlives the call.
-        let r = unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&gw.stream),
-                libc::FIONREAD,
-                &mut pending,
-            )
-        };
-        assert_eq!(r, 0);
-        if state == 'S' && pending as usize >= 64 * 1024 {
-            break pending as usize;
+        if stat.rsplit(") ").next().unwrap().starts_with('S') {
+            break;
         }
         assert!(std::time::Instant::now() < deadline, "worker never blocked");
         std::thread::sleep(Duration::from_millis(10));
-    };
+    }
+    let written = 32 * (envelope::HEADER_LEN + 1024);
     std::thread::sleep(Duration::from_millis(50));
     let before = voluntary_switches(&task);
     // Read the replies in small pieces, slowly: every read frees buffers of the worker's
