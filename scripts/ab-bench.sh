@@ -12,9 +12,8 @@
 # median, the p99 latency (echo: from each frame's scheduled send time; handshake: of a
 # connection) round by round, and B ÷ A.
 #
-#   handshake  short connections: connect, full TLS 1.3 handshake, one echo, close
-#   resumed    the same, resuming with a session ticket
-#   echo       64-byte frames through the worker and back, open loop at ECHO_RATE
+#   handshake, handshake-sha384, resumed, echo: as in profile.sh (scripts/lib.sh,
+#   scenario_load); echo at ECHO_RATE
 #
 # Environment:
 #   A_DIR, B_DIR  directories holding `holdfast` and `holdfast-worker` (default: both the
@@ -70,27 +69,11 @@ cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
 
 # side NAME DIR ARGS ROUND: one round of every scenario against a fresh gateway and worker.
 side() {
-    local name=$1 dir=$2 args=$3 round=$4 scenario
-    rm -f "$work/echo.sock"
-    spawn "worker-$name" "holdfast-worker ($name)" "holdfast-worker: listening on" 10 \
-        taskset -c "$loadgen_cpus" "$dir/holdfast-worker" --log warn echo --socket "$work/echo.sock"
-    local worker=$spawned_pid
-    # shellcheck disable=SC2086 # args is a list of flags
-    spawn "gateway-$name" "holdfast ($name)" "holdfast ready" 30 env RUST_LOG=warn \
-        taskset -c "$server_cpus" "$dir/holdfast" run --listen 127.0.0.1:0 \
-        --cert "$work/cert.pem" --key "$work/key.pem" --worker "$work/echo.sock" --cores 1 \
-        --admin 127.0.0.1:0 --drain-grace 1 --max-conns-per-ip 0 \
-        --handshakes-per-sec-per-core 0 $args
-    local gateway=$spawned_pid target
-    target=$(field "$spawned_line" listen)
+    local name=$1 dir=$2 args=$3 round=$4 scenario load
+    one_core_gateway "$name" "$dir" "$args"
+    local worker=$worker_pid gateway=$gateway_pid
     for scenario in $scenarios; do
-        local load
-        case $scenario in
-            handshake) load=(handshake --conns-parallel "$hs_parallel" --duration "$secs") ;;
-            resumed) load=(handshake --conns-parallel "$hs_parallel" --duration "$secs" --resume) ;;
-            echo) load=(echo --conns "$echo_conns" --size 64 --rate "$echo_rate" --duration "$secs") ;;
-            *) die "unknown scenario $scenario (handshake, resumed, echo)" ;;
-        esac
+        scenario_load "$scenario"
         local json="$out/$scenario-$name-$round.json" before after ops
         before=$(cpu_ticks "$worker")
         timeout $((secs + 60)) taskset -c "$loadgen_cpus" "$bin/holdfast-bench" "${load[0]}" \

@@ -160,6 +160,50 @@ cpu_quota() {
     done
 }
 
+# one_core_gateway NAME DIR [FLAGS]: starts DIR's echo worker (`holdfast-worker echo`, on
+# $loadgen_cpus) and a one-core gateway in front of it (on $server_cpus, with the
+# certificate `holdfast-bench gen-cert` wrote to $work, and neither the per-address cap
+# nor the handshake rate limit, so that only the gateway's CPU limits the load), plus the
+# extra gateway FLAGS (one word-split string). Sets `worker_pid`, `gateway_pid` and
+# `target` (its listen address). Used by profile.sh and ab-bench.sh, which measure one
+# gateway core against a load generator on the other CPUs.
+one_core_gateway() {
+    local name=$1 dir=$2 flags=${3:-}
+    spawn "worker-$name" "holdfast-worker ($name)" "holdfast-worker: listening on" 10 \
+        taskset -c "$loadgen_cpus" "$dir/holdfast-worker" --log warn echo \
+        --socket "$work/echo-$name.sock"
+    # shellcheck disable=SC2034 # read by the sourcing script
+    worker_pid=$spawned_pid
+    # shellcheck disable=SC2086 # flags is a list of flags
+    spawn "gateway-$name" "holdfast ($name)" "holdfast ready" 30 env RUST_LOG=warn \
+        taskset -c "$server_cpus" "$dir/holdfast" run --listen 127.0.0.1:0 \
+        --cert "$work/cert.pem" --key "$work/key.pem" --worker "$work/echo-$name.sock" \
+        --cores 1 --admin 127.0.0.1:0 --drain-grace 1 --max-conns-per-ip 0 \
+        --handshakes-per-sec-per-core 0 $flags
+    # shellcheck disable=SC2034 # read by the sourcing script
+    gateway_pid=$spawned_pid
+    # shellcheck disable=SC2034 # read by the sourcing script
+    target=$(field "$spawned_line" listen)
+}
+
+# scenario_load SCENARIO: sets `load` to the holdfast-bench command and flags of one
+# one-gateway scenario, from $hs_parallel, $secs, $echo_conns and $echo_rate:
+#   handshake         short connections: connect, full TLS 1.3 handshake, one echo, close
+#   handshake-sha384  the same with the suites in rustls' client order (AES-256-GCM first)
+#   resumed           the same as handshake, resuming with a session ticket
+#   echo              64-byte frames through the worker and back, open loop at $echo_rate
+# shellcheck disable=SC2034 # load is read by the sourcing script
+scenario_load() {
+    local hs=(handshake --conns-parallel "$hs_parallel" --duration "$secs")
+    case $1 in
+        handshake) load=("${hs[@]}") ;;
+        handshake-sha384) load=("${hs[@]}" --suites rustls) ;;
+        resumed) load=("${hs[@]}" --resume) ;;
+        echo) load=(echo --conns "$echo_conns" --size 64 --rate "$echo_rate" --duration "$secs") ;;
+        *) die "unknown scenario $1 (handshake, handshake-sha384, resumed, echo)" ;;
+    esac
+}
+
 # say MESSAGE: a progress heading, on stdout (stderr where say_fd=2).
 say() { printf '\n==> %s\n' "$*" >&"${say_fd:-1}"; }
 warn() { printf '%s: warning: %s\n' "$script" "$*" >&2; }

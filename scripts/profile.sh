@@ -61,27 +61,13 @@ fi
 "$bin/holdfast-bench" gen-cert --out "$work" >/dev/null
 
 say "gateway on CPU $server_cpus (1 core), worker and load generator ($threads threads) on $loadgen_cpus"
-spawn worker "holdfast-worker" "holdfast-worker: listening on" 10 \
-    taskset -c "$loadgen_cpus" "$bin/holdfast-worker" --log warn echo --socket "$work/echo.sock"
-# shellcheck disable=SC2086 # GATEWAY_ARGS is a list of flags
-spawn gateway "holdfast" "holdfast ready" 30 env RUST_LOG=warn taskset -c "$server_cpus" \
-    "$bin/holdfast" run --listen 127.0.0.1:0 --cert "$work/cert.pem" --key "$work/key.pem" \
-    --worker "$work/echo.sock" --cores 1 --admin 127.0.0.1:0 --drain-grace 1 \
-    --max-conns-per-ip 0 --handshakes-per-sec-per-core 0 ${GATEWAY_ARGS:-}
-gateway=$spawned_pid
-target=$(field "$spawned_line" listen)
+one_core_gateway profile "$bin" "${GATEWAY_ARGS:-}"
+gateway=$gateway_pid
 common=(--target "$target" --ca "$work/ca.pem" --server-pids "$gateway" --server-cores 1
     --threads "$threads")
 
 for scenario in $scenarios; do
-    case $scenario in
-        handshake) load=(handshake --conns-parallel "$hs_parallel" --duration "$secs") ;;
-        handshake-sha384)
-            load=(handshake --conns-parallel "$hs_parallel" --duration "$secs" --suites rustls) ;;
-        resumed) load=(handshake --conns-parallel "$hs_parallel" --duration "$secs" --resume) ;;
-        echo) load=(echo --conns "$echo_conns" --size 64 --rate "$echo_rate" --duration "$secs") ;;
-        *) die "unknown scenario $scenario (handshake, handshake-sha384, resumed, echo)" ;;
-    esac
+    scenario_load "$scenario"
     say "$scenario: ${load[*]}"
     taskset -c "$loadgen_cpus" perf record -q -e cpu-clock -F 2999 -g -p "$gateway" \
         -o "$out/$scenario.perf" 2>"$out/$scenario.perf.log" &

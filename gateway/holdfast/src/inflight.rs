@@ -49,8 +49,8 @@ const LINGER: u16 = 1 << 3;
 /// The flush deadline passed: stop lingering, cut the connection.
 const CUT: u16 = 1 << 4;
 const SHUTDOWN_SUBMITTED: u16 = 1 << 5;
-/// The Shutdown completed. Close waits for it: a Shutdown still queued on an io-wq thread
-/// after the slot was closed and reused would shut the next client down.
+/// The Shutdown completed, or none was needed. Close waits for it: a Shutdown still queued
+/// on an io-wq thread after the slot was closed and reused would shut the next client down.
 const SHUTDOWN_DONE: u16 = 1 << 6;
 const CANCEL_SUBMITTED: u16 = 1 << 7;
 const CLOSE_SUBMITTED: u16 = 1 << 8;
@@ -203,39 +203,36 @@ impl SocketOps {
     }
 
     /// What to submit next for a closing connection, given whether its session still has
-    /// bytes queued: shutdown once every byte is out (or at once when cut), cancel a
-    /// lingering receive when cut, close once nothing is in flight. Each step is
-    /// returned once.
+    /// bytes queued: once every byte is out (or at once when cut), a shutdown where one is
+    /// needed; a cancel of the armed receive unless we linger for the client's FIN; close
+    /// once nothing is in flight. Each step is returned once.
     pub fn next_close_step(&mut self, nothing_queued: bool) -> Option<CloseStep> {
         if !self.has(CLOSING) {
             return None;
         }
         let flushed = !self.has(SEND_INFLIGHT) && self.in_flight_bytes() == 0 && nothing_queued;
-        if !self.has(SHUTDOWN_SUBMITTED)
-            && flushed
-            && !self.has(CUT)
-            && (self.has(PEER_DONE) || !self.has(LINGER))
-        {
-            // Nothing to wait for: the client is done sending, or we do not linger for
-            // its FIN. Close alone sends our FIN (with any bytes the last send left to
-            // it), once an armed receive is cancelled. A Shutdown would run on an io-wq
-            // thread, a hand-off and two context switches per connection: most of the
-            // cost of closing. (Input the client sends after its last read, if any, makes
-            // the kernel reset instead, as a close after a shutdown would.)
-            self.set(SHUTDOWN_SUBMITTED, true);
-            self.set(SHUTDOWN_DONE, true);
-        }
         if !self.has(SHUTDOWN_SUBMITTED) && (self.has(CUT) || flushed) {
             self.set(SHUTDOWN_SUBMITTED, true);
-            // A graceful close only shuts our sending side and keeps reading until the
-            // client's FIN: closing with unread input would make the kernel answer with a
-            // reset, which can destroy our last message in flight.
-            let how = if self.has(CUT) || !self.has(RECV_ARMED) || !self.has(LINGER) {
-                libc::SHUT_RDWR
+            // A Shutdown runs on an io-wq thread (a hand-off and two context switches, most
+            // of the cost of closing), so it is made only where Close cannot do its work:
+            // to linger, sending our FIN after the last bytes and reading on until the
+            // client's FIN (closing with unread input would make the kernel answer with a
+            // reset, which can destroy our last message in flight), and to cut. Otherwise
+            // (the client is done sending, or we do not linger) Close sends the FIN, with
+            // any bytes the last send left to it, once an armed receive is cancelled.
+            // (Input the client sends after its last read, if any, makes the kernel reset
+            // then, as a close after a shutdown would.)
+            let linger = self.has(LINGER) && !self.has(PEER_DONE);
+            if !self.has(CUT) && !linger {
+                self.set(SHUTDOWN_DONE, true);
             } else {
-                libc::SHUT_WR
-            };
-            return Some(CloseStep::Shutdown(how));
+                let how = if self.has(CUT) || !self.has(RECV_ARMED) {
+                    libc::SHUT_RDWR
+                } else {
+                    libc::SHUT_WR
+                };
+                return Some(CloseStep::Shutdown(how));
+            }
         }
         if !self.has(SHUTDOWN_DONE) || self.has(CLOSE_SUBMITTED) || self.has(SEND_INFLIGHT) {
             return None;
